@@ -1,0 +1,42 @@
+"""Process environment shared by jobs, tests and Serve: offline hubs, no telemetry, loopback-only Ray."""
+
+from __future__ import annotations
+
+import os
+
+_QUIET = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0"),
+}
+
+
+def quiet_env() -> None:
+    """Set offline/telemetry variables unless the user already set them (their choice wins)."""
+    for key, value in _QUIET.items():
+        os.environ.setdefault(key, value)
+
+
+def init_ray(address: str = "", num_cpus: int = 2, temp_dir: str = "") -> bool:
+    """Connect to `address` or start a local Ray with explicit CPUs; return True when we started it.
+
+    The caller shuts down only what it started (a job submitted to a cluster must not stop the cluster).
+    """
+    import ray
+
+    quiet_env()
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return False
+    kwargs = {"num_cpus": num_cpus, "include_dashboard": False, "logging_level": "WARNING"}
+    if temp_dir:
+        kwargs["_temp_dir"] = temp_dir
+    ray.init(**kwargs)
+    return True
