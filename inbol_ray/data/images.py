@@ -1,0 +1,80 @@
+"""Image bytes: where they come from, whether they are usable, and how they become pixels.
+
+Pure functions with no Ray in them: the prepare stage calls them inside a Ray Data CPU map stage, and the
+sampling, training and serving stages call `load_image_bytes` + `decode_image` on the rows they read, so the
+rules for "a usable image" live in exactly one place.
+
+An `items` row holds its image in one of two ways (DESIGN.md section 3): encoded bytes in `image`, or a
+location in `image_path` (a local path or a pyarrow filesystem URI) read lazily. Bytes win when both are
+present, since they are what was validated at prepare time.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow.fs as pafs
+from PIL import Image, UnidentifiedImageError
+
+from inbol_ray.data import io as dio
+from inbol_ray.schema import IMAGE, IMAGE_PATH
+
+
+def load_image_bytes(item: Mapping[str, Any], fs: pafs.FileSystem | None = None) -> bytes:
+    """The encoded image of an `items` row: its `image` bytes, else the file at `image_path`.
+
+    `fs`: a filesystem to open `image_path` with (the path is then inside that filesystem); by default the
+    path is resolved as a URI or local path. Raises FileNotFoundError when the file does not exist and
+    ValueError when the row has neither bytes nor a path.
+    """
+    data = item.get(IMAGE)
+    if data is not None:
+        return bytes(data)
+    path = item.get(IMAGE_PATH)
+    if not path:
+        raise ValueError(f"row has neither '{IMAGE}' nor '{IMAGE_PATH}'")
+    if fs is None:
+        return dio.read_bytes(path)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def validate_image(data: bytes, max_bytes: int, max_pixels: int) -> tuple[bool, str]:
+    """Check that `data` is a fully decodable image within the size limits; return (ok, reason).
+
+    The pixel limit is checked from the header *before* decoding, so an oversized image (or a decompression
+    bomb) costs nothing; then the whole image is decoded, because a truncated JPEG opens fine and only fails
+    when its pixels are read, which would otherwise happen much later, inside a sampler or a training step.
+    The reason is empty when ok, else one short phrase (it ends up in the quarantine table).
+    """
+    if not data:
+        return False, "empty image data"
+    if len(data) > max_bytes:
+        return False, f"image too large: {len(data)} bytes > max_image_bytes {max_bytes}"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                return False, f"image too large: {width}x{height} pixels > max_image_pixels {max_pixels}"
+            if width == 0 or height == 0:
+                return False, f"image has no pixels ({width}x{height})"
+            img.load()
+    except UnidentifiedImageError:
+        return False, "not a decodable image (unknown format)"
+    except Image.DecompressionBombError as exc:
+        return False, f"image too large: {exc}"
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises these for truncated or corrupt data
+        return False, f"not a decodable image ({exc})"
+    return True, ""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode encoded bytes into an RGB PIL image (what every processor here expects).
+
+    Palette, grey, CMYK and alpha images are converted to plain RGB; EXIF orientation is not applied, matching
+    what the HF processors and vLLM do with the same bytes.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")

@@ -1,0 +1,1 @@
+"""Thin entrypoints (`python -m jobs.<stage>`): parse config, build, run. The logic lives in `inbol_ray`."""

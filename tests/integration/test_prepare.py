@@ -1,0 +1,262 @@
+"""The prepare stage end to end on a real local Ray: every fixture format -> `items` + `quarantine`.
+
+Counts below are the deliberate faults of tests/fixtures (see make_fixtures.py): parse-level rows are
+quarantined by the loaders, image-level rows (truncated JPEG, missing file, undecodable bytes) by the Ray
+Data map stage, and every data set must satisfy read = items + quarantined.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from inbol_ray.config import Config, DataConfig, DatasetSpec, ShapesConfig
+from inbol_ray.data import io as dio
+from inbol_ray.data.images import decode_image
+from inbol_ray.data.prepare import read_sources, run_prepare
+from inbol_ray.schema import (
+    ANSWERABLE,
+    ANSWERS,
+    DATASET,
+    ID,
+    IMAGE,
+    IMAGE_PATH,
+    ITEMS,
+    METRIC,
+    REASON,
+    ROW_KEY,
+    STAGE,
+    conform,
+)
+from jobs import prepare as prepare_job
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+FIX = ROOT / "tests" / "fixtures"
+
+
+def spec(name: str, fmt: str, path: str, images: str = "", split: str = "id_test") -> DatasetSpec:
+    return DatasetSpec(
+        name=name, format=fmt, path=str(FIX / path), images=str(FIX / images) if images else "", split=split
+    )
+
+
+ALL_SPECS = [
+    spec("vqav2", "vqav2", "vqav2/v2_OpenEnded_mscoco_val2014_questions.json", "vqav2/val2014", "train"),
+    spec("scienceqa", "scienceqa", "scienceqa/problems.json", "scienceqa/images", "train"),
+    spec("oven", "oven", "oven/oven_entity_val.jsonl", "oven/oven_images", "train"),
+    spec("aokvqa", "aokvqa", "aokvqa/aokvqa_v1p0_val.json", "aokvqa/val2017", "ood_test"),
+    spec("aokvqa_mc", "aokvqa_mc", "aokvqa/aokvqa_v1p0_val.json", "aokvqa/val2017", "ood_test"),
+    spec("gqa", "gqa", "gqa/testdev_balanced_questions.json", "gqa/images", "ood_test"),
+    spec("mmmu", "mmmu", "mmmu", split="ood_test"),
+    spec("mmbench", "mmbench", "mmbench/MMBench_DEV_EN.tsv", split="ood_test"),
+    spec("vizwiz", "vizwiz", "vizwiz/val.json", "vizwiz/val", "unanswerable_test"),
+    spec("beyondvisqa", "unanswerable_jsonl", "unanswerable/beyondvisqa.jsonl", split="unanswerable_test"),
+    spec("shapes", "items", "items/items.parquet"),
+]
+
+# data set -> (read, items, quarantined)
+EXPECTED = {
+    "vqav2": (6, 2, 4),  # no annotation, no question | truncated JPEG, missing file
+    "scienceqa": (4, 1, 3),  # text-only, answer out of range | image.png is text
+    "oven": (4, 2, 2),  # malformed line, no entity_text
+    "aokvqa": (3, 2, 1),
+    "aokvqa_mc": (3, 2, 1),
+    "gqa": (3, 2, 1),
+    "mmmu": (5, 2, 3),  # open, two images | corrupt embedded PNG
+    "mmbench": (5, 2, 3),  # bad base64, answer E | undecodable bytes
+    "vizwiz": (4, 2, 2),  # answerable=2 | missing file
+    "beyondvisqa": (4, 2, 2),
+    "shapes_id_test": (2, 1, 1),  # unknown metric
+    "shapes_unanswerable": (1, 1, 0),
+}
+
+IMAGE_STAGE_REASONS = {
+    "vqav2:2001": "field 'image_path': not a decodable image",
+    "vqav2:3001": "field 'image_path': image file not found",
+    "scienceqa:5": "field 'image_path': not a decodable image",
+    "mmmu:validation_Accounting_4": "field 'image': not a decodable image",
+    "mmbench:4": "field 'image': not a decodable image",
+    "vizwiz:VizWiz_val_00000002.jpg": "field 'image_path': image file not found",
+}
+
+
+def config(tmp_path: Path, specs: list[DatasetSpec], **data) -> Config:
+    return Config(run_dir=str(tmp_path / "run"), data=DataConfig(source="files", datasets=specs, **data))
+
+
+def test_every_format_through_ray_data(ray_local, tmp_path: Path) -> None:
+    result = run_prepare(config(tmp_path, ALL_SPECS), rows_per_block=8)
+    assert {k: (c["read"], c["items"], c["quarantined"]) for k, c in result.counts.items()} == EXPECTED
+
+    items = conform(dio.read_table(result.items_uri), ITEMS, "items")
+    rows = {r[ID]: r for r in items.to_pylist()}
+    assert len(rows) == items.num_rows == sum(e[1] for e in EXPECTED.values())
+    for row in rows.values():  # bytes mode: every kept image is stored and decodes
+        assert decode_image(row[IMAGE]).mode == "RGB"
+    vqa = rows["vqav2:1001"]
+    assert (
+        vqa[METRIC] == "vqa_soft" and len(vqa[ANSWERS]) == 10 and vqa[IMAGE_PATH].endswith("000000000001.jpg")
+    )
+    assert decode_image(vqa[IMAGE]).size == (16, 16)
+    assert rows["vizwiz:VizWiz_val_00000001.jpg"][ANSWERABLE] is False
+    assert rows["mmbench:0"][METRIC] == "mc_letter"
+    assert all(r[ANSWERABLE] is False for r in rows.values() if r[DATASET] == "beyondvisqa")
+
+    quarantine = dio.read_table(result.quarantine_uri).to_pylist()
+    assert len(quarantine) == sum(e[2] for e in EXPECTED.values())
+    assert {q[STAGE] for q in quarantine} == {"prepare"}
+    got = {q[ROW_KEY]: q[REASON] for q in quarantine}
+    for key, reason in IMAGE_STAGE_REASONS.items():
+        assert got[key].startswith(reason), (key, got[key])
+    assert all(q[REASON] for q in quarantine)
+
+    again = run_prepare(config(tmp_path, ALL_SPECS), rows_per_block=8)  # rerun overwrites, never appends
+    assert dio.read_table(again.items_uri).num_rows == items.num_rows
+    assert dio.read_table(again.quarantine_uri).num_rows == len(quarantine)
+
+
+def test_path_storage_and_size_limits(ray_local, tmp_path: Path) -> None:
+    """Path mode keeps file images lazy and embedded ones as bytes; limits quarantine what exceeds them."""
+    specs = [ALL_SPECS[0], ALL_SPECS[7], ALL_SPECS[5]]
+    cfg = config(tmp_path, specs, image_storage="path")
+    result = run_prepare(cfg)
+    rows = {r[ID]: r for r in dio.read_table(result.items_uri).to_pylist()}
+    assert rows["vqav2:1001"][IMAGE] is None and Path(rows["vqav2:1001"][IMAGE_PATH]).is_file()
+    assert rows["mmbench:0"][IMAGE] is not None and rows["mmbench:0"][IMAGE_PATH] is None
+    assert result.counts["gqa"]["items"] == 2
+
+    tiny = config(tmp_path, [ALL_SPECS[5]], max_image_pixels=100)  # fixture images are 16x16 = 256 pixels
+    limited = run_prepare(tiny, run_dir=str(tmp_path / "tiny"))
+    assert limited.counts["gqa"] == {"read": 3, "items": 0, "quarantined": 3}
+    reasons = [q[REASON] for q in dio.read_table(limited.quarantine_uri).to_pylist()]
+    assert sum("16x16 pixels > max_image_pixels 100" in r for r in reasons) == 2
+    assert dio.read_table(limited.items_uri).schema.names == ITEMS.names  # empty, but readable
+
+
+def test_shapes_source(ray_local, tmp_path: Path, monkeypatch) -> None:
+    """data.source=shapes takes generate_items' table through the same image check (module faked here)."""
+    sample = dio.read_table(str(FIX / "items" / "items.parquet"))
+    calls = []
+
+    def generate_items(shapes_cfg, image_size: int) -> pa.Table:
+        calls.append(image_size)
+        return sample.slice(0, 2)
+
+    fake = types.ModuleType("inbol_ray.data.shapes")
+    fake.generate_items = generate_items
+    monkeypatch.setitem(sys.modules, "inbol_ray.data.shapes", fake)
+    cfg = Config(run_dir=str(tmp_path / "run"))
+    result = run_prepare(cfg, read_sources(cfg))
+    assert calls == [cfg.model.image_size]
+    assert result.counts == {
+        "shapes_id_test": {"read": 1, "items": 1, "quarantined": 0},
+        "shapes_unanswerable": {"read": 1, "items": 1, "quarantined": 0},
+    }
+
+
+def test_real_shapes_generator(ray_local, tmp_path: Path) -> None:
+    """The lead's ShapesWorld generator, shrunk, through the same stage: nothing may be quarantined."""
+    shapes = pytest.importorskip("inbol_ray.data.shapes")
+    small = {"n_pretrain": 20, "n_train": 20, "n_id_test": 8, "n_ood_test": 8, "n_unanswerable_test": 8}
+    names = {f.name for f in dataclasses.fields(ShapesConfig)}
+    cfg = Config(run_dir=str(tmp_path / "run"))
+    cfg.data.shapes = ShapesConfig(**{k: v for k, v in small.items() if k in names})
+    result = run_prepare(cfg, rows_per_block=16)
+    expected = shapes.generate_items(cfg.data.shapes, cfg.model.image_size).num_rows
+    assert sum(c["items"] for c in result.counts.values()) == expected
+    assert all(c["quarantined"] == 0 for c in result.counts.values())
+
+
+def test_duplicate_ids_are_quarantined(tmp_path: Path) -> None:
+    """Later stages join on id, so a repeated id keeps its first row and quarantines the others."""
+    (tmp_path / "u.jsonl").write_text(
+        '{"id": "a", "image": "x.png", "question": "q1?"}\n{"id": "a", "image": "y.png", "question": "q2?"}\n'
+    )
+    cfg = config(
+        tmp_path, [DatasetSpec(name="u", format="unanswerable_jsonl", path=str(tmp_path / "u.jsonl"))]
+    )
+    sources = read_sources(cfg)
+    assert sources.items.column(ID).to_pylist() == ["u:a"]
+    assert [q[REASON] for q in sources.quarantine] == [
+        f"duplicate field 'id' (first row with this id came from {tmp_path / 'u.jsonl'})"
+    ]
+
+
+# --- the job ------------------------------------------------------------------------------------------
+
+
+def write_config(path: Path, datasets: list[dict], run_dir: Path) -> Path:
+    cfg = {"run_dir": str(run_dir), "data": {"source": "files", "datasets": datasets}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_job_fails_fast_listing_every_missing_path(tmp_path: Path) -> None:
+    datasets = [
+        {"name": "vqav2", "format": "vqav2", "path": "/nope/v2_OpenEnded_mscoco_train2014_questions.json",
+         "images": "/nope/train2014"},
+        {"name": "mmbench", "format": "mmbench", "path": "/nope/MMBench_DEV_EN.tsv"},
+        {"name": "gqa", "format": "gqa", "path": str(FIX / "gqa/testdev_balanced_questions.json")},
+    ]  # fmt: skip
+    cfg = write_config(tmp_path / "c.yaml", datasets, tmp_path / "run")
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.prepare", "--config", str(cfg)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert time.monotonic() - start < 30
+    for line in [
+        "5 input problem(s), nothing started",
+        "data.datasets[0] vqav2 (format vqav2): path not found: /nope/v2_OpenEnded_mscoco_train2014_questions.json",
+        "data.datasets[0] vqav2 (format vqav2): annotations not found: /nope/v2_mscoco_train2014_annotations.json",
+        "data.datasets[0] vqav2 (format vqav2): images not found: /nope/train2014",
+        "data.datasets[1] mmbench (format mmbench): path not found: /nope/MMBench_DEV_EN.tsv",
+        "data.datasets[2] gqa (format gqa): 'images' is not set",
+    ]:
+        assert line in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not (ROOT / "configs" / "llava-1.5-7b.yaml").exists(), reason="config not written yet")
+def test_shipped_real_scale_config_fails_fast_without_data(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.prepare", "--config", "configs/llava-1.5-7b.yaml", "--run-dir",
+         str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    if proc.returncode == 0:
+        pytest.skip("the real data sets are present on this machine")
+    assert proc.returncode == 2 and "input problem(s), nothing started" in proc.stderr, proc.stderr
+
+
+def test_job_reports_a_wrong_schema_before_ray(tmp_path: Path, capsys) -> None:
+    datasets = [{"name": "gqa", "format": "gqa", "path": str(FIX / "broken/gqa_renamed_questions.json"),
+                 "images": str(FIX / "gqa/images")}]  # fmt: skip
+    cfg = write_config(tmp_path / "c.yaml", datasets, tmp_path / "run")
+    assert prepare_job.main(["--config", str(cfg)]) == 2
+    assert "gqa_renamed_questions.json: missing field 'imageId'" in capsys.readouterr().err
+
+
+def test_job_runs_on_an_existing_ray(ray_local, tmp_path: Path, capsys) -> None:
+    datasets = [{"name": "vizwiz", "format": "vizwiz", "path": str(FIX / "vizwiz/val.json"),
+                 "images": str(FIX / "vizwiz/val"), "split": "unanswerable_test"}]  # fmt: skip
+    cfg = write_config(tmp_path / "c.yaml", datasets, tmp_path / "ignored")
+    assert (
+        prepare_job.main(
+            ["--config", str(cfg), "--run-dir", str(tmp_path / "run"), "data.max_image_bytes=100000"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "prepare: items 2, quarantined 2 | vizwiz 2/4 (items/read)" in out
+    assert ray_local.is_initialized()  # the job did not start Ray, so it left it running
+    assert (tmp_path / "run" / "items").is_dir() and not (tmp_path / "ignored").exists()

@@ -1,0 +1,105 @@
+"""Image loading, validation and decoding: the rules every stage relies on for "a usable image"."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow.fs as pafs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from inbol_ray.data.images import decode_image, load_image_bytes, validate_image
+from inbol_ray.schema import IMAGE, IMAGE_PATH
+
+BIG = 10**9
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def png() -> bytes:
+    return encode(Image.new("RGB", (8, 6), "red"), "PNG")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
+def test_common_formats_are_valid(fmt: str) -> None:
+    ok, reason = validate_image(encode(Image.new("RGB", (8, 8), "blue"), fmt), BIG, BIG)
+    assert ok and reason == ""
+
+
+def test_truncated_jpeg_is_caught_by_a_full_decode() -> None:
+    """A cut-off JPEG still opens (header intact); only reading the pixels shows the damage."""
+    data = encode(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG")
+    ok, reason = validate_image(data[: len(data) // 2], BIG, BIG)
+    assert not ok and "not a decodable image" in reason
+
+
+@pytest.mark.parametrize(
+    "data", [b"this is not an image", b"\x89PNG\r\n\x1a\n broken", b"GIF89a" + b"\0" * 10]
+)
+def test_garbage_is_rejected_with_a_reason(data: bytes) -> None:
+    ok, reason = validate_image(data, BIG, BIG)
+    assert not ok and "not a decodable image" in reason
+
+
+def test_empty_data() -> None:
+    assert validate_image(b"", BIG, BIG) == (False, "empty image data")
+
+
+def test_byte_limit(png: bytes) -> None:
+    ok, reason = validate_image(png, len(png) - 1, BIG)
+    assert not ok and "max_image_bytes" in reason
+    assert validate_image(png, len(png), BIG)[0]
+
+
+def test_pixel_limit_is_checked_from_the_header() -> None:
+    """25 M pixels compress to a few KB: the limit must reject it without decoding (no memory spent)."""
+    data = encode(Image.new("1", (5000, 5000)), "PNG")
+    assert len(data) < 100_000
+    ok, reason = validate_image(data, BIG, max_pixels=1_000_000)
+    assert not ok and "5000x5000" in reason and "max_image_pixels" in reason
+    assert validate_image(encode(Image.new("RGB", (8, 6)), "PNG"), BIG, max_pixels=48)[0]
+    assert not validate_image(encode(Image.new("RGB", (8, 6)), "PNG"), BIG, max_pixels=47)[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=256))
+def test_validate_never_raises(data: bytes) -> None:
+    ok, reason = validate_image(data, BIG, BIG)
+    assert isinstance(ok, bool) and (ok or reason)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "1", "CMYK"])
+def test_decode_gives_rgb(mode: str) -> None:
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    img = decode_image(encode(Image.new(mode, (5, 4)), fmt))
+    assert img.mode == "RGB" and img.size == (5, 4)
+
+
+def test_decode_keeps_pixels(png: bytes) -> None:
+    assert decode_image(png).getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_load_prefers_bytes_over_path(png: bytes, tmp_path) -> None:
+    assert load_image_bytes({IMAGE: png, IMAGE_PATH: str(tmp_path / "nope.png")}) == png
+
+
+def test_load_reads_path_and_uri(png: bytes, tmp_path) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(png)
+    assert load_image_bytes({IMAGE: None, IMAGE_PATH: str(path)}) == png
+    assert load_image_bytes({IMAGE: None, IMAGE_PATH: f"file://{path}"}) == png
+    assert load_image_bytes({IMAGE: None, IMAGE_PATH: str(path)}, fs=pafs.LocalFileSystem()) == png
+
+
+def test_load_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_image_bytes({IMAGE: None, IMAGE_PATH: str(tmp_path / "missing.jpg")})
+    with pytest.raises(ValueError, match="neither"):
+        load_image_bytes({IMAGE: None, IMAGE_PATH: None})

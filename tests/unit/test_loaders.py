@@ -1,0 +1,324 @@
+"""Loaders without Ray: field mapping, metrics, answerability and quarantine reasons per published format.
+
+The fixtures under tests/fixtures/ are hand-written in each publisher's layout (see make_fixtures.py);
+every deliberate fault in them is asserted here by row key and reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from inbol_ray.config import DatasetSpec
+from inbol_ray.data import io as dio
+from inbol_ray.data.loaders import LOADERS, DataFormatError, load, spec_problems
+from inbol_ray.data.loaders.training import vqav2_annotations_path
+from inbol_ray.schema import (
+    ANSWERABLE,
+    ANSWERS,
+    CATEGORY,
+    CHOICES,
+    DATASET,
+    ID,
+    IMAGE,
+    IMAGE_PATH,
+    ITEMS,
+    METRIC,
+    QUARANTINE,
+    QUESTION,
+    REASON,
+    ROW_KEY,
+    SOURCE,
+    SPLIT,
+    STAGE,
+)
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def spec(name: str, fmt: str, path: str, images: str = "", **kw) -> DatasetSpec:
+    return DatasetSpec(
+        name=name, format=fmt, path=str(FIX / path), images=str(FIX / images) if images else "", **kw
+    )
+
+
+VQAV2 = spec("vqav2", "vqav2", "vqav2/v2_OpenEnded_mscoco_val2014_questions.json", "vqav2/val2014")
+
+
+def by_id(items: list[dict]) -> dict[str, dict]:
+    return {row[ID]: row for row in items}
+
+
+def reasons(parsed) -> dict[str, str]:
+    return {row[ROW_KEY]: row[REASON] for row in parsed.quarantine}
+
+
+def test_every_item_fits_the_items_schema() -> None:
+    for s in [VQAV2, spec("mmbench", "mmbench", "mmbench/MMBench_DEV_EN.tsv"), spec("mmmu", "mmmu", "mmmu")]:
+        table = pa.Table.from_pylist(load(s).items, schema=ITEMS)
+        assert table.num_rows > 0
+        assert table.column(ID).null_count == 0
+
+
+# --- training sets -------------------------------------------------------------------------------------
+
+
+def test_vqav2_joins_questions_and_annotations() -> None:
+    parsed = load(VQAV2)
+    items = by_id(parsed.items)
+    assert sorted(items) == ["vqav2:1001", "vqav2:1002", "vqav2:2001", "vqav2:3001"]
+    row = items["vqav2:1001"]
+    assert row[METRIC] == "vqa_soft" and row[ANSWERABLE] is True and row[CHOICES] is None
+    assert len(row[ANSWERS]) == 10 and row[ANSWERS].count("dark red") == 3  # duplicates kept
+    assert row[CATEGORY] == "other" and items["vqav2:1002"][CATEGORY] == "yes/no"
+    assert row[IMAGE] is None
+    assert row[IMAGE_PATH] == str(FIX / "vqav2/val2014/COCO_val2014_000000000001.jpg")
+    assert row[SOURCE].endswith("v2_OpenEnded_mscoco_val2014_questions.json")
+    assert row[DATASET] == "vqav2" and row[SPLIT] == "train"
+    assert reasons(parsed) == {
+        "vqav2:4001": f"no annotation with this 'question_id' in {FIX}/vqav2/v2_mscoco_val2014_annotations.json",
+        "vqav2:5001": "missing field 'question'",
+    }
+
+
+def test_vqav2_annotation_file_name_follows_the_release() -> None:
+    assert vqav2_annotations_path("s3://b/vqa/v2_OpenEnded_mscoco_train2014_questions.json") == (
+        "s3://b/vqa/v2_mscoco_train2014_annotations.json"
+    )
+    with pytest.raises(DataFormatError, match="not a VQAv2 questions file name"):
+        vqav2_annotations_path("/data/questions.json")
+
+
+def test_scienceqa_image_questions_of_one_split() -> None:
+    parsed = load(spec("scienceqa", "scienceqa", "scienceqa/problems.json", "scienceqa/images"))
+    items = by_id(parsed.items)
+    assert sorted(items) == ["scienceqa:1", "scienceqa:5"]  # 4 is a test problem; 5's image is broken later
+    row = items["scienceqa:1"]
+    assert row[QUESTION] == "Context: Look at the picture.\nWhich colour is the square?"
+    assert row[CHOICES] == ["red", "green", "blue"] and row[ANSWERS] == ["B"] and row[METRIC] == "mc_letter"
+    assert row[CATEGORY] == "natural science"
+    assert row[IMAGE_PATH] == str(FIX / "scienceqa/images/train/1/image.png")
+    assert reasons(parsed) == {
+        "scienceqa:2": "skipped: field 'image' is null (text-only question; only image questions are loaded)",
+        "scienceqa:3": "field 'answer' (5) is not an index into 3 choices",
+    }
+    test_split = load(
+        spec("scienceqa", "scienceqa", "scienceqa/problems.json", "scienceqa/images", split="id_test")
+    )
+    assert [r[ID] for r in test_split.items] == ["scienceqa:4"] and not test_split.quarantine
+
+
+def test_oven_entity_answers_and_malformed_lines() -> None:
+    parsed = load(spec("oven", "oven", "oven/oven_entity_val.jsonl", "oven/oven_images"))
+    items = by_id(parsed.items)
+    row = items["oven:oven_entity_val_00000001"]
+    assert row[ANSWERS] == ["Eiffel Tower"] and row[METRIC] == "exact" and row[CATEGORY] == "val_entity_seen"
+    assert row[IMAGE_PATH] == str(FIX / "oven/oven_images/01/oven_01000001.jpg")  # sharded layout found
+    assert items["oven:oven_entity_val_00000004"][ANSWERS] == ["Lion"]
+    got = reasons(parsed)
+    assert got["oven:line2"].startswith("malformed JSON on line 2")
+    assert got["oven:oven_entity_val_00000003"] == "missing field 'entity_text'"
+    assert len(got) == 2
+
+
+def test_oven_flat_image_folder(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "oven_05000001.png").write_bytes(b"x")
+    row = {"data_id": "d1", "image_id": "oven_05000001", "question": "what?", "entity_text": "Lion"}
+    (tmp_path / "o.jsonl").write_text(json.dumps(row) + "\n")
+    parsed = load(
+        DatasetSpec(name="o", format="oven", path=str(tmp_path / "o.jsonl"), images=str(tmp_path / "img"))
+    )
+    assert parsed.items[0][IMAGE_PATH] == str(tmp_path / "img" / "oven_05000001.png")
+
+
+# --- evaluation sets -----------------------------------------------------------------------------------
+
+
+def test_aokvqa_direct_answers_and_multiple_choice() -> None:
+    da = load(spec("aokvqa", "aokvqa", "aokvqa/aokvqa_v1p0_val.json", "aokvqa/val2017", split="ood_test"))
+    items = by_id(da.items)
+    row = items["aokvqa:22MexNkBPpdZGX6sxbxVBH"]
+    assert row[METRIC] == "vqa_soft" and len(row[ANSWERS]) == 10 and row[CHOICES] is None
+    assert row[CATEGORY] == "direct_answer" and row[SPLIT] == "ood_test"
+    assert items["aokvqa:2PmEKb6C5xfSo9UkxCFdLa"][CATEGORY] == "direct_answer_difficult"
+    assert row[IMAGE_PATH] == str(FIX / "aokvqa/val2017/000000000010.jpg")
+    assert reasons(da) == {"aokvqa:3BadRowxxxxxxxxxxxxxxx": "field 'direct_answers' must be a non-empty list"}
+
+    mc = load(spec("aokvqa_mc", "aokvqa_mc", "aokvqa/aokvqa_v1p0_val.json", "aokvqa/val2017"))
+    row = by_id(mc.items)["aokvqa_mc:2PmEKb6C5xfSo9UkxCFdLa"]
+    assert row[METRIC] == "mc_letter" and row[ANSWERS] == ["C"] and row[CHOICES][2] == "rain"
+    assert reasons(mc) == {
+        "aokvqa_mc:3BadRowxxxxxxxxxxxxxxx": "field 'correct_choice_idx' (7) is not an index into 4 choices"
+    }
+
+
+def test_gqa() -> None:
+    parsed = load(spec("gqa", "gqa", "gqa/testdev_balanced_questions.json", "gqa/images"))
+    items = by_id(parsed.items)
+    assert items["gqa:20968379"][ANSWERS] == ["red"] and items["gqa:20968379"][METRIC] == "exact"
+    assert items["gqa:20968380"][CATEGORY] == "verify"
+    assert items["gqa:20968380"][IMAGE_PATH] == str(FIX / "gqa/images/n2.jpg")
+    assert reasons(parsed) == {"gqa:20968381": "missing field 'answer'"}
+
+
+def test_mmmu_single_image_multiple_choice_only() -> None:
+    parsed = load(spec("mmmu", "mmmu", "mmmu"))
+    items = by_id(parsed.items)
+    assert sorted(items) == [
+        "mmmu:validation_Accounting_1",
+        "mmmu:validation_Accounting_4",
+        "mmmu:validation_Art_Theory_1",
+    ]
+    row = items["mmmu:validation_Accounting_1"]
+    assert (
+        row[CHOICES] == ["A cat", "A dog", "A bird"] and row[ANSWERS] == ["B"] and row[METRIC] == "mc_letter"
+    )
+    assert row[CATEGORY] == "Accounting" and row[IMAGE][:4] == b"\x89PNG" and row[IMAGE_PATH] is None
+    assert items["mmmu:validation_Art_Theory_1"][CATEGORY] == "Art_Theory"  # image referenced in an option
+    assert reasons(parsed) == {
+        "mmmu:validation_Accounting_2": "skipped: question_type 'open' (only multiple-choice is loaded)",
+        "mmmu:validation_Accounting_3": "skipped: 2 images referenced in question/options (only single-image questions)",
+    }
+    assert not any("dev_" in key for key in items)  # a folder means its validation-*.parquet files only
+    one_file = load(spec("mmmu", "mmmu", "mmmu/Accounting/dev-00000-of-00001.parquet"))
+    assert [r[ID] for r in one_file.items] == ["mmmu:dev_Accounting_1"]
+
+
+def test_mmbench_tsv() -> None:
+    parsed = load(spec("mmbench", "mmbench", "mmbench/MMBench_DEV_EN.tsv"))
+    items = by_id(parsed.items)
+    row = items["mmbench:0"]
+    assert row[QUESTION] == "Hint: The square is in the middle.\nWhat colour is the square?"
+    assert row[CHOICES] == ["olive", "red", "blue", "white"] and row[ANSWERS] == ["A"]
+    assert row[METRIC] == "mc_letter" and row[CATEGORY] == "attribute_recognition"
+    two = items["mmbench:1"]
+    assert two[CHOICES] == ["yes", "no"] and two[QUESTION] == "Is there a square?"
+    assert two[IMAGE] == row[IMAGE]  # image cell "0" points at row 0's image
+    assert reasons(parsed) == {
+        "mmbench:2": "field 'image' is not valid base64",
+        "mmbench:3": "field 'answer' ('E') is not one of the 4 option letters",
+    }
+    assert "mmbench:4" in items  # decodes as base64; the image stage rejects its bytes
+
+
+def test_vizwiz_answerable_from_the_file() -> None:
+    parsed = load(spec("vizwiz", "vizwiz", "vizwiz/val.json", "vizwiz/val"))
+    items = by_id(parsed.items)
+    assert items["vizwiz:VizWiz_val_00000000.jpg"][ANSWERABLE] is True
+    unanswerable = items["vizwiz:VizWiz_val_00000001.jpg"]
+    assert unanswerable[ANSWERABLE] is False and unanswerable[CATEGORY] == "unanswerable"
+    assert unanswerable[METRIC] == "vqa_soft" and len(unanswerable[ANSWERS]) == 10
+    assert reasons(parsed) == {"vizwiz:VizWiz_val_00000003.jpg": "field 'answerable' must be 0 or 1, got 2"}
+
+
+def test_unanswerable_jsonl() -> None:
+    parsed = load(spec("beyondvisqa", "unanswerable_jsonl", "unanswerable/beyondvisqa.jsonl"))
+    items = by_id(parsed.items)
+    mc = items["beyondvisqa:bv1"]
+    assert mc[ANSWERABLE] is False and mc[METRIC] == "mc_letter" and len(mc[CHOICES]) == 5
+    assert mc[CATEGORY] == "knowledge" and mc[IMAGE_PATH] == str(FIX / "unanswerable/images/u1.png")
+    idk = items["beyondvisqa:idk1"]
+    assert idk[METRIC] == "exact" and idk[ANSWERS] == [] and idk[CATEGORY] == "unanswerable"
+    got = reasons(parsed)
+    assert got["beyondvisqa:bad1"] == "missing field 'question'"
+    assert got["beyondvisqa:line4"].startswith("malformed JSON on line 4")
+
+
+def test_items_parquet_rows_kept_as_they_are() -> None:
+    parsed = load(spec("shapes", "items", "items/items.parquet"))
+    assert [r[ID] for r in parsed.items] == ["shapes_id_test/0", "shapes_unanswerable/0"]
+    assert parsed.items[1][DATASET] == "shapes_unanswerable" and parsed.items[1][ANSWERABLE] is False
+    assert reasons(parsed) == {
+        "shapes_id_test/1": "field 'metric' ('bogus') is not one of ['vqa_soft', 'exact', 'mc_letter']"
+    }
+    assert parsed.quarantine[0][DATASET] == "shapes_id_test"
+
+
+def test_limit_counts_input_rows() -> None:
+    limited = load(spec("vqav2", "vqav2", VQAV2.path, VQAV2.images, limit=2))
+    assert limited.n_input == 2
+    assert load(spec("mmmu", "mmmu", "mmmu", limit=3)).n_input == 3
+    assert load(spec("oven", "oven", "oven/oven_entity_val.jsonl", "oven/oven_images", limit=2)).n_input == 2
+
+
+# --- whole-file problems ------------------------------------------------------------------------------
+
+
+def test_malformed_json_names_the_file() -> None:
+    path = FIX / "broken/aokvqa_v1p0_val.json"
+    with pytest.raises(DataFormatError, match=rf"^{path}: malformed JSON"):
+        load(DatasetSpec(name="a", format="aokvqa", path=str(path), images=str(FIX / "aokvqa/val2017")))
+
+
+def test_renamed_field_names_the_file_and_the_field() -> None:
+    path = FIX / "broken/gqa_renamed_questions.json"
+    with pytest.raises(DataFormatError, match=r"gqa_renamed_questions\.json: missing field 'imageId'"):
+        load(DatasetSpec(name="g", format="gqa", path=str(path), images=str(FIX / "gqa/images")))
+
+
+def test_missing_tsv_column_names_the_file_and_the_field() -> None:
+    path = FIX / "broken/mmbench_no_answer.tsv"
+    with pytest.raises(DataFormatError, match=r"mmbench_no_answer\.tsv: missing field\(s\) \['answer'\]"):
+        load(DatasetSpec(name="m", format="mmbench", path=str(path)))
+
+
+def test_wrong_top_level(tmp_path: Path) -> None:
+    (tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json").write_text('{"qs": []}')
+    with pytest.raises(DataFormatError, match="missing field 'questions' at the top level"):
+        load(
+            DatasetSpec(
+                name="v", format="vqav2", path=str(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json")
+            )
+        )
+    (tmp_path / "vizwiz.json").write_text('{"image": "a.jpg"}')
+    with pytest.raises(DataFormatError, match="top level must be a JSON list"):
+        load(DatasetSpec(name="z", format="vizwiz", path=str(tmp_path / "vizwiz.json")))
+
+
+def test_items_parquet_with_a_missing_column(tmp_path: Path) -> None:
+    table = pa.Table.from_pylist(load(spec("shapes", "items", "items/items.parquet")).items, schema=ITEMS)
+    dio.write_table(table.drop_columns([METRIC]), str(tmp_path / "x.parquet"))
+    with pytest.raises(DataFormatError, match=r"x\.parquet: missing field\(s\) \['metric'\]"):
+        load(DatasetSpec(name="s", format="items", path=str(tmp_path / "x.parquet")))
+
+
+# --- pre-flight checks ---------------------------------------------------------------------------------
+
+
+def test_spec_problems_lists_every_missing_input() -> None:
+    assert spec_problems(VQAV2) == []
+    missing = DatasetSpec(name="v", format="vqav2", path="/nope/v2_OpenEnded_mscoco_val2014_questions.json")
+    assert spec_problems(missing) == [
+        "v (format vqav2): path not found: /nope/v2_OpenEnded_mscoco_val2014_questions.json",
+        "v (format vqav2): annotations not found: /nope/v2_mscoco_val2014_annotations.json",
+        "v (format vqav2): 'images' is not set",
+    ]
+    assert spec_problems(DatasetSpec(name="x", format="coco", path="/x")) == [
+        f"x (format coco): unknown format; known: {', '.join(LOADERS)}"
+    ]
+    assert spec_problems(spec("mmbench", "mmbench", "mmbench/MMBench_DEV_EN.tsv")) == []  # no image folder
+
+
+# --- io -------------------------------------------------------------------------------------------------
+
+
+def test_table_roundtrip_and_quarantine(tmp_path: Path) -> None:
+    table = pa.table({"a": [1, 2, 3]})
+    dio.write_table(table, str(tmp_path / "t" / "x.parquet"))
+    assert dio.read_table(str(tmp_path / "t")).equals(table)  # a folder of shards reads as one table
+    assert dio.read_table(f"file://{tmp_path}/t/x.parquet", columns=["a"]).equals(table)
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["x.parquet"]  # no temp file left behind
+
+    rows = [{SOURCE: "f.json", ROW_KEY: "d:1", REASON: "missing field 'x'", DATASET: "d"}]
+    uri = dio.write_quarantine(rows, str(tmp_path), "prepare")
+    dio.write_quarantine([], str(tmp_path), "sample")
+    got = dio.read_quarantine(str(tmp_path))
+    assert uri == f"{tmp_path}/quarantine/prepare.parquet"
+    assert got.schema == QUARANTINE and got.to_pylist() == [
+        {SOURCE: "f.json", ROW_KEY: "d:1", STAGE: "prepare", REASON: "missing field 'x'"}
+    ]
+    assert dio.read_quarantine(str(tmp_path / "nothing")).num_rows == 0
