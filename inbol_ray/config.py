@@ -31,10 +31,11 @@ class ModelConfig:
     """Build the tiny LLaVA checkpoint at `path` when it does not exist (embedded default only)."""
     seed: int = 0
     """Seed of the tiny checkpoint's weights and tokenizer."""
-    image_size: int = 64
+    image_size: int = 48
     """Tiny model: square input resolution of the vision tower."""
-    patch_size: int = 8
-    """Tiny model: ViT patch size; image tokens = (image_size / patch_size)^2."""
+    patch_size: int = 16
+    """Tiny model: ViT patch size; image tokens = (image_size / patch_size)^2. 48/16 puts one
+    ShapesWorld grid cell in one patch, which lets a from-scratch tower learn to see in minutes."""
     text_hidden: int = 128
     """Tiny model: LM width. Heads are 64 wide so vLLM's attention backends accept the model."""
     text_layers: int = 2
@@ -59,8 +60,12 @@ class ModelConfig:
 @dataclass
 class ShapesConfig:
     seed: int = 0
-    n_train: int = 6000
-    """Answerable + unanswerable training items; the base model is trained on the answerable ones."""
+    n_pretrain: int = 6000
+    """Base-model training items (answerable only, rare names almost never shown): what the base
+    model saw before InBoL, like LLaVA's own instruction data."""
+    n_train: int = 2000
+    """InBoL training items (answerable + mismatched unanswerable): sampled for confidence, then
+    used by IDK-IT / SFT / DPO. All names at equal frequency, so rare names get low confidence."""
     n_id_test: int = 400
     n_ood_test: int = 400
     """Items per OOD test set (shapes_ood_paraphrase, shapes_ood_scene)."""
@@ -71,8 +76,8 @@ class ShapesConfig:
     """Knowledge family: how many colour-shape combinations get an invented name."""
     rare_name_fraction: float = 0.5
     """Share of named combinations that are rare in training (the intrinsic boundary)."""
-    rare_name_weight: float = 0.04
-    """Sampling weight of a rare name relative to a common one."""
+    rare_name_weight: float = 0.01
+    """Pretrain split: sampling weight of a rare name relative to a common one."""
 
 
 @dataclass
@@ -210,9 +215,14 @@ class EvalConfig:
         default_factory=lambda: ["base", "refusal_prompt", "sft", "idk_it", "dpo1", "dpo2", "dpo3", "cadpo"]
     )
     refusal_instruction: str = (
-        "Answer the question using a single word or phrase. "
-        "If you are not sure, answer: I don't know."
+        "Answer the question using a single word or phrase. If you are not sure, answer: I don't know."
     )
+    """The `refusal_prompt` baseline's instruction (appended after the question, replacing
+    `answer_instruction`): the base model, asked to refuse when unsure."""
+    answer_instruction: str = ""
+    """Instruction appended after the question for every other method ("" = the question alone, as
+    the tiny model was trained). LLaVA-1.5 evaluates short answers with "Answer the question using a
+    single word or phrase."; the refusal baseline then differs from `base` only by its refusal clause."""
     max_new_tokens: int = 8
     batch_size: int = 64
     conf_bins: int = 5
@@ -274,7 +284,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {type(value).__name__}")
+            raise ConfigError(
+                f"{key}: expected a mapping for section {tp.__name__}, got {type(value).__name__}"
+            )
         return _build(tp, value, key)
     if origin is Literal:
         allowed = typing.get_args(tp)

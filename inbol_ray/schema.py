@@ -115,9 +115,11 @@ CADPO_PAIRS = pa.schema(
     ]
 )
 
-CADPO_PAIRS_WITH_REF = CADPO_PAIRS.append(pa.field(REF_LOGP[RESP_CORRECT], pa.float64())).append(
-    pa.field(REF_LOGP[RESP_INCORRECT], pa.float64())
-).append(pa.field(REF_LOGP[RESP_REFUSAL], pa.float64()))
+CADPO_PAIRS_WITH_REF = (
+    CADPO_PAIRS.append(pa.field(REF_LOGP[RESP_CORRECT], pa.float64()))
+    .append(pa.field(REF_LOGP[RESP_INCORRECT], pa.float64()))
+    .append(pa.field(REF_LOGP[RESP_REFUSAL], pa.float64()))
+)
 
 PREDICTIONS = pa.schema(
     [

@@ -1,0 +1,420 @@
+"""ShapesWorld: a procedural image-question benchmark whose scene graphs prove every answer.
+
+Why it exists: no data set can be downloaded here, and the method needs items on both sides of both
+information boundaries. Every image comes from a scene graph (objects with shape, colour, size, grid
+cell), so each gold answer is correct by construction and each unanswerable item is *proved*
+unanswerable: the object its question refers to is not in the picture (the extrinsic boundary).
+
+Question families (the `category` column):
+- `easy_perception`: colour of the unique <shape>, or shape of the unique <colour> object;
+- `hard_perception`: counting, and left/right relations between two named objects;
+- `knowledge`: the invented name of a colour-shape combination present in the image. Names are drawn
+  with a skewed frequency, so a briefly trained model knows the common ones and not the rare ones
+  (the intrinsic boundary);
+- unanswerable items reuse the referring families on an image whose scene graph lacks the referent
+  (category `unanswerable`).
+
+Splits and data set names: `shapes_pretrain` (the base model's own training data: answerable only,
+rare names almost absent), `shapes_train` (InBoL's training items), `shapes_id_test` (same distribution, unseen images),
+`shapes_ood_paraphrase` (unseen question wordings), `shapes_ood_scene` (unseen scene statistics: more,
+smaller objects on another background), `shapes_unanswerable` (mismatched questions only).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw
+
+from inbol_ray import schema as S
+from inbol_ray.config import ShapesConfig
+
+VERSION = "shapesworld-v1"
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 200),
+    "cyan": (40, 210, 220),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+GRID = 3  # objects sit in distinct cells of a GRID x GRID layout, so "left of" is never ambiguous
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Invented names: pronounceable, distinct, and never English words a grader could confuse.
+NAME_SYLLABLES = ("zor", "bli", "kav", "mep", "tru", "dax", "fen", "gow", "lum", "pry", "quo", "sib")
+
+TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
+    # family -> template set -> wordings; "id" wordings are trained on, "para" are held out (OOD)
+    "colour_of": {
+        "id": ("What colour is the {shape}?", "What is the colour of the {shape}?"),
+        "para": ("Which colour does the {shape} have?", "Tell me the colour of the {shape}."),
+    },
+    "shape_of": {
+        "id": ("What shape is the {colour} object?", "Which shape is {colour}?"),
+        "para": ("Name the shape of the {colour} object.", "The {colour} object is which shape?"),
+    },
+    "count": {
+        "id": ("How many objects are there?", "How many shapes are in the picture?"),
+        "para": ("Count the objects in the image.", "What is the number of shapes shown?"),
+    },
+    "left_of": {
+        "id": ("Is the {colour} {shape} left of the {colour2} {shape2}?",),
+        "para": ("Is the {colour} {shape} on the left side of the {colour2} {shape2}?",),
+    },
+    "name_of": {
+        "id": ("What do we call the {colour} {shape}?", "What is the name of the {colour} {shape}?"),
+        "para": ("What is the {colour} {shape} called?", "Give the name of the {colour} {shape}."),
+    },
+}
+FAMILY_CATEGORY = {
+    "colour_of": "easy_perception",
+    "shape_of": "easy_perception",
+    "count": "hard_perception",
+    "left_of": "hard_perception",
+    "name_of": "knowledge",
+}
+# Families whose question names an object: only these can be made unanswerable by mismatch.
+REFERRING = ("colour_of", "shape_of", "name_of", "left_of")
+FAMILY_WEIGHTS = {"colour_of": 0.22, "shape_of": 0.18, "count": 0.15, "left_of": 0.15, "name_of": 0.30}
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    large: bool
+    cell: tuple[int, int]  # (row, col) in the grid
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+    background: tuple[int, int, int]
+
+    def with_shape(self, shape: str) -> list[Obj]:
+        return [o for o in self.objects if o.shape == shape]
+
+    def with_colour(self, colour: str) -> list[Obj]:
+        return [o for o in self.objects if o.colour == colour]
+
+    def find(self, colour: str, shape: str) -> list[Obj]:
+        return [o for o in self.objects if o.colour == colour and o.shape == shape]
+
+
+@dataclass(frozen=True)
+class Question:
+    """A question in structured form; its text is one wording of `family` with these slots filled."""
+
+    family: str
+    shape: str = ""
+    colour: str = ""
+    shape2: str = ""
+    colour2: str = ""
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    """Scene statistics of a split: OOD-scene changes these, never the question semantics."""
+
+    min_objects: int = 1  # one-object scenes let a from-scratch tower learn colour/shape by pooling
+    max_objects: int = 5
+    large_fraction: float = 0.5
+    background: tuple[int, int, int] = (245, 245, 245)
+
+
+ID_STYLE = SceneStyle()
+OOD_STYLE = SceneStyle(min_objects=5, max_objects=7, large_fraction=0.0, background=(200, 200, 185))
+
+
+def invented_names(n_names: int, seed: int) -> dict[tuple[str, str], str]:
+    """Deterministic invented names for the first `n_names` colour-shape combinations (shuffled)."""
+    rng = np.random.default_rng(seed + 7919)
+    combos = [(c, s) for c in COLOURS for s in SHAPES]
+    order = rng.permutation(len(combos))[:n_names]
+    syll = list(NAME_SYLLABLES)
+    names: dict[tuple[str, str], str] = {}
+    used: set[str] = set()
+    for idx in order:
+        while True:
+            a, b = rng.choice(len(syll), size=2, replace=False)
+            name = syll[a] + syll[b]
+            if name not in used:
+                used.add(name)
+                names[combos[idx]] = name
+                break
+    return names
+
+
+def rare_combos(names: dict[tuple[str, str], str], cfg: ShapesConfig) -> set[tuple[str, str]]:
+    """The named combinations that training shows rarely: the model's intrinsic boundary."""
+    keys = sorted(names)
+    rng = np.random.default_rng(cfg.seed + 104729)
+    n_rare = int(round(len(keys) * cfg.rare_name_fraction))
+    picked = rng.permutation(len(keys))[:n_rare]
+    return {keys[i] for i in picked}
+
+
+# --- scenes and rendering -------------------------------------------------------------------------
+
+
+def sample_scene(rng: np.random.Generator, style: SceneStyle) -> Scene:
+    n = int(rng.integers(style.min_objects, style.max_objects + 1))
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    chosen = rng.choice(len(cells), size=n, replace=False)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    objs = tuple(
+        Obj(
+            shape=shapes[int(rng.integers(len(shapes)))],
+            colour=colours[int(rng.integers(len(colours)))],
+            large=bool(rng.random() < style.large_fraction),
+            cell=cells[int(i)],
+        )
+        for i in chosen
+    )
+    return Scene(objects=objs, background=style.background)
+
+
+def render(scene: Scene, size: int) -> bytes:
+    """Draw the scene as PNG bytes at the model's input resolution (no resampling blur later)."""
+    img = Image.new("RGB", (size, size), scene.background)
+    draw = ImageDraw.Draw(img)
+    cell = size / GRID
+    for o in scene.objects:
+        cy, cx = (o.cell[0] + 0.5) * cell, (o.cell[1] + 0.5) * cell
+        r = cell * (0.42 if o.large else 0.30)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        fill = COLOURS[o.colour]
+        if o.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif o.shape == "square":
+            draw.rectangle((cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85), fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+        else:  # diamond
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- questions: proposing, answering, proving unanswerable ---------------------------------------
+
+
+def answer(q: Question, scene: Scene, names: dict[tuple[str, str], str]) -> str | None:
+    """The gold answer from the scene graph, or None when the scene cannot answer the question.
+
+    This one function is both the answer key and the proof of unanswerability, so the two can never
+    disagree.
+    """
+    if q.family == "count":
+        return NUMBER_WORDS[len(scene.objects)] if len(scene.objects) < len(NUMBER_WORDS) else None
+    if q.family == "colour_of":
+        found = scene.with_shape(q.shape)
+        return found[0].colour if len(found) == 1 else None
+    if q.family == "shape_of":
+        found = scene.with_colour(q.colour)
+        return found[0].shape if len(found) == 1 else None
+    if q.family == "name_of":
+        found = scene.find(q.colour, q.shape)
+        name = names.get((q.colour, q.shape))
+        return name if len(found) >= 1 and name is not None else None
+    if q.family == "left_of":
+        a, b = scene.find(q.colour, q.shape), scene.find(q.colour2, q.shape2)
+        if len(a) != 1 or len(b) != 1 or a[0].cell[1] == b[0].cell[1]:
+            return None
+        return "yes" if a[0].cell[1] < b[0].cell[1] else "no"
+    raise ValueError(f"unknown question family {q.family!r}")
+
+
+def is_unanswerable(q: Question, scene: Scene, names: dict[tuple[str, str], str]) -> bool:
+    """Scene-graph proof used by tests and by the mismatch construction: no valid answer exists."""
+    return answer(q, scene, names) is None
+
+
+def propose(
+    family: str,
+    scene: Scene,
+    rng: np.random.Generator,
+    names: dict[tuple[str, str], str],
+    name_weights: dict[tuple[str, str], float],
+) -> Question | None:
+    """A question of `family` that this scene answers, or None when the scene offers none."""
+    if family == "count":
+        return Question("count")
+    if family == "colour_of":
+        options = [o for o in scene.objects if len(scene.with_shape(o.shape)) == 1]
+        return (
+            Question("colour_of", shape=options[int(rng.integers(len(options)))].shape) if options else None
+        )
+    if family == "shape_of":
+        options = [o for o in scene.objects if len(scene.with_colour(o.colour)) == 1]
+        return (
+            Question("shape_of", colour=options[int(rng.integers(len(options)))].colour) if options else None
+        )
+    if family == "name_of":
+        options = [o for o in scene.objects if (o.colour, o.shape) in names]
+        if not options:
+            return None
+        w = np.array([name_weights[(o.colour, o.shape)] for o in options])
+        o = options[int(rng.choice(len(options), p=w / w.sum()))]
+        # Thinning: keep a down-weighted name with probability equal to its weight, so its frequency
+        # in the split is proportional to the weight whatever else the scene holds.
+        if rng.random() >= name_weights[(o.colour, o.shape)]:
+            return None
+        return Question("name_of", shape=o.shape, colour=o.colour)
+    if family == "left_of":
+        unique = [o for o in scene.objects if len(scene.find(o.colour, o.shape)) == 1]
+        pairs = [(a, b) for a in unique for b in unique if a is not b and a.cell[1] != b.cell[1]]
+        if not pairs:
+            return None
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        return Question("left_of", shape=a.shape, colour=a.colour, shape2=b.shape, colour2=b.colour)
+    raise ValueError(f"unknown question family {family!r}")
+
+
+def wording(q: Question, template_set: str, rng: np.random.Generator) -> str:
+    options = TEMPLATES[q.family][template_set]
+    text = options[int(rng.integers(len(options)))]
+    return text.format(shape=q.shape, colour=q.colour, shape2=q.shape2, colour2=q.colour2)
+
+
+# --- splits -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    dataset: str
+    split: str
+    n: int
+    style: SceneStyle
+    template_set: str
+    unanswerable_fraction: float
+    skew_names: bool = False  # only the base model's pretraining data hides the rare names
+
+
+def split_specs(cfg: ShapesConfig) -> list[SplitSpec]:
+    return [
+        SplitSpec("shapes_pretrain", "pretrain", cfg.n_pretrain, ID_STYLE, "id", 0.0, skew_names=True),
+        SplitSpec("shapes_train", "train", cfg.n_train, ID_STYLE, "id", cfg.unanswerable_fraction),
+        SplitSpec("shapes_id_test", "id_test", cfg.n_id_test, ID_STYLE, "id", 0.0),
+        SplitSpec("shapes_ood_paraphrase", "ood_test", cfg.n_ood_test, ID_STYLE, "para", 0.0),
+        SplitSpec("shapes_ood_scene", "ood_test", cfg.n_ood_test, OOD_STYLE, "id", 0.0),
+        SplitSpec("shapes_unanswerable", "unanswerable_test", cfg.n_unanswerable_test, ID_STYLE, "id", 1.0),
+    ]
+
+
+@dataclass(frozen=True)
+class ShapesItem:
+    """One generated item with the structure the tests need to check it against its scene graph."""
+
+    id: str
+    dataset: str
+    split: str
+    scene: Scene
+    question: Question
+    text: str
+    answer: str | None
+    category: str
+    image: bytes
+
+
+def _mismatch(
+    q: Question, rng: np.random.Generator, style: SceneStyle, names: dict[tuple[str, str], str]
+) -> Scene:
+    """A fresh scene that provably cannot answer `q` (rejection sampling on the scene graph)."""
+    for _ in range(1000):
+        scene = sample_scene(rng, style)
+        if is_unanswerable(q, scene, names):
+            return scene
+    raise RuntimeError(f"could not build a mismatched scene for {q}")  # pragma: no cover
+
+
+def iter_split(spec: SplitSpec, cfg: ShapesConfig, image_size: int, split_seed: int) -> Iterator[ShapesItem]:
+    names = invented_names(cfg.n_names, cfg.seed)
+    rare = rare_combos(names, cfg)
+    weights = {k: (cfg.rare_name_weight if k in rare and spec.skew_names else 1.0) for k in names}
+    rng = np.random.default_rng(split_seed)
+    families = list(FAMILY_WEIGHTS)
+    fam_p = np.array([FAMILY_WEIGHTS[f] for f in families])
+    ref_p = np.array([FAMILY_WEIGHTS[f] for f in REFERRING])
+    made = 0
+    while made < spec.n:
+        unanswerable = rng.random() < spec.unanswerable_fraction
+        pool, p = (list(REFERRING), ref_p) if unanswerable else (families, fam_p)
+        family = pool[int(rng.choice(len(pool), p=p / p.sum()))]
+        scene = sample_scene(rng, spec.style)
+        q = propose(family, scene, rng, names, weights)
+        if q is None:
+            continue
+        if unanswerable:
+            scene = _mismatch(q, rng, spec.style, names)
+        gold = answer(q, scene, names)
+        yield ShapesItem(
+            id=f"{spec.dataset}-{made:06d}",
+            dataset=spec.dataset,
+            split=spec.split,
+            scene=scene,
+            question=q,
+            text=wording(q, spec.template_set, rng),
+            answer=gold,
+            category="unanswerable" if unanswerable else FAMILY_CATEGORY[family],
+            image=render(scene, image_size),
+        )
+        made += 1
+
+
+def generate(cfg: ShapesConfig, image_size: int) -> Iterator[ShapesItem]:
+    for i, spec in enumerate(split_specs(cfg)):
+        yield from iter_split(spec, cfg, image_size, split_seed=cfg.seed * 1000 + i)
+
+
+def generate_items(cfg: ShapesConfig, image_size: int) -> pa.Table:
+    """All splits as one `items` table (DESIGN.md section 3), deterministic from `cfg.seed`."""
+    rows: dict[str, list] = {name: [] for name in S.ITEMS.names}
+    source = f"{VERSION}:seed={cfg.seed}"
+    for it in generate(cfg, image_size):
+        rows[S.ID].append(it.id)
+        rows[S.DATASET].append(it.dataset)
+        rows[S.SPLIT].append(it.split)
+        rows[S.IMAGE].append(it.image)
+        rows[S.IMAGE_PATH].append(None)
+        rows[S.QUESTION].append(it.text)
+        rows[S.ANSWERS].append([it.answer] if it.answer is not None else [])
+        rows[S.CHOICES].append(None)
+        rows[S.METRIC].append("exact")
+        rows[S.ANSWERABLE].append(it.answer is not None)
+        rows[S.CATEGORY].append(it.category)
+        rows[S.SOURCE].append(source)
+    return pa.Table.from_pydict(rows, schema=S.ITEMS)
+
+
+def name_rarity(cfg: ShapesConfig) -> Callable[[str, str], str]:
+    """`common` / `rare` / `unnamed` for a colour-shape pair, to report knowledge accuracy by rarity."""
+    names = invented_names(cfg.n_names, cfg.seed)
+    rare = rare_combos(names, cfg)
+
+    def rarity(colour: str, shape: str) -> str:
+        key = (colour, shape)
+        return "unnamed" if key not in names else ("rare" if key in rare else "common")
+
+    return rarity
+
+
+def corpus(cfg: ShapesConfig) -> list[str]:
+    """Every word the benchmark can produce, in context, for training the tiny model's tokenizer."""
+    names = invented_names(cfg.n_names, cfg.seed)
+    lines: list[str] = []
+    for fam, sets in TEMPLATES.items():
+        for texts in sets.values():
+            for t in texts:
+                for colour in COLOURS:
+                    for shape in SHAPES:
+                        lines.append(t.format(shape=shape, colour=colour, shape2=shape, colour2=colour))
+        del fam
+    lines += list(COLOURS) + list(SHAPES) + list(NUMBER_WORDS) + ["yes", "no"] + list(names.values())
+    return lines

@@ -1,0 +1,68 @@
+"""Stage manifests: a stage's output counts as finished only when its manifest matches the config.
+
+Why: the pipeline must resume after a crash without redoing hours of sampling, and must *not* reuse an
+output made with different settings. A manifest is written last, after the outputs, holding the content
+hash of the config sections the stage depends on; a rerun skips the stage exactly when the hash matches.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from typing import Any
+
+from inbol_ray.data import io as dio
+
+MANIFEST = "_manifest.json"
+
+
+def _versions() -> dict[str, str]:
+    import pyarrow
+    import ray
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "transformers": transformers.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+
+
+def manifest_uri(run_dir: str, stage: str) -> str:
+    return dio.join(run_dir, "manifests", f"{stage}.json")
+
+
+def read_manifest(run_dir: str, stage: str) -> dict[str, Any] | None:
+    uri = manifest_uri(run_dir, stage)
+    if not dio.exists(uri):
+        return None
+    return json.loads(dio.read_bytes(uri).decode())
+
+
+def is_done(run_dir: str, stage: str, config_hash: str) -> bool:
+    found = read_manifest(run_dir, stage)
+    return found is not None and found.get("config_hash") == config_hash
+
+
+def write_manifest(run_dir: str, stage: str, config_hash: str, counts: dict[str, Any], **extra: Any) -> None:
+    body = {
+        "stage": stage,
+        "config_hash": config_hash,
+        "counts": counts,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": _versions(),
+        **extra,
+    }
+    fs, path = dio.resolve(manifest_uri(run_dir, stage))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(json.dumps(body, indent=2, default=str).encode())
+
+
+def clear_manifest(run_dir: str, stage: str) -> None:
+    """Invalidate before rewriting outputs, so a crash mid-write never leaves a stale 'done' behind."""
+    dio.remove(manifest_uri(run_dir, stage))

@@ -1,0 +1,222 @@
+"""Build the tiny LLaVA checkpoint: a real Hugging Face directory, made without any hub access.
+
+Why: weights cannot be downloaded here, yet every stage must run the same calls a user runs on
+`llava-hf/llava-1.5-7b-hf` (`LlavaForConditionalGeneration.from_pretrained`, `AutoProcessor`, vLLM's
+LLaVA loader). So the directory has the same layout: config.json with a CLIP vision tower, projector and
+Llama LM; model.safetensors with llava-hf key names; a fast tokenizer trained on ShapesWorld's text and
+the refusal templates; a CLIP image processor; LLaVA-1.5's chat template.
+
+    python -m inbol_ray.model.tiny --out DIR [--config configs/tiny.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from inbol_ray.config import ConfigError, ModelConfig, ShapesConfig, load_config
+from inbol_ray.data import shapes
+from inbol_ray.model.prompt import CHAT_TEMPLATE, IMAGE_TOKEN, format_prompt, format_response
+from inbol_ray.refusal import REFUSAL_TEMPLATES
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+HEAD_DIM = 64  # vLLM's attention backends accept head sizes 32..256; 64 is the common one
+# CLIP's mean/std as llava-hf uses them: the tiny model is trained from scratch, but keeping the same
+# normalisation means the image path is exactly the one a real checkpoint takes.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def tokenizer_corpus(shapes_cfg: ShapesConfig, extra: list[str]) -> list[str]:
+    """ShapesWorld text, prompts as the model sees them, and refusals, so no answer splits oddly."""
+    lines = shapes.corpus(shapes_cfg) + list(REFUSAL_TEMPLATES) + extra
+    # Short lines are the answers: repeat them as responses so BPE merges each into one token, which
+    # keeps answers to one or two generated tokens.
+    answers = [format_response(line) for line in lines if len(line.split()) == 1] * 20
+    return [format_prompt(line) + format_response(line) for line in lines] + lines + answers
+
+
+def train_tokenizer(lines: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE: every byte is representable, so no prompt a user types can produce <unk>."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(lines, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        model_max_length=2048,
+        padding_side="left",
+        add_bos_token=True,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return fast
+
+
+def _with_bos(fast: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Prepend <s> like Llama's tokenizer, via a post-processor so vLLM and HF agree."""
+    from tokenizers import processors
+
+    bos = fast.bos_token
+    fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, fast.bos_token_id)]
+    )
+    return fast
+
+
+def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=cfg.vision_hidden * 4,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_hidden // HEAD_DIM,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_hidden,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_hidden * 3,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_hidden // HEAD_DIM,
+        num_key_value_heads=cfg.text_hidden // HEAD_DIM,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        # LLaVA-1.5 reads layer -2; with a 2-layer tiny tower that would leave the last layer unused
+        # (and DDP then complains), so the tiny model reads the last layer. The code reads this field.
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_seq_length=(cfg.image_size // cfg.patch_size) ** 2,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def build_processor(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": cfg.image_size},
+        crop_size={"height": cfg.image_size, "width": cfg.image_size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=cfg.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def to_llava_hf_layout(ckpt_dir: Path) -> None:
+    """Rename `vision_tower.X` keys to `vision_tower.vision_model.X`, as llava-hf checkpoints store them.
+
+    transformers 5 saves the CLIP tower without the `vision_model.` level, and vLLM's LLaVA loader
+    expects llava-hf names; transformers itself loads both spellings, so the rename costs nothing.
+    """
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(ckpt_dir.glob("*.safetensors")):
+        tensors = load_file(shard)
+        renamed = {
+            (
+                k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+                else k
+            ): v
+            for k, v in tensors.items()
+        }
+        save_file(renamed, shard, metadata={"format": "pt"})
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {
+            (
+                k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+                else k
+            ): v
+            for k, v in data["weight_map"].items()
+        }
+        index.write_text(json.dumps(data, indent=2))
+
+
+def build_tiny_checkpoint(
+    out_dir: str | Path, cfg: ModelConfig, shapes_cfg: ShapesConfig | None = None
+) -> Path:
+    """Write the checkpoint to `out_dir` (deterministic in `cfg.seed`) and return the path."""
+    out = Path(out_dir)
+    shapes_cfg = shapes_cfg or ShapesConfig()
+    from inbol_ray.config import EvalConfig  # the refusal instruction is part of the model's text world
+
+    extra = [EvalConfig().refusal_instruction]
+    tokenizer = _with_bos(train_tokenizer(tokenizer_corpus(shapes_cfg, extra), cfg.vocab_size))
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(model_config(cfg, tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    to_llava_hf_layout(out)
+    build_processor(cfg, tokenizer).save_pretrained(out)
+    (out / "inbol_tiny.json").write_text(json.dumps({"model": cfg.__dict__, "shapes_seed": shapes_cfg.seed}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--config", default=None, help="YAML config (model and data.shapes sections)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}") from None
+    path = build_tiny_checkpoint(args.out, cfg.model, cfg.data.shapes)
+    n = sum(p.numel() for p in LlavaForConditionalGeneration.from_pretrained(path).parameters())
+    print(f"tiny LLaVA checkpoint written to {path} ({n / 1e6:.2f}M parameters)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""ShapesWorld: deterministic, answers correct by construction, unanswerable items proved so."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+
+from inbol_ray import schema as S
+from inbol_ray.config import ShapesConfig
+from inbol_ray.data import shapes
+
+SMALL = ShapesConfig(n_pretrain=300, n_train=300, n_id_test=60, n_ood_test=60, n_unanswerable_test=60)
+
+
+def test_generation_is_deterministic_in_seed() -> None:
+    a = shapes.generate_items(SMALL, 48)
+    b = shapes.generate_items(SMALL, 48)
+    assert a.equals(b)
+    c = shapes.generate_items(ShapesConfig(**{**SMALL.__dict__, "seed": 1}), 48)
+    assert not a.equals(c)
+
+
+def test_items_table_matches_schema_and_splits() -> None:
+    table = shapes.generate_items(SMALL, 48)
+    assert table.schema.equals(S.ITEMS)
+    counts = Counter(table[S.DATASET].to_pylist())
+    assert counts == {
+        "shapes_pretrain": 300,
+        "shapes_train": 300,
+        "shapes_id_test": 60,
+        "shapes_ood_paraphrase": 60,
+        "shapes_ood_scene": 60,
+        "shapes_unanswerable": 60,
+    }
+    assert len(set(table[S.ID].to_pylist())) == table.num_rows
+    rows = table.to_pylist()
+    for r in rows:
+        assert r[S.ANSWERABLE] == bool(r[S.ANSWERS])
+        assert (r[S.CATEGORY] == "unanswerable") == (not r[S.ANSWERABLE])
+    assert all(not r[S.ANSWERABLE] for r in rows if r[S.DATASET] == "shapes_unanswerable")
+    assert all(r[S.ANSWERABLE] for r in rows if r[S.DATASET] in ("shapes_pretrain", "shapes_id_test"))
+    train = [r for r in rows if r[S.DATASET] == "shapes_train"]
+    assert 0.05 < np.mean([not r[S.ANSWERABLE] for r in train]) < 0.3
+
+
+def test_answers_are_correct_by_scene_graph_and_unanswerable_items_are_proved() -> None:
+    names = shapes.invented_names(SMALL.n_names, SMALL.seed)
+    n_unanswerable = 0
+    for it in shapes.generate(SMALL, 48):
+        gold = shapes.answer(it.question, it.scene, names)
+        assert gold == it.answer
+        if it.category == "unanswerable":
+            n_unanswerable += 1
+            assert shapes.is_unanswerable(it.question, it.scene, names)
+            assert it.question.family in shapes.REFERRING
+    assert n_unanswerable >= 60
+
+
+def test_answer_key_on_a_hand_built_scene() -> None:
+    names = {("red", "circle"): "zorbli"}
+    scene = shapes.Scene(
+        objects=(
+            shapes.Obj("circle", "red", True, (0, 0)),
+            shapes.Obj("square", "blue", False, (1, 2)),
+            shapes.Obj("square", "green", False, (2, 1)),
+        ),
+        background=(255, 255, 255),
+    )
+    Q = shapes.Question
+    assert shapes.answer(Q("count"), scene, names) == "three"
+    assert shapes.answer(Q("colour_of", shape="circle"), scene, names) == "red"
+    assert shapes.answer(Q("colour_of", shape="square"), scene, names) is None  # two squares: ambiguous
+    assert shapes.answer(Q("colour_of", shape="triangle"), scene, names) is None  # absent
+    assert shapes.answer(Q("shape_of", colour="blue"), scene, names) == "square"
+    assert shapes.answer(Q("name_of", colour="red", shape="circle"), scene, names) == "zorbli"
+    assert shapes.answer(Q("name_of", colour="blue", shape="square"), scene, names) is None  # unnamed
+    left = Q("left_of", shape="circle", colour="red", shape2="square", colour2="blue")
+    assert shapes.answer(left, scene, names) == "yes"
+    right = Q("left_of", shape="square", colour="blue", shape2="circle", colour2="red")
+    assert shapes.answer(right, scene, names) == "no"
+
+
+def test_rendering_puts_each_object_in_its_cell_with_its_colour() -> None:
+    scene = shapes.Scene(objects=(shapes.Obj("square", "red", True, (1, 2)),), background=(245, 245, 245))
+    img = np.asarray(Image.open(io.BytesIO(shapes.render(scene, 48))).convert("RGB"))
+    assert img.shape == (48, 48, 3)
+    assert tuple(img[24, 40]) == shapes.COLOURS["red"]  # centre of row 1, column 2
+    assert tuple(img[8, 8]) == (245, 245, 245)
+
+
+def test_rare_names_are_rare_in_pretraining_only() -> None:
+    cfg = ShapesConfig(n_pretrain=3000, n_train=3000, n_id_test=10, n_ood_test=10, n_unanswerable_test=10)
+    names = shapes.invented_names(cfg.n_names, cfg.seed)
+    rare = {names[k] for k in shapes.rare_combos(names, cfg)}
+    assert len(rare) == round(cfg.n_names * cfg.rare_name_fraction)
+    seen: dict[str, Counter] = {"shapes_pretrain": Counter(), "shapes_train": Counter()}
+    for it in shapes.generate(cfg, 48):
+        if it.dataset in seen and it.category == "knowledge":
+            seen[it.dataset]["rare" if it.answer in rare else "common"] += 1
+    pre, train = seen["shapes_pretrain"], seen["shapes_train"]
+    assert pre["rare"] < 0.05 * pre["common"]
+    assert train["rare"] > 0.5 * train["common"]
+
+
+def test_ood_splits_differ_from_id() -> None:
+    rows = shapes.generate_items(SMALL, 48).to_pylist()
+    id_questions = {r[S.QUESTION] for r in rows if r[S.DATASET] == "shapes_id_test"}
+    para = [r[S.QUESTION] for r in rows if r[S.DATASET] == "shapes_ood_paraphrase"]
+    assert not (set(para) & id_questions)
+    scene_items = [it for it in shapes.generate(SMALL, 48) if it.dataset == "shapes_ood_scene"]
+    assert min(len(it.scene.objects) for it in scene_items) >= shapes.OOD_STYLE.min_objects
+
+
+def test_corpus_covers_every_answer_word() -> None:
+    words = set(" ".join(shapes.corpus(SMALL)).lower().replace("?", " ").replace(".", " ").split())
+    for r in shapes.generate_items(SMALL, 48).to_pylist():
+        for a in r[S.ANSWERS]:
+            assert a in words
