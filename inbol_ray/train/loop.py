@@ -1,0 +1,365 @@
+"""The per-worker training loop that Ray Train runs (and local mode runs in the driver).
+
+setup → (restore) → steps → final checkpoint. What makes it exact under failures:
+- Every worker reads the *whole* table (the dataset is not split) and sorts it by id, so the data does not
+  depend on Ray Data's block order or on which worker got which block.
+- The order is a pure function of (seed, epoch): step s trains on rows perm_epoch[i·B:(i+1)·B] of the
+  epoch's permutation (the tail shorter than a batch is dropped), worker r takes every world-th of them and
+  splits its share into grad_accum micro-batches. A resumed run recomputes the same schedule and starts at
+  the checkpoint's step, so nothing is skipped or repeated; the torch RNG is reseeded per step (LoRA
+  dropout) for the same reason.
+- A checkpoint holds the trainable tensors, the optimizer state and the metric history up to its step.
+Reports happen only at checkpoints (each costs ~1 s), never per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray.train
+import torch
+from torch import nn
+
+from inbol_ray.config import TrainConfig
+from inbol_ray.train import step_metrics as sm
+from inbol_ray.train.data import DPO_KINDS, EncodedTable, encode_table, make_batch, sort_by_id
+from inbol_ray.train.lora import (
+    load_base,
+    load_trainable_state,
+    prepare_policy,
+    read_trainable,
+    save_trainable,
+    trainable_state,
+)
+from inbol_ray.train.objectives import OBJECTIVES, StepNorm, step_means
+from inbol_ray.train.shared_prefix import ResponseScorer, per_response
+
+DATASET = "train"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+PROBE_ROWS = 4
+
+
+@dataclass
+class LoopSpec:
+    """Everything a worker needs, picklable (it travels to the workers in train_loop_config)."""
+
+    train: TrainConfig
+    method: str
+    base_model_dir: str
+    model_dtype: str = "float32"
+    local_checkpoint_dir: str = ""
+    """Local mode only: Ray's in-driver controller keeps no checkpoints, so the loop keeps its own here."""
+    tensorboard_dir: str = ""
+    fail_after_step: int = 0
+    """Fault injection for tests: the last worker raises once after finishing this step (0 = never)."""
+    fault_marker: str = ""
+    """File created when the fault fires, so the restarted worker group does not fail again."""
+
+
+# --- schedule -------------------------------------------------------------------------------------
+
+
+def steps_per_epoch(n_rows: int, batch_size: int) -> int:
+    return max(1, n_rows // batch_size)
+
+
+def total_steps(n_rows: int, cfg: TrainConfig) -> int:
+    """max_steps when set (cycling epochs as needed), else epochs × full batches per epoch."""
+    return cfg.max_steps or cfg.epochs * steps_per_epoch(n_rows, min(cfg.batch_size, n_rows))
+
+
+def step_rows(n_rows: int, cfg: TrainConfig, step: int) -> np.ndarray:
+    """Table rows (indices into the id-sorted table) of global step `step` (0-based)."""
+    batch = min(cfg.batch_size, n_rows)
+    epoch, i = divmod(step, steps_per_epoch(n_rows, batch))
+    perm = np.random.default_rng([cfg.seed, epoch]).permutation(n_rows)
+    return perm[i * batch : (i + 1) * batch]
+
+
+def micro_batches(rows: np.ndarray, rank: int, world: int, grad_accum: int) -> list[np.ndarray]:
+    share = rows[rank::world]
+    if len(share) < grad_accum:
+        raise ValueError(
+            f"a step of {len(rows)} rows cannot feed {world} workers x {grad_accum} accumulation steps: "
+            f"raise train.batch_size to at least {world * grad_accum}"
+        )
+    return [m for m in np.array_split(share, grad_accum)]
+
+
+# --- setup ----------------------------------------------------------------------------------------
+
+
+def _read_table() -> pa.Table:
+    shard = ray.train.get_dataset_shard(DATASET)
+    batches = list(shard.iter_batches(batch_format="pyarrow", batch_size=None))
+    if not batches:
+        raise ValueError("the training table is empty")
+    return sort_by_id(pa.concat_tables(batches))
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(module, FullyShardedDataParallel)
+
+
+def wrap_model(scorer: ResponseScorer, cfg: TrainConfig, world: int) -> nn.Module:
+    """DDP (default) or FSDP through Ray's prepare_model; FSDP on CPU is wrapped here because Ray's
+    prepare_model refuses FSDP without CUDA, and every distributed path needs a CPU test (DESIGN.md 5.5)."""
+    import ray.train.torch as rtt
+
+    if world == 1:
+        return rtt.prepare_model(scorer, parallel_strategy=None)
+    if cfg.strategy == "fsdp":
+        # use_orig_params: LoRA mixes frozen and trainable tensors in one flat parameter.
+        if not cfg.use_gpu:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel(scorer, use_orig_params=True, device_id=torch.device("cpu"))
+        return rtt.prepare_model(
+            scorer, parallel_strategy="fsdp", parallel_strategy_kwargs={"use_orig_params": True}
+        )
+    # The vision tower is frozen, so every trainable parameter is used: no find_unused_parameters scan.
+    return rtt.prepare_model(scorer, parallel_strategy="ddp")
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def _latest_local(root: str) -> Path | None:
+    if not root or not Path(root).is_dir():
+        return None
+    done = sorted(p for p in Path(root).glob("checkpoint_[0-9]*") if (p / STATE_FILE).exists())
+    return done[-1] if done else None
+
+
+@contextlib.contextmanager
+def _restored_checkpoint(spec: LoopSpec) -> Iterator[Path | None]:
+    """The checkpoint to resume from, as a local directory for the duration of the block (or None)."""
+    if spec.local_checkpoint_dir:
+        yield _latest_local(spec.local_checkpoint_dir)
+        return
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        yield None
+        return
+    with ckpt.as_directory() as directory:
+        yield Path(directory)
+
+
+def _gather_state(scorer: nn.Module, policy: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full trainable tensors and optimizer state on rank 0 (FSDP gathers its shards; collective)."""
+    if not _is_fsdp(scorer):
+        return trainable_state(policy), opt.state_dict()
+    from torch.distributed.fsdp import (
+        FullOptimStateDictConfig,
+        FullStateDictConfig,
+        StateDictType,
+    )
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    # offload_to_cpu only for GPU models: on a CPU model FSDP's full-state-dict hook segfaults with it
+    # (torch 2.13, seen here), and the tensors are on the CPU already.
+    offload = next(scorer.parameters()).is_cuda
+    with FSDP.state_dict_type(
+        scorer,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=offload, rank0_only=True),
+        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=True),
+    ):
+        full = scorer.state_dict()
+        optim = FSDP.optim_state_dict(scorer, opt)
+    return {n: full[f"model.{n}"].contiguous() for n in names if f"model.{n}" in full}, optim
+
+
+def _load_optimizer(scorer: nn.Module, opt: torch.optim.Optimizer, saved: dict) -> None:
+    if _is_fsdp(scorer):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        saved = FSDP.optim_state_dict_to_load(scorer, opt, saved)
+    opt.load_state_dict(saved)
+
+
+def _write_checkpoint(directory: Path, trainable: dict, optim: dict, state: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_trainable(trainable, directory)
+    torch.save(optim, directory / OPTIMIZER_FILE)
+    (directory / STATE_FILE).write_text(json.dumps(state))  # last: its presence marks a complete checkpoint
+
+
+def _report(spec: LoopSpec, rank: int, step: int, metrics: dict, payload: tuple | None) -> None:
+    """Write the checkpoint (rank 0) and report it; every worker calls this (ray.train.report is collective)."""
+    name = f"checkpoint_{step:06d}"
+    from ray.train import Checkpoint
+
+    if spec.local_checkpoint_dir:
+        directory = Path(spec.local_checkpoint_dir) / name
+        _write_checkpoint(directory, *payload)
+        old = sorted(p for p in Path(spec.local_checkpoint_dir).glob("checkpoint_[0-9]*") if p != directory)
+        for stale in old[: max(0, len(old) + 1 - spec.train.num_to_keep)]:
+            shutil.rmtree(stale, ignore_errors=True)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
+        return
+    with tempfile.TemporaryDirectory(prefix="inbol_ckpt_") as tmp:
+        checkpoint = None
+        if rank == 0:
+            _write_checkpoint(Path(tmp), *payload)
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _probe(
+    scorer: nn.Module, enc: EncodedTable, processor, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    """Per-response log-probs of the first rows after training: the number a reloaded model must reproduce."""
+    rows = list(range(min(PROBE_ROWS, len(enc))))
+    packed, _ = make_batch(enc, rows, processor)
+    packed = packed.to(device, pixel_dtype=dtype)
+    scorer.eval()  # through the wrapper: an FSDP forward is collective, every worker runs it
+    lp = per_response(scorer(packed), packed).double().cpu()
+    scorer.train()
+    values = [[None if np.isnan(v) else float(v) for v in row] for row in lp.tolist()]
+    return {"ids": [enc.ids[i] for i in rows], "kinds": list(enc.kinds), "logps": values}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. Torch threads follow the worker's CPU reservation: the tiny model is far too
+    small for intra-op parallelism, and on a shared machine extra spinning threads made steps 5-20x slower."""
+    spec: LoopSpec = config["spec"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(spec.train.cpus_per_worker)))
+    try:
+        _train(spec)
+    finally:
+        torch.set_num_threads(threads)  # local mode runs in the caller's process
+
+
+def _train(spec: LoopSpec) -> None:
+    cfg = spec.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    import ray.train.torch as rtt
+    from transformers import AutoProcessor
+
+    device = rtt.get_device()
+    table = _read_table()
+    processor = AutoProcessor.from_pretrained(spec.base_model_dir)
+    kinds, objective = OBJECTIVES[spec.method]
+    enc = encode_table(table, processor, kinds, need_ref=kinds == DPO_KINDS)
+    n_rows, total = len(enc), total_steps(len(enc), cfg)
+
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: same init in every worker and in local mode
+    policy = prepare_policy(load_base(spec.base_model_dir, spec.model_dtype), cfg)
+    start_step, history, resumes, saved_optim = 0, [], [], None
+    with _restored_checkpoint(spec) as restored:
+        if restored is not None:
+            state = json.loads((restored / STATE_FILE).read_text())
+            load_trainable_state(policy, read_trainable(restored))
+            saved_optim = torch.load(restored / OPTIMIZER_FILE, weights_only=False)
+            start_step, history = state["step"], state["history"]
+            resumes = state["resumes"] + [start_step]
+    if restored is not None and rank == 0:
+        print(f"[train {spec.method}] resuming from checkpoint at step {start_step}/{total}", flush=True)
+    scorer = wrap_model(ResponseScorer(policy, cfg.logprob_chunk_size), cfg, world)
+    opt = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr)
+    if saved_optim is not None:
+        _load_optimizer(scorer, opt, saved_optim)
+    scorer.train()
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    tb = sm.TensorBoardLog(spec.tensorboard_dir) if spec.tensorboard_dir and rank == 0 else None
+    trainable = [p for p in scorer.parameters() if p.requires_grad]
+    sum_keys: list[str] | None = None
+    every = sm.log_every(total)
+    for step in range(start_step, total):
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        rows = step_rows(n_rows, cfg, step)
+        norm = StepNorm(rows=len(rows), response_tokens=enc.response_tokens(rows), world_size=world)
+        micros = micro_batches(rows, rank, world, cfg.grad_accum)
+        sums: dict[str, float] = {"tokens": 0.0}
+        for i, micro in enumerate(micros):
+            packed, values = make_batch(enc, micro, processor)
+            packed = packed.to(device, pixel_dtype=getattr(torch, spec.model_dtype))
+            sync = i == len(micros) - 1 or not hasattr(scorer, "no_sync")
+            with contextlib.nullcontext() if sync else scorer.no_sync(), autocast:
+                token_logps = scorer(packed)
+                loss, part = objective(token_logps, packed, values, cfg, spec.method, norm)
+            loss.backward()
+            sm.add_sums(sums, part)
+            sums["tokens"] += packed.num_tokens
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        if _is_fsdp(scorer):
+            grad_norm = scorer.clip_grad_norm_(max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sum_keys = sum_keys or sorted(sums)
+        totals = sm.all_reduce_sums(sums, sum_keys)
+        seconds = time.perf_counter() - t0
+        row = {
+            "step": step + 1,
+            "epoch": step // steps_per_epoch(n_rows, min(cfg.batch_size, n_rows)),
+            **step_means(totals),
+            "grad_norm": float(grad_norm),
+            "lr": cfg.lr,
+            "tokens_per_s": totals["tokens"] / seconds,
+            "step_s": seconds,
+            "rows": len(rows),
+            "ids": [enc.ids[i] for i in rows],
+        }
+        history.append(row)
+        if rank == 0:
+            if tb is not None:
+                tb.write(row)
+            if (step + 1) % every == 0 or step + 1 == total:
+                print(sm.progress_line(spec.method, row, total), flush=True)
+        last = step + 1 == total
+        if last or (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0):
+            trainable_tensors, optim = _gather_state(scorer, policy, opt)
+            state = {"step": step + 1, "total_steps": total, "history": history, "resumes": resumes}
+            if last:
+                state["probe"] = _probe(scorer, enc, processor, device, getattr(torch, spec.model_dtype))
+            payload = (trainable_tensors, optim, state) if rank == 0 else None
+            metrics = {k: v for k, v in sm.to_json_row(row).items() if k != "ids"}
+            _report(spec, rank, step + 1, metrics, payload)
+        _maybe_fail(spec, step + 1, rank, world)
+    if start_step >= total and rank == 0:
+        print(
+            f"[train {spec.method}] checkpoint already at the final step {total}; nothing to train",
+            flush=True,
+        )
+    if tb is not None:
+        tb.close()
+
+
+def _maybe_fail(spec: LoopSpec, step: int, rank: int, world: int) -> None:
+    """Test hook: the last worker raises once after `fail_after_step`, as a crashed worker would."""
+    if spec.fail_after_step != step or rank != world - 1 or not spec.fault_marker:
+        return
+    marker = Path(spec.fault_marker)
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"worker {rank} raised after step {step}\n")
+    raise RuntimeError(f"injected failure after step {step} (fault_marker {marker})")

@@ -1,0 +1,118 @@
+"""What trains: LoRA on the language model (or full fine-tuning of it), the projector by config, never the
+vision tower; and how the trained weights leave a run (peft adapter, merged HF checkpoint).
+
+Why LoRA by regex: peft matches plain names like `q_proj` in the CLIP tower too (DESIGN.md section 7), so
+`train.lora_target` is a regex on full module names (`.*language_model.*\\.(q_proj|v_proj)`). The vision
+tower stays frozen in every mode: it is what the paper keeps fixed, and a frozen tower is also what lets
+DDP run without `find_unused_parameters` (CLIP's post_layernorm is not used by LLaVA's features).
+
+Checkpoints hold only the trainable tensors (`trainable_state`): for LoRA that is a few MB against the
+model's GB, and the base weights are the reference anyway.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from inbol_ray.config import TrainConfig
+
+PROJECTOR = "multi_modal_projector"
+VISION_TOWER = "vision_tower"
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def load_base(model_dir: str, dtype: str = "float32") -> nn.Module:
+    """The base LLaVA with an attention that accepts the shared-prefix block mask (sdpa)."""
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+    )
+
+
+def prepare_policy(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Freeze the base, then add what trains: LoRA adapters (or the whole LM) and optionally the projector."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.lora:
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target,
+            # modules_to_save puts the projector into the saved adapter, so the adapter alone is the delta.
+            modules_to_save=[PROJECTOR] if cfg.train_projector else None,
+        )
+        model = get_peft_model(model, lora)
+    else:
+        for name, p in model.named_parameters():
+            if PROJECTOR in name:
+                p.requires_grad_(cfg.train_projector)
+            elif VISION_TOWER not in name:
+                p.requires_grad_(True)
+    leaked = [n for n, p in model.named_parameters() if p.requires_grad and VISION_TOWER in n]
+    if leaked:
+        raise ValueError(
+            f"train.lora_target matches vision-tower modules ({leaked[0]}, ...): anchor it on "
+            f"'language_model', e.g. .*language_model.*\\.(q_proj|v_proj)"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"nothing to train: train.lora_target {cfg.lora_target!r} matched no module")
+    return model
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that change in training, by parameter name (contiguous CPU copies, ready to save)."""
+    return {
+        n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable tensors into a policy built by `prepare_policy` with the same config."""
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(
+            f"checkpoint does not fit this policy: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def save_trainable(state: dict[str, torch.Tensor], directory: Path) -> None:
+    save_file(state, str(directory / TRAINABLE_FILE))
+
+
+def read_trainable(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / TRAINABLE_FILE))
+
+
+def export_model(policy: nn.Module, processor, out_dir: Path, merge: bool) -> tuple[Path | None, Path | None]:
+    """Save the adapter (LoRA) and/or a full HF checkpoint; return (model_dir, adapter_dir).
+
+    The full checkpoint goes to `out_dir` itself, so `<run_dir>/models/<method>` loads like the base model
+    (from_pretrained, vLLM after `to_llava_hf_layout`); the adapter to `out_dir/adapter`. Merging modifies
+    `policy`, so call this last.
+    """
+    from inbol_ray.model.tiny import to_llava_hf_layout
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapter_dir = None
+    if isinstance(policy, PeftModel):
+        adapter_dir = out_dir / "adapter"
+        policy.save_pretrained(adapter_dir)
+        if not merge:
+            return None, adapter_dir
+        policy = policy.merge_and_unload()
+    policy.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    to_llava_hf_layout(out_dir)
+    return out_dir, adapter_dir

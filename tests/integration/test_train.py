@@ -1,0 +1,280 @@
+"""Training end to end on ShapesWorld tables with a real local Ray: every method in local mode, the
+reference pass, 2-worker DDP with a worker killed mid-run, FSDP on CPU, and the `jobs.train` entry point.
+
+Budget: one reference pass, six short local runs, two 2-worker runs (~25 s each for worker start-up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from inbol_ray import schema as S
+from inbol_ray.boundary.construct import build_cadpo_pairs, build_idk_it, build_sft_baseline
+from inbol_ray.config import Config, ShapesConfig
+from inbol_ray.data import io as dio
+from inbol_ray.data.shapes import generate_items
+from inbol_ray.model.batching import encode_prompt_response, pixel_values
+from inbol_ray.model.response_logprobs import response_logprobs
+from inbol_ray.train.data import DPO_KINDS, encode_table, make_batch, sort_by_id
+from inbol_ray.train.shared_prefix import per_response, shared_prefix_token_logprobs
+from inbol_ray.train.trainer import METHOD_TABLES, TrainResult, run_reference_pass, run_training
+
+pytestmark = pytest.mark.integration
+
+ROWS = 32  # per table: batch 8 -> 4 steps per epoch
+EPOCHS = 3
+K = 4  # synthetic samples per item
+
+
+def _samples(items: pa.Table, seed: int) -> pa.Table:
+    """items joined with synthetic graded samples, spread over known / mixed / unknown."""
+    rng = np.random.default_rng(seed)
+    rows = items.to_pylist()
+    for r in rows:
+        gold = r[S.ANSWERS][0] if r[S.ANSWERS] else None
+        n_ok = int(rng.integers(0, K + 1)) if gold else 0
+        wrong = ["purple", "seven", "zorb blick", "left"][int(rng.integers(0, 4))]
+        r[S.RESPONSES] = [gold] * n_ok + [wrong] * (K - n_ok)
+        r[S.CORRECT] = [i < n_ok for i in range(K)]
+        r[S.REFUSED] = [False] * K
+        r[S.CONF] = n_ok / K
+        r[S.BUCKET] = "known" if n_ok == K else "unknown" if n_ok == 0 else "mixed"
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_config: Config) -> Path:
+    """`<run_dir>/tables/{idk_it,sft_baseline,cadpo_pairs}` built by the real construction code."""
+    out = tmp_path_factory.mktemp("train_run")
+    shapes = ShapesConfig(seed=3, n_pretrain=0, n_train=48, n_id_test=0, n_ood_test=0, n_unanswerable_test=0)
+    items = generate_items(shapes, tiny_config.model.image_size)
+    joined = _samples(items.filter(pa.compute.equal(items[S.SPLIT], "train")), seed=3)
+    for name, build, schema in (
+        ("idk_it", build_idk_it, S.SFT),
+        ("sft_baseline", build_sft_baseline, S.SFT),
+        ("cadpo_pairs", build_cadpo_pairs, S.CADPO_PAIRS),
+    ):
+        table = pa.Table.from_pandas(build(joined, tiny_config.construct).table, preserve_index=False)
+        table = S.conform(table, schema, name)
+        assert table.num_rows >= ROWS, name
+        dio.write_table(table.slice(0, ROWS), str(out / "tables" / name))
+    return out
+
+
+def _cfg(tiny_config: Config, **train) -> Config:
+    base = dict(batch_size=8, epochs=EPOCHS, checkpoint_every=4, num_to_keep=2, lr=2e-3, num_workers=0)
+    return dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, **{**base, **train}))
+
+
+@pytest.fixture(scope="module")
+def pairs_with_ref(ray_local, run_dir: Path, tiny_config: Config, tiny_checkpoint: Path) -> str:
+    out = str(run_dir / "tables" / "cadpo_pairs_ref")
+    counts = run_reference_pass(
+        _cfg(tiny_config), str(run_dir / "tables" / "cadpo_pairs"), str(tiny_checkpoint), out
+    )
+    assert counts["rows"] == ROWS and counts["scored_refusal"] == ROWS
+    return out
+
+
+def _table_for(method: str, run_dir: Path, pairs_with_ref: str) -> str:
+    return (
+        pairs_with_ref
+        if METHOD_TABLES[method] == "cadpo_pairs"
+        else str(run_dir / "tables" / METHOD_TABLES[method])
+    )
+
+
+@pytest.fixture(scope="module")
+def local_runs(ray_local) -> dict:
+    """One local-mode run per method, made on first use and shared (the DDP tests compare against them)."""
+    return {}
+
+
+METHOD_OVERRIDES = {"dpo3": {"sft_weight": 0.1}}  # one DPO run also covers the optional NLL term
+
+
+def _local(
+    method: str, local_runs: dict, run_dir: Path, pairs: str, tiny_config: Config, ckpt: Path
+) -> TrainResult:
+    if method not in local_runs:
+        local_runs[method] = run_training(
+            _cfg(tiny_config, **METHOD_OVERRIDES.get(method, {})),
+            method,
+            _table_for(method, run_dir, pairs),
+            str(ckpt),
+            str(run_dir / "models" / method),
+        )
+    return local_runs[method]
+
+
+def _history(result: TrainResult) -> list[dict]:
+    return [json.loads(line) for line in Path(result.metrics_uri).read_text().splitlines()]
+
+
+def _probe_from_saved_model(model_dir: str, table_uri: str, ids: list[str]) -> np.ndarray:
+    """Reload the exported checkpoint with from_pretrained and score the probe rows again."""
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    table = sort_by_id(dio.read_table(table_uri))
+    kinds = DPO_KINDS if S.BUCKET in table.column_names else (S.TARGET,)
+    enc = encode_table(table, processor, kinds)
+    packed, _ = make_batch(enc, [enc.ids.index(i) for i in ids], processor)
+    with torch.no_grad():
+        return per_response(shared_prefix_token_logprobs(model, packed), packed).double().numpy()
+
+
+def _probe(result: TrainResult) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in result.probe["logps"]])
+
+
+def test_reference_pass_matches_separate_forwards(pairs_with_ref: str, tiny_checkpoint: Path) -> None:
+    """The stored ref_logp_* equal log π_base(response | image, prompt) from one plain forward per response."""
+    table = dio.read_table(pairs_with_ref).slice(0, 6).to_pylist()
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    for kind in DPO_KINDS:
+        rows = [r for r in table if r[kind] is not None]
+        assert all(r[S.REF_LOGP[kind]] is None for r in table if r[kind] is None)
+        batch = encode_prompt_response(
+            processor,
+            pixel_values(processor, [r[S.IMAGE] for r in rows]),
+            [r[S.PROMPT] for r in rows],
+            [r[kind] for r in rows],
+        )
+        with torch.no_grad():
+            want = response_logprobs(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["pixel_values"],
+                batch["response_mask"],
+            ).per_sequence
+        got = torch.tensor([r[S.REF_LOGP[kind]] for r in rows], dtype=torch.float32)
+        assert torch.allclose(got, want, atol=1e-4, rtol=0), kind
+
+
+@pytest.mark.parametrize("method", ["idk_it", "sft", "cadpo", "dpo1", "dpo2", "dpo3"])
+def test_each_method_trains_and_its_checkpoint_reloads(
+    method: str,
+    local_runs: dict,
+    run_dir: Path,
+    pairs_with_ref: str,
+    tiny_config: Config,
+    tiny_checkpoint: Path,
+) -> None:
+    result = _local(method, local_runs, run_dir, pairs_with_ref, tiny_config, tiny_checkpoint)
+    steps_per_epoch = ROWS // 8
+    assert result.steps == EPOCHS * steps_per_epoch and result.resumed_from == []
+    history = _history(result)
+    assert [h["step"] for h in history] == list(range(1, result.steps + 1))
+    losses = np.array([h["loss"] for h in history]).reshape(EPOCHS, steps_per_epoch)
+    assert losses[-1].mean() < losses[0].mean() - 0.01, losses  # the same rows, seen again, cost less
+    for epoch in range(EPOCHS):  # every row exactly once per epoch
+        ids = [i for h in history[epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch] for i in h["ids"]]
+        assert len(ids) == len(set(ids)) == ROWS
+    first = history[0]
+    assert all(math.isfinite(first[k]) for k in ("loss", "grad_norm", "tokens_per_s"))
+    if METHOD_TABLES[method] == "cadpo_pairs":
+        # LoRA starts at the base (B = 0) and the base is the reference: f = log σ(0) for every pair.
+        if "sft_weight" in METHOD_OVERRIDES.get(method, {}):
+            assert (
+                first["loss"] > math.log(2) + 0.05
+            )  # plus 0.1 x NLL of the chosen responses (~5 nats/token)
+        else:
+            assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert {"loss/known", "loss/mixed", "loss/unknown", "refusal>incorrect/margin"} <= first.keys()
+    else:
+        assert {"loss/answer", "loss/refusal"} <= first.keys()
+    # Reloaded from disk (merged HF checkpoint), the model gives the log-probs the trained policy gave.
+    assert result.adapter_dir and (Path(result.adapter_dir) / "adapter_config.json").exists()
+    reloaded = _probe_from_saved_model(
+        result.checkpoint_dir, _table_for(method, run_dir, pairs_with_ref), result.probe["ids"]
+    )
+    np.testing.assert_allclose(reloaded, _probe(result), atol=1e-4, rtol=0)
+
+
+def test_ddp_two_workers_resume_after_a_worker_failure(
+    local_runs: dict, run_dir: Path, pairs_with_ref: str, tiny_config: Config, tiny_checkpoint: Path
+) -> None:
+    """A worker raises after step 6; Ray Train restarts the group from the step-4 checkpoint; the run ends
+    at the same step count, with the same rows per step and (up to float rounding) the same model as an
+    uninterrupted single-process run."""
+    local = _local("cadpo", local_runs, run_dir, pairs_with_ref, tiny_config, tiny_checkpoint)
+    cfg = _cfg(tiny_config, num_workers=2, cpus_per_worker=0.5, max_failures=1)
+    out = run_dir / "models" / "cadpo_ddp"
+    result = run_training(cfg, "cadpo", pairs_with_ref, str(tiny_checkpoint), str(out), fail_after_step=6)
+    assert list(out.glob("ray/*/fault_injected")), "the injected failure did not fire"
+    assert result.resumed_from == [4]
+    assert result.steps == local.steps
+    ddp, ref = _history(result), _history(local)
+    assert [h["step"] for h in ddp] == [h["step"] for h in ref]
+    assert [h["ids"] for h in ddp] == [h["ids"] for h in ref]  # nothing skipped, nothing repeated
+    np.testing.assert_allclose([h["loss"] for h in ddp], [h["loss"] for h in ref], atol=1e-5)
+    np.testing.assert_allclose(_probe(result), _probe(local), atol=1e-4)
+    assert len(list(out.glob("ray/*/checkpoint_[0-9]*"))) == cfg.train.num_to_keep
+    # the adapter reloads onto the base model with the same outputs as the merged checkpoint
+    from peft import PeftModel
+
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, result.adapter_dir).merge_and_unload()
+    merged = LlavaForConditionalGeneration.from_pretrained(result.checkpoint_dir, dtype=torch.float32)
+    for name, p in merged.state_dict().items():
+        assert torch.allclose(peft_model.state_dict()[name], p, atol=1e-6), name
+
+
+def test_fsdp_two_workers_on_cpu_matches_local(
+    local_runs: dict, run_dir: Path, pairs_with_ref: str, tiny_config: Config, tiny_checkpoint: Path
+) -> None:
+    local = _local("idk_it", local_runs, run_dir, pairs_with_ref, tiny_config, tiny_checkpoint)
+    cfg = _cfg(tiny_config, num_workers=2, cpus_per_worker=0.5, strategy="fsdp", grad_accum=2)
+    result = run_training(
+        cfg,
+        "idk_it",
+        str(run_dir / "tables" / "idk_it"),
+        str(tiny_checkpoint),
+        str(run_dir / "models" / "idk_fsdp"),
+    )
+    assert result.steps == local.steps
+    # 2 workers x 2 accumulation steps x 2 rows = the local 8-row step: same loss curve
+    np.testing.assert_allclose(
+        [h["loss"] for h in _history(result)], [h["loss"] for h in _history(local)], atol=1e-5
+    )
+    np.testing.assert_allclose(_probe(result), _probe(local), atol=1e-4)
+
+
+def test_train_job_entry_point(ray_local, tmp_path: Path, run_dir: Path, tiny_checkpoint: Path) -> None:
+    """`python -m jobs.train` wiring: reads tables/ and models/base, computes missing reference log-probs."""
+    import shutil
+
+    from jobs.train import main
+
+    job_dir = tmp_path / "run"
+    shutil.copytree(run_dir / "tables", job_dir / "tables", ignore=shutil.ignore_patterns("cadpo_pairs_ref"))
+    shutil.copytree(tiny_checkpoint, job_dir / "models" / "base")
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    rc = main(
+        [
+            "--config",
+            str(config),
+            "--run-dir",
+            str(job_dir),
+            "method=dpo2",
+            "train.batch_size=16",
+            "train.max_steps=2",
+            "train.merge=false",
+        ]
+    )
+    assert rc == 0
+    assert (job_dir / "tables" / "cadpo_pairs_ref").exists()
+    assert (job_dir / "models" / "dpo2" / "adapter" / "adapter_config.json").exists()
+    assert not (job_dir / "models" / "dpo2" / "config.json").exists()  # merge=false: adapter only
+    assert len((job_dir / "models" / "dpo2" / "metrics.jsonl").read_text().splitlines()) == 2
