@@ -1,0 +1,156 @@
+"""The evaluate job end to end on a real local Ray: the tiny checkpoint on three ShapesWorld sets.
+
+Runs `python -m jobs.evaluate` (in-process, on the session's Ray) with two methods - the base checkpoint
+and the refusal-prompt baseline - over an in-domain, an OOD and an unanswerable set of a few items, then
+checks the tables against each other and against the grader, and that the report and figures exist.
+The checkpoint is untrained, so answers are wrong: the checks are about bookkeeping, not accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from inbol_ray import schema as S
+from inbol_ray.config import load_config
+from inbol_ray.data import io as dio
+from inbol_ray.data.shapes import generate_items
+from inbol_ray.eval.evaluate import (
+    REFUSAL_PROMPT,
+    fingerprint,
+    method_instruction,
+    resolve_checkpoint,
+    run_evaluation,
+)
+from inbol_ray.eval.figures import ACCURACY_FIGURE, REFUSAL_FIGURE
+from inbol_ray.grading import grade, is_refusal_response
+from inbol_ray.metrics import trust_scores
+from jobs import evaluate as evaluate_job
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_YAML = ROOT / "configs" / "tiny.yaml"
+SETS = ["shapes_id_test", "shapes_ood_scene", "shapes_unanswerable"]
+OVERRIDES = [f"eval.datasets=[{', '.join(SETS)}]", "eval.methods=[base, refusal_prompt]", "sampling.k=2"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(
+    ray_local, tiny_checkpoint: Path, tiny_config, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    run_dir = tmp_path_factory.mktemp("eval_run")
+    shutil.copytree(tiny_checkpoint, run_dir / "models" / "base")
+    shapes = dataclasses.replace(
+        tiny_config.data.shapes, n_pretrain=0, n_train=0, n_id_test=4, n_ood_test=3, n_unanswerable_test=3
+    )
+    dio.write_table(
+        generate_items(shapes, tiny_config.model.image_size), str(run_dir / "items" / "part-0.parquet")
+    )
+    assert evaluate_job.main(["--config", str(TINY_YAML), "--run-dir", str(run_dir), *OVERRIDES]) == 0
+    return run_dir
+
+
+def items_of(run_dir: Path) -> pd.DataFrame:
+    items = dio.read_table(str(run_dir / "items")).to_pandas()
+    return items[items[S.DATASET].isin(SETS)].drop(columns=[S.IMAGE])
+
+
+def test_every_item_is_answered_once_per_method(evaluated: Path) -> None:
+    pred = dio.read_table(str(evaluated / "predictions.parquet")).to_pandas()
+    items = items_of(evaluated)
+    assert len(pred) == 2 * len(items) == 20
+    assert not pred.duplicated([S.MODEL, S.DATASET, S.ID]).any()
+    for method in ("base", REFUSAL_PROMPT):
+        mine = pred[pred[S.MODEL] == method]
+        assert sorted(mine[S.ID]) == sorted(items[S.ID])
+
+
+def test_metrics_are_the_trust_scores_of_the_predictions(evaluated: Path) -> None:
+    pred = dio.read_table(str(evaluated / "predictions.parquet")).to_pandas()
+    metrics = dio.read_table(str(evaluated / "metrics.parquet"))
+    assert metrics.schema.names == S.METRICS_TABLE.names
+    rows = metrics.to_pandas()
+    assert len(rows) == 2 * len(SETS)
+    for row in rows.itertuples(index=False):
+        group = pred[(pred[S.MODEL] == row.method) & (pred[S.DATASET] == row.dataset)]
+        expected = trust_scores(group[S.CORRECT].to_numpy(), group[S.REFUSED].to_numpy())
+        assert row.n == len(group)
+        assert (row.acc, row.refr, row.s_trust) == pytest.approx(
+            (expected[S.ACC], expected[S.REFR], expected[S.S_TRUST])
+        )
+
+
+def test_predictions_are_graded_with_each_items_metric(evaluated: Path) -> None:
+    pred = dio.read_table(str(evaluated / "predictions.parquet")).to_pandas()
+    joined = pred.merge(items_of(evaluated), on=[S.DATASET, S.ID])
+    for r in joined.itertuples(index=False):
+        choices = list(r.choices) if r.choices is not None else None
+        assert r.refused == is_refusal_response(r.response, choices)
+        assert r.correct == (r.answerable and grade(r.response, list(r.answers), r.metric, choices))
+    assert not joined.loc[~joined[S.ANSWERABLE], S.CORRECT].any()
+
+
+def test_report_has_the_papers_tables_and_real_figures(evaluated: Path) -> None:
+    text = (evaluated / "report.md").read_text()
+    for heading in ("## In-domain", "## Out-of-domain", "## Unanswerable", "## Intrinsic boundary"):
+        assert heading in text
+    conf = dio.read_table(str(evaluated / "eval" / "base_confidence")).to_pandas()
+    answerable = items_of(evaluated).query("answerable")
+    assert sorted(conf[S.ID]) == sorted(answerable[S.ID])  # the unanswerable set is not sampled
+    assert all(len(r) == 2 for r in conf[S.RESPONSES])  # K = sampling.k
+    for name in (REFUSAL_FIGURE, ACCURACY_FIGURE):
+        assert f"](figures/{name})" in text
+        png = evaluated / "figures" / name
+        assert png.stat().st_size > 10_000
+        with Image.open(png) as img:
+            assert img.format == "PNG" and len(img.convert("RGB").getcolors(maxcolors=1 << 20)) > 20
+
+
+def test_rerun_reuses_every_shard(evaluated: Path) -> None:
+    cfg = load_config(TINY_YAML, OVERRIDES)
+    base = str(evaluated / "models" / "base")
+    t0 = time.perf_counter()
+    result = run_evaluation(
+        cfg, str(evaluated), {"base": base, REFUSAL_PROMPT: base}, str(evaluated / "items")
+    )
+    assert result.computed == [] and len(result.reused) == 2 * len(SETS)
+    assert time.perf_counter() - t0 < 10  # no Ray work at all
+    # the refusal instruction is part of the refusal-prompt shards' identity, so changing it reruns them
+    ids = ["a", "b"]
+    assert method_instruction(REFUSAL_PROMPT, cfg.eval) == cfg.eval.refusal_instruction
+    assert method_instruction("base", cfg.eval) is None
+    assert fingerprint(base, ids, instruction="x") != fingerprint(base, ids, instruction="y")
+
+
+def test_adapter_only_checkpoint_is_merged_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from inbol_ray.model.generation import load_model
+
+    model, _ = load_model(str(tiny_checkpoint))
+    lora = LoraConfig(r=2, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False)
+    policy = get_peft_model(model, lora)
+    policy.save_pretrained(tmp_path / "idk_it" / "adapter")  # what train.merge=false leaves behind
+    expected = policy.merge_and_unload().state_dict()
+    cache = tmp_path / "merged"
+    out = resolve_checkpoint(str(tmp_path / "idk_it"), str(cache), base_dir=str(tiny_checkpoint))
+    assert out == str(cache) and (cache / "config.json").exists()
+    merged, _ = load_model(out)
+    name = next(k for k in expected if "language_model" in k and "q_proj.weight" in k)
+    assert torch.equal(merged.state_dict()[name], expected[name])
+    stamp = (cache / "_merged_from.json").stat().st_mtime_ns
+    assert resolve_checkpoint(str(tmp_path / "idk_it"), str(cache), base_dir=str(tiny_checkpoint)) == str(
+        cache
+    )
+    assert (cache / "_merged_from.json").stat().st_mtime_ns == stamp  # not merged again
+    assert resolve_checkpoint(str(tiny_checkpoint), str(cache)) == str(
+        tiny_checkpoint
+    )  # full checkpoints as-is
