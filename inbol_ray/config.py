@@ -76,7 +76,7 @@ class ShapesConfig:
     """Knowledge family: how many colour-shape combinations get an invented name."""
     rare_name_fraction: float = 0.5
     """Share of named combinations that are rare in training (the intrinsic boundary)."""
-    rare_name_weight: float = 0.01
+    rare_name_weight: float = 0.002
     """Pretrain split: sampling weight of a rare name relative to a common one."""
 
 
@@ -114,11 +114,15 @@ class DataConfig:
 class BaseTrainConfig:
     """The short supervised training that makes the tiny model know some things and not others."""
 
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
+    vision_lr_scale: float = 0.0
+    """Learning-rate multiplier of the CLIP tower (0 freezes it). At the full rate the from-scratch
+    tower collapsed to image-independent features in our runs; frozen random features or a slow
+    tower keep colour and shape decodable while the projector and LM learn to read them."""
     seed: int = 0
     threads: int = 2
 
@@ -205,6 +209,13 @@ class TrainConfig:
     seed: int = 0
     merge: bool = True
     """Also save a merged HF checkpoint (loadable by from_pretrained and vLLM)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping; the norm is logged either way)."""
+    cpus_per_worker: float = 1.0
+    """Ray Train workers' (and reference scorers') CPU reservation; torch threads = max(1, int(this)).
+    Leave CPUs for Ray Data: 2 workers on a 2-CPU Ray need < 1 each."""
+    tensorboard: bool = False
+    """Also write per-step scalars to `<model out dir>/tensorboard` (metrics.jsonl is always written)."""
 
 
 @dataclass
@@ -239,6 +250,14 @@ class ServeConfig:
     max_ongoing_requests: int = 16
     max_image_bytes: int = 10_000_000
     confidence_k: int = 10
+    max_batch_size: int = 8
+    """Greedy requests a model replica answers in one `generate` call (Serve dynamic batching), so
+    concurrent users share a forward pass instead of queueing one by one."""
+    batch_wait_timeout_s: float = 0.01
+    """How long a replica waits to fill a batch: at most this is added to a lone user's latency."""
+    upscale_delay_s: float = 30.0
+    """Serve autoscaling: how long load must stay above `target_ongoing_requests` before a replica is
+    added (Serve's default; tests and the benchmark shorten it to see 1 -> 2 replicas in seconds)."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ after its outputs are complete, so a crashed run resumes at the first unfinished
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ def run_pipeline(cfg: Config, run_dir: str, log: Callable[[str], None] = print) 
     for i, stage in enumerate(all_stages, 1):
         # A stage's hash covers its own sections and everything upstream, so changing the data
         # config reruns sampling, construction and training, not just the prepare stage.
-        upstream_hash = cfg.section_hash(*stage.depends_on) + upstream_hash[:16]
+        upstream_hash = hashlib.sha256((upstream_hash + cfg.section_hash(*stage.depends_on)).encode()).hexdigest()[:16]
         head = f"[{i}/{len(all_stages)}] {stage.name}"
         if manifest.is_done(ctx.run_dir, stage.name, upstream_hash):
             log(f"{head}: up to date, skipped")

@@ -7,7 +7,8 @@ unanswerable: the object its question refers to is not in the picture (the extri
 
 Question families (the `category` column):
 - `easy_perception`: colour of the unique <shape>, or shape of the unique <colour> object;
-- `hard_perception`: counting, and left/right relations between two named objects;
+- `hard_perception`: counting the objects of one colour, and left/right relations between two named
+  objects (both need several lookups, where a single lookup suffices for the easy family);
 - `knowledge`: the invented name of a colour-shape combination present in the image. Names are drawn
   with a skewed frequency, so a briefly trained model knows the common ones and not the rare ones
   (the intrinsic boundary);
@@ -59,8 +60,8 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
         "para": ("Name the shape of the {colour} object.", "The {colour} object is which shape?"),
     },
     "count": {
-        "id": ("How many objects are there?", "How many shapes are in the picture?"),
-        "para": ("Count the objects in the image.", "What is the number of shapes shown?"),
+        "id": ("How many {colour} objects are there?", "How many {colour} shapes are in the picture?"),
+        "para": ("Count the {colour} objects in the image.", "What is the number of {colour} shapes shown?"),
     },
     "left_of": {
         "id": ("Is the {colour} {shape} left of the {colour2} {shape2}?",),
@@ -121,14 +122,14 @@ class Question:
 class SceneStyle:
     """Scene statistics of a split: OOD-scene changes these, never the question semantics."""
 
-    min_objects: int = 1  # one-object scenes let a from-scratch tower learn colour/shape by pooling
-    max_objects: int = 5
+    min_objects: int = 1
+    max_objects: int = 3  # few objects per scene: a tiny LM learns single lookups within minutes
     large_fraction: float = 0.5
     background: tuple[int, int, int] = (245, 245, 245)
 
 
 ID_STYLE = SceneStyle()
-OOD_STYLE = SceneStyle(min_objects=5, max_objects=7, large_fraction=0.0, background=(200, 200, 185))
+OOD_STYLE = SceneStyle(min_objects=4, max_objects=6, large_fraction=0.0, background=(200, 200, 185))
 
 
 def invented_names(n_names: int, seed: int) -> dict[tuple[str, str], str]:
@@ -212,7 +213,7 @@ def answer(q: Question, scene: Scene, names: dict[tuple[str, str], str]) -> str 
     disagree.
     """
     if q.family == "count":
-        return NUMBER_WORDS[len(scene.objects)] if len(scene.objects) < len(NUMBER_WORDS) else None
+        return NUMBER_WORDS[len(scene.with_colour(q.colour))]
     if q.family == "colour_of":
         found = scene.with_shape(q.shape)
         return found[0].colour if len(found) == 1 else None
@@ -245,7 +246,9 @@ def propose(
 ) -> Question | None:
     """A question of `family` that this scene answers, or None when the scene offers none."""
     if family == "count":
-        return Question("count")
+        present = sorted({o.colour for o in scene.objects})
+        pool = present if rng.random() < 0.75 else list(COLOURS)  # zero is a valid count too
+        return Question("count", colour=pool[int(rng.integers(len(pool)))])
     if family == "colour_of":
         options = [o for o in scene.objects if len(scene.with_shape(o.shape)) == 1]
         return (

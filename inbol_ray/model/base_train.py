@@ -45,13 +45,24 @@ def train_base(
     torch.set_num_threads(cfg.threads)
     model, processor = load_model(str(init_dir))
     model.train()
+    vision = model.model.vision_tower
+    if cfg.vision_lr_scale == 0:
+        vision.requires_grad_(False)
     train = items.filter(pa.compute.and_(pa.compute.equal(items[S.SPLIT], "pretrain"), items[S.ANSWERABLE]))
     if train.num_rows == 0:
         raise ValueError("base training: no answerable rows with split 'pretrain' in items")
     questions = train[S.QUESTION].to_pylist()
     answers = [a[0] for a in train[S.ANSWERS].to_pylist()]
     pv_all = pixel_values(processor, train[S.IMAGE].to_pylist())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    vision_ids = {id(p) for p in vision.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) not in vision_ids], "scale": 1.0},
+        {"params": [p for p in params if id(p) in vision_ids], "scale": cfg.vision_lr_scale},
+    ]
+    opt = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
+    )
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(questions))
     pos, t0, ema = 0, time.time(), None
@@ -65,11 +76,11 @@ def train_base(
         )
         batch.pop("response_mask")
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg) * group["scale"]
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:

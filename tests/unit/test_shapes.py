@@ -70,7 +70,8 @@ def test_answer_key_on_a_hand_built_scene() -> None:
         background=(255, 255, 255),
     )
     Q = shapes.Question
-    assert shapes.answer(Q("count"), scene, names) == "three"
+    assert shapes.answer(Q("count", colour="red"), scene, names) == "one"
+    assert shapes.answer(Q("count", colour="yellow"), scene, names) == "zero"
     assert shapes.answer(Q("colour_of", shape="circle"), scene, names) == "red"
     assert shapes.answer(Q("colour_of", shape="square"), scene, names) is None  # two squares: ambiguous
     assert shapes.answer(Q("colour_of", shape="triangle"), scene, names) is None  # absent
