@@ -73,10 +73,98 @@ def _base_model(ctx: Context) -> dict[str, Any]:
     return {"family_accuracy": {k: {"n": n, "acc": a} for k, (n, a) in acc.items()}}
 
 
+def base_model_dir(ctx: Context) -> str:
+    """The model InBoL starts from: the trained tiny base (embedded default) or the user's checkpoint."""
+    return model_dir(ctx, "base") if ctx.cfg.model.build_tiny else ctx.cfg.model.path
+
+
+def _sample(ctx: Context) -> dict[str, Any]:
+    from inbol_ray.sampling.stage import run_sampling
+
+    result = run_sampling(ctx.cfg, ctx.run_dir, base_model_dir(ctx), split="train", log=ctx.log)
+    ctx.log("  " + result.summary_line())
+    return result.counts
+
+
+def _construct(ctx: Context) -> dict[str, Any]:
+    from inbol_ray.boundary.tables import run_construct
+
+    result = run_construct(ctx.cfg.construct, ctx.run_dir, ctx.path("items"), ctx.path("samples"))
+    ctx.log("  " + result.summary_line())
+    return result.counts
+
+
+def _reference(ctx: Context) -> dict[str, Any]:
+    from inbol_ray.train.trainer import run_reference_pass
+
+    return run_reference_pass(
+        ctx.cfg, ctx.path("tables", "cadpo_pairs"), base_model_dir(ctx), ctx.path("tables", "cadpo_pairs_ref")
+    )
+
+
+def _train(method: str) -> Callable[[Context], dict[str, Any]]:
+    def run(ctx: Context) -> dict[str, Any]:
+        from inbol_ray.train.trainer import METHOD_TABLES, run_training
+
+        table = METHOD_TABLES[method] + ("_ref" if method in DPO_METHODS else "")
+        result = run_training(
+            ctx.cfg,
+            method,
+            ctx.path("tables", table),
+            base_model_dir(ctx),
+            model_dir(ctx, method),
+            log=ctx.log,
+        )
+        ctx.log("  " + result.summary_line())
+        return {"steps": result.steps, "seconds": round(result.seconds, 1), **result.final_metrics}
+
+    return run
+
+
+def _evaluate(ctx: Context) -> dict[str, Any]:
+    from inbol_ray.eval.evaluate import run_evaluation
+
+    models = {}
+    for method in ctx.cfg.eval.methods:
+        models[method] = (
+            base_model_dir(ctx) if method in ("base", "refusal_prompt") else model_dir(ctx, method)
+        )
+    result = run_evaluation(ctx.cfg, ctx.run_dir, models, ctx.path("items"), log=ctx.log)
+    ctx.log("  " + result.summary_line())
+    return {"predictions": result.predictions_uri, "metrics": result.metrics_uri}
+
+
+def _report(ctx: Context) -> dict[str, Any]:
+    from inbol_ray.eval.base_confidence import compute_base_confidence
+    from inbol_ray.eval.report import write_report
+
+    cfg = ctx.cfg
+    conf_uri = compute_base_confidence(cfg, ctx.run_dir, base_model_dir(ctx), ctx.path("items"), log=ctx.log)
+    report = write_report(
+        ctx.run_dir, confidence_uri=conf_uri, methods=cfg.eval.methods, bins=cfg.eval.conf_bins
+    )
+    ctx.log(f"  report -> {report}")
+    return {"report": report}
+
+
+DPO_METHODS = ("dpo1", "dpo2", "dpo3", "cadpo")
+TRAINED_METHODS = ("sft", "idk_it", *DPO_METHODS)
+
+
 def stages(cfg: Config) -> list[Stage]:
+    """Stages in order; `depends_on` lists the config sections that decide whether an output is reusable."""
     out = [Stage("prepare", ("data",), _prepare)]
     if cfg.model.build_tiny:
-        out.append(Stage("base_model", ("data", "model", "base_train"), _base_model))
+        out.append(Stage("base_model", ("model", "base_train"), _base_model))
+    out += [
+        Stage("sample", ("sampling", "grading"), _sample),
+        Stage("construct", ("construct",), _construct),
+    ]
+    methods = [m for m in TRAINED_METHODS if m in cfg.eval.methods]
+    if any(m in DPO_METHODS for m in methods):
+        out.append(Stage("reference", ("model",), _reference))
+    out += [Stage(f"train_{m}", ("train",), _train(m)) for m in methods]
+    out += [Stage("evaluate", ("eval",), _evaluate), Stage("report", ("eval", "sampling"), _report)]
     return out
 
 
@@ -89,7 +177,9 @@ def run_pipeline(cfg: Config, run_dir: str, log: Callable[[str], None] = print) 
     for i, stage in enumerate(all_stages, 1):
         # A stage's hash covers its own sections and everything upstream, so changing the data
         # config reruns sampling, construction and training, not just the prepare stage.
-        upstream_hash = hashlib.sha256((upstream_hash + cfg.section_hash(*stage.depends_on)).encode()).hexdigest()[:16]
+        upstream_hash = hashlib.sha256(
+            (upstream_hash + cfg.section_hash(*stage.depends_on)).encode()
+        ).hexdigest()[:16]
         head = f"[{i}/{len(all_stages)}] {stage.name}"
         if manifest.is_done(ctx.run_dir, stage.name, upstream_hash):
             log(f"{head}: up to date, skipped")

@@ -17,7 +17,9 @@ from inbol_ray.data import io as dio
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.build_datasets", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.build_datasets", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--run-dir", default="", help="override run_dir (local path or URI)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
