@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir or cfg.run_dir
     method = cfg.train.method
     table = dio.join(run_dir, "tables", METHOD_TABLES[method])
+    # the embedded default trains its own base into the run; at real scale the base is model.path
     base = dio.join(run_dir, "models", "base")
+    if not dio.exists(base) and not cfg.model.build_tiny:
+        base = cfg.model.path
     missing = [p for p in (table, base) if not dio.exists(p)]
     if missing:
         print(f"train: missing input(s), nothing started: {', '.join(missing)}", file=sys.stderr)
