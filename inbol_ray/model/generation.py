@@ -15,6 +15,16 @@ from PIL import Image
 from inbol_ray.model.batching import encode_prompts, open_rgb
 
 
+def clean_response(text: str) -> str:
+    """The text graders see, the same from every engine: no U+FFFD, no surrounding whitespace.
+
+    A byte-level tokenizer can emit a token that ends mid UTF-8 character. transformers decodes the
+    dangling bytes as U+FFFD; vLLM's incremental detokenizer holds them back and drops them when the
+    request ends. Neither is an answer, so both engines drop them and grade the same text.
+    """
+    return text.replace("\ufffd", "").strip()
+
+
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -63,7 +73,7 @@ def generate_responses(
         **kwargs,
     )
     texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    texts = [t.strip() for t in texts]
+    texts = [clean_response(t) for t in texts]
     return [texts[i * k : (i + 1) * k] for i in range(len(questions))]
 
 

@@ -1,0 +1,64 @@
+"""The transformers engine: batched `generate` with `num_return_sequences=K` (CPU path and fallback).
+
+A thin wrapper over `inbol_ray.model.generation`, which holds the batching (left padding, one `generate`
+call per batch, the shared prompt format); this class only adds the `Sampler` contract: load once, the
+greedy/sampling rule of `base.check_request`, and `close`.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+
+from PIL import Image
+
+from inbol_ray.model.generation import generate_responses, load_model
+from inbol_ray.sampling.base import check_request
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class HFSampler:
+    """`Sampler` over `LlavaForConditionalGeneration.generate`; one instance holds one model."""
+
+    engine = "transformers"
+
+    def __init__(self, model_dir: str, *, dtype: str = "float32", device: str | None = None) -> None:
+        self.model_dir = str(model_dir)
+        self.model, self.processor = load_model(self.model_dir, dtype, device or default_device())
+
+    def generate(
+        self,
+        images: Sequence[Image.Image],
+        questions: Sequence[str],
+        *,
+        k: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 8,
+        seed: int | None = None,
+        instruction: str | None = None,
+    ) -> list[list[str]]:
+        check_request(images, questions, k, temperature, top_p)
+        sampling = temperature > 0
+        return generate_responses(
+            self.model,
+            self.processor,
+            images,
+            questions,
+            k=k,
+            do_sample=sampling,
+            temperature=temperature if sampling else 1.0,
+            top_p=top_p if sampling else 1.0,
+            max_new_tokens=max_new_tokens,
+            instruction=instruction,
+            seed=seed,
+        )
+
+    def close(self) -> None:
+        self.model = self.processor = None
+        gc.collect()

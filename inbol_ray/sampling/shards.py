@@ -1,0 +1,223 @@
+"""Shards of the sampling stage: which items go where, which are finished, and writing a finished one.
+
+Why shards: sampling is the expensive stage (hundreds of thousands of items x K), so a crash must not
+cost the whole run. Each item belongs to shard `crc32(id) % n_shards` — computed from the id alone, so no
+global index has to be shipped to workers. The driver collects graded rows per shard and writes a shard
+as soon as all of its rows have arrived: data first (`shard-00007.parquet`, atomic), then its manifest
+(`_shard-00007.json`: counts, bucket counts, quarantined rows). A shard counts as finished only when its
+manifest matches the run's plan hash (config, model, selected ids); a changed plan starts over.
+
+Also here: the read plan. The driver reads only the id/dataset/split columns, row group by row group, and
+turns the row groups holding unfinished rows into read units of about one actor batch each, so Ray Data
+gets many small blocks (every actor busy even when `items` is one file) and finished rows are never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from inbol_ray.config import Config
+from inbol_ray.data import io as dio
+from inbol_ray.schema import BUCKET, DATASET, ID, REASON, ROW_KEY, SAMPLES, SOURCE, SPLIT, conform
+
+SHARD = "shard"  # pipeline-internal column: which output shard a row belongs to
+MAX_SLICES_PER_ROW_GROUP = 8
+"""A read unit re-reads its whole row group, so a row group is cut into at most this many units."""
+
+
+def shard_of(item_id: str, n_shards: int) -> int:
+    return zlib.crc32(item_id.encode()) % n_shards
+
+
+def select_mask(table: pa.Table, split: str | None, datasets: Sequence[str] | None) -> pa.Array:
+    """Rows of the requested split and data sets (None selects everything)."""
+    mask = pa.array([True] * table.num_rows, type=pa.bool_())
+    if split:
+        mask = pc.and_(mask, pc.equal(table[SPLIT], split))
+    if datasets:
+        mask = pc.and_(mask, pc.is_in(table[DATASET], value_set=pa.array(list(datasets), type=pa.string())))
+    return mask
+
+
+@dataclass(frozen=True)
+class RowGroupKeys:
+    """The selected ids of one row group of one items file (what the driver knows before reading images)."""
+
+    uri: str
+    row_group: int
+    num_rows: int
+    selected: list[tuple[int, str]]
+    """(row index within the row group, id) of every selected row."""
+
+
+def scan_items(items_uri: str, split: str | None, datasets: Sequence[str] | None) -> list[RowGroupKeys]:
+    """Read the key columns of `items` (a Parquet file or folder of them), row group by row group."""
+    kind = dio.file_type(items_uri)
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"items not found: {items_uri}")
+    files = dio.list_files(items_uri, suffix=".parquet") if kind == pafs.FileType.Directory else [items_uri]
+    found = []
+    for uri in files:
+        fs, path = dio.resolve(uri)
+        parquet = pq.ParquetFile(fs.open_input_file(path))
+        for rg in range(parquet.num_row_groups):
+            keys = parquet.read_row_group(rg, columns=[ID, DATASET, SPLIT])
+            rows = pc.indices_nonzero(select_mask(keys, split, datasets)).to_pylist()
+            ids = keys[ID].to_pylist()
+            found.append(RowGroupKeys(uri, rg, keys.num_rows, [(i, ids[i]) for i in rows]))
+    return found
+
+
+def read_units(keys: list[RowGroupKeys], n_shards: int, pending: set[int], rows_per_unit: int) -> list[dict]:
+    """Slices (uri, row_group, start, length) that hold at least one selected row of an unfinished shard."""
+    units = []
+    for rg in keys:
+        step = max(rows_per_unit, math.ceil(rg.num_rows / MAX_SLICES_PER_ROW_GROUP))
+        wanted = {i for i, item_id in rg.selected if shard_of(item_id, n_shards) in pending}
+        for start in range(0, rg.num_rows, step):
+            if any(start <= i < start + step for i in wanted):
+                length = min(step, rg.num_rows - start)
+                units.append({"uri": rg.uri, "row_group": rg.row_group, "start": start, "length": length})
+    return units
+
+
+def read_unit(unit: dict[str, Any]) -> pa.Table:
+    fs, path = dio.resolve(unit["uri"])
+    table = pq.ParquetFile(fs.open_input_file(path)).read_row_group(int(unit["row_group"]))
+    return table.slice(int(unit["start"]), int(unit["length"]))
+
+
+@dataclass(frozen=True)
+class Plan:
+    n_shards: int
+    expected: dict[int, int]
+    """Rows per shard, every shard listed (a shard may be empty: crc32 does not fill them evenly)."""
+    run_hash: str
+
+
+def make_plan(
+    ids: Sequence[str], cfg: Config, model_dir: str, shard_rows: int, selection: dict[str, Any]
+) -> Plan:
+    """Shard layout and the hash that says whether an earlier run's shards can be reused."""
+    duplicated = [i for i, n in Counter(ids).items() if n > 1]
+    if duplicated:
+        raise ValueError(f"items have duplicate ids (e.g. {duplicated[:3]}); samples are keyed by id")
+    n_shards = max(1, math.ceil(len(ids) / shard_rows))
+    counts = Counter(shard_of(i, n_shards) for i in ids)
+    blob = json.dumps(
+        {
+            "sampling": asdict(cfg.sampling),
+            "grading": asdict(cfg.grading),
+            "construct": asdict(cfg.construct),
+            "dtype": cfg.model.dtype,
+            "limits": [cfg.data.max_image_bytes, cfg.data.max_image_pixels],
+            "model_dir": os.path.abspath(model_dir),
+            "selection": selection,
+            "n_shards": n_shards,
+            "ids": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(),
+        },
+        sort_keys=True,
+    )
+    expected = {s: counts.get(s, 0) for s in range(n_shards)}
+    return Plan(n_shards, expected, hashlib.sha256(blob.encode()).hexdigest()[:16])
+
+
+def shard_uri(out_uri: str, shard: int) -> str:
+    return dio.join(out_uri, f"shard-{shard:05d}.parquet")
+
+
+def shard_manifest_uri(out_uri: str, shard: int) -> str:
+    return dio.join(out_uri, f"_shard-{shard:05d}.json")
+
+
+def _read_json(uri: str) -> dict[str, Any] | None:
+    return json.loads(dio.read_bytes(uri).decode()) if dio.exists(uri) else None
+
+
+def _write_json(uri: str, body: dict[str, Any]) -> None:
+    """Temp name, then move: a reader never sees half a manifest."""
+    fs, path = dio.resolve(uri)
+    fs.create_dir(dio.parent(path), recursive=True)
+    tmp = f"{dio.parent(path)}/.tmp-{os.getpid()}-{path.rsplit('/', 1)[-1]}"
+    with fs.open_output_stream(tmp) as out:
+        out.write(json.dumps(body, indent=1).encode())
+    fs.move(tmp, path)
+
+
+def finished_shards(out_uri: str, plan: Plan) -> dict[int, dict[str, Any]]:
+    """Manifests of shards an earlier run finished under the same plan; a changed plan starts over."""
+    plan_uri = dio.join(out_uri, "_plan.json")
+    found = _read_json(plan_uri)
+    if found is None or found.get("run_hash") != plan.run_hash:
+        dio.remove(out_uri)
+        _write_json(plan_uri, {"run_hash": plan.run_hash, "n_shards": plan.n_shards})
+        return {}
+    done = {}
+    for shard in plan.expected:
+        body = _read_json(shard_manifest_uri(out_uri, shard))
+        if body and body.get("run_hash") == plan.run_hash and dio.exists(shard_uri(out_uri, shard)):
+            done[shard] = body
+    return done
+
+
+class ShardCollector:
+    """Buffers graded rows per shard and writes a shard (data, then manifest) once all its rows arrived.
+
+    Rows carry the SAMPLES columns plus `shard`, `source` and `reason` (set for quarantined rows). The first
+    row per id wins; later copies (possible only if a retried task's first output also arrived) are counted
+    in `duplicates` and dropped, so a shard never holds an id twice.
+    """
+
+    def __init__(self, out_uri: str, plan: Plan, pending: list[int], k: int) -> None:
+        self.out_uri, self.plan, self.k = out_uri, plan, k
+        self.rows: dict[int, dict[str, dict[str, Any]]] = {s: {} for s in pending}
+        self.written: dict[int, dict[str, Any]] = {}
+        self.duplicates = 0
+        for shard in pending:
+            if plan.expected[shard] == 0:  # nothing will arrive for it: write the empty shard now
+                self.write(shard)
+
+    def add(self, batch: pa.Table) -> None:
+        for row in batch.to_pylist():
+            shard = int(row[SHARD])
+            if shard in self.written or row[ID] in self.rows[shard]:
+                self.duplicates += 1
+                continue
+            self.rows[shard][row[ID]] = row
+            if len(self.rows[shard]) == self.plan.expected[shard]:
+                self.write(shard)
+
+    def write(self, shard: int) -> None:
+        rows = sorted(self.rows.pop(shard).values(), key=lambda r: r[ID])
+        good = [r for r in rows if r[REASON] is None]
+        bad = [{SOURCE: r[SOURCE], ROW_KEY: r[ID], REASON: r[REASON]} for r in rows if r[REASON] is not None]
+        table = pa.Table.from_pylist(good, schema=SAMPLES) if good else SAMPLES.empty_table()
+        dio.write_table(conform(table, SAMPLES, f"samples shard {shard}"), shard_uri(self.out_uri, shard))
+        body = {
+            "run_hash": self.plan.run_hash,
+            "shard": shard,
+            "rows": len(rows),
+            "sampled": len(good),
+            "new_samples": len(good) * self.k,
+            "buckets": dict(Counter(r[BUCKET] for r in good)),
+            "quarantine": bad,
+        }
+        _write_json(shard_manifest_uri(self.out_uri, shard), body)
+        self.written[shard] = body
+
+    def missing(self) -> dict[int, str]:
+        """Shards still incomplete: after a finished run this must be empty (else rows were lost)."""
+        return {s: f"{len(rows)}/{self.plan.expected[s]} rows" for s, rows in self.rows.items()}

