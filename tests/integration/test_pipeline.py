@@ -1,0 +1,82 @@
+"""The whole pipeline end to end at smoke size, through the job's CLI, on the session's local Ray.
+
+Every stage runs for real (prepare, base model, sample, construct, reference, six trainings, evaluate,
+report) on a few hundred ShapesWorld items with a few training steps each: the checks are the contracts
+between stages and the outputs users read, not accuracy (that is the full embedded run's job). A rerun
+with the same config must skip every stage; a changed eval setting must redo only evaluate and report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from inbol_ray import schema as S
+from inbol_ray.data import io as dio
+from jobs import pipeline as pipeline_job
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = ["base", "refusal_prompt", "sft", "idk_it", "dpo1", "dpo2", "dpo3", "cadpo"]
+DATASETS = ["shapes_id_test", "shapes_ood_paraphrase", "shapes_ood_scene", "shapes_unanswerable"]
+SMOKE = [
+    "data.shapes.n_pretrain=200",
+    "data.shapes.n_train=64",
+    "data.shapes.n_id_test=16",
+    "data.shapes.n_ood_test=16",
+    "data.shapes.n_unanswerable_test=16",
+    "base_train.steps=30",
+    "sampling.k=3",
+    "sampling.batch_size=16",
+    "train.max_steps=2",
+    "train.batch_size=16",
+    "eval.batch_size=32",
+]
+
+
+def run(run_dir: Path, extra: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir), *SMOKE, *extra]
+    assert pipeline_job.main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_pipeline_end_to_end_and_rerun(ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    out = run(run_dir, [], capsys)
+    assert "[13/13] report: done" in out
+
+    metrics = dio.read_table(str(run_dir / "metrics.parquet"))
+    assert metrics.schema.names[:6] == ["method", "dataset", "n", "acc", "refr", "s_trust"]
+    cells = {
+        (m, d) for m, d in zip(metrics["method"].to_pylist(), metrics["dataset"].to_pylist(), strict=True)
+    }
+    assert cells == {(m, d) for m in METHODS for d in DATASETS}
+    for row in metrics.to_pylist():
+        assert row["n"] == 16
+        assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["refr"] <= 1.0
+        assert row["s_trust"] == pytest.approx(2 * row["acc"] + row["refr"] - 1)
+
+    samples = dio.read_table(str(run_dir / "samples"))
+    assert samples.num_rows == 64 and len(set(samples[S.ID].to_pylist())) == 64
+    assert set(pc.list_value_length(samples[S.RESPONSES]).to_pylist()) == {3}
+    sample_counts = json.loads((run_dir / "manifests" / "sample.json").read_text())["counts"]
+    assert sample_counts["sampled"] + sample_counts["quarantined"] == sample_counts["items"] == 64
+
+    for method in METHODS[2:]:  # every trained method left a loadable HF checkpoint
+        assert (run_dir / "models" / method / "config.json").exists(), method
+    report = (run_dir / "report.md").read_text()
+    assert all(f"| {m} " in report for m in METHODS)
+    assert {"In-domain", "Out-of-domain"} <= {line.lstrip("# ").strip() for line in report.splitlines()}
+
+    again = run(run_dir, [], capsys)
+    assert again.count("up to date, skipped") == 13, again
+
+    changed = run(run_dir, ["eval.max_new_tokens=5"], capsys)
+    redone = [
+        line.split("]")[1].split(":")[0].strip() for line in changed.splitlines() if ": running" in line
+    ]
+    assert redone == ["evaluate", "report"], changed
