@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from inbol_ray.config import RayConfig
 
 _QUIET = {
     "HF_HUB_OFFLINE": "1",
@@ -40,3 +46,17 @@ def init_ray(address: str = "", num_cpus: int = 2, temp_dir: str = "") -> bool:
         kwargs["_temp_dir"] = temp_dir
     ray.init(**kwargs)
     return True
+
+
+@contextmanager
+def ray_session(ray_cfg: RayConfig) -> Iterator[None]:
+    """`with ray_session(cfg.ray):` what every job wraps its stage in: connect or start, and on the way
+    out shut down only a Ray this job started (a job submitted to a cluster must leave the cluster up)."""
+    started = init_ray(ray_cfg.address, ray_cfg.num_cpus, ray_cfg.temp_dir)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()

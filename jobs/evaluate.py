@@ -17,7 +17,7 @@ from pathlib import Path
 
 from inbol_ray.config import Config, ConfigError, load_config
 from inbol_ray.data import io as dio
-from inbol_ray.runtime import init_ray
+from inbol_ray.runtime import ray_session
 
 BASE_METHODS = ("base", "refusal_prompt")
 
@@ -66,15 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     from inbol_ray.eval.evaluate import run_evaluation
     from inbol_ray.eval.report import write_report
 
-    started = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir)
-    try:
+    with ray_session(cfg.ray):
         result = run_evaluation(cfg, run_dir, models, items_uri)
         conf_uri = compute_base_confidence(cfg, run_dir, models["base"], items_uri)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     print(result.summary_line())
     report = write_report(run_dir, confidence_uri=conf_uri, methods=cfg.eval.methods, bins=cfg.eval.conf_bins)
     print(f"evaluate: report -> {report}")

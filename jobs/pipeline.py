@@ -13,7 +13,7 @@ import time
 
 from inbol_ray.config import ConfigError, load_config
 from inbol_ray.pipeline import run_pipeline
-from inbol_ray.runtime import init_ray
+from inbol_ray.runtime import ray_session
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,14 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"  - {line}" for line in problems), file=sys.stderr)
         return 2
     t0 = time.time()
-    started = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir)
-    try:
+    with ray_session(cfg.ray):
         run_pipeline(cfg, cfg.run_dir)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     print(f"pipeline: finished in {time.time() - t0:.0f}s; outputs under {cfg.run_dir}")
     return 0
 

@@ -14,7 +14,7 @@ import sys
 from inbol_ray.config import ConfigError, load_config
 from inbol_ray.data.loaders import DataFormatError
 from inbol_ray.data.prepare import input_problems, read_sources, run_prepare
-from inbol_ray.runtime import init_ray
+from inbol_ray.runtime import ray_session
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,14 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare: data format error, nothing started: {exc}", file=sys.stderr)
         return 2
 
-    started = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir)
-    try:
+    with ray_session(cfg.ray):
         result = run_prepare(cfg, sources)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     print(result.summary_line())
     print(f"prepare: items -> {result.items_uri}; quarantine -> {result.quarantine_uri}")
     return 0

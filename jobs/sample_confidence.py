@@ -18,7 +18,7 @@ import sys
 from inbol_ray.config import ConfigError, load_config
 from inbol_ray.data import io as dio
 from inbol_ray.pipeline import Context, base_model_dir
-from inbol_ray.runtime import init_ray
+from inbol_ray.runtime import ray_session
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from inbol_ray.sampling.stage import run_sampling
 
-    started = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir)
-    try:
+    with ray_session(cfg.ray):
         result = run_sampling(
             cfg,
             run_dir,
@@ -66,11 +65,6 @@ def main(argv: list[str] | None = None) -> int:
             datasets=[d for d in args.datasets.split(",") if d] or None,
             **({"shard_rows": args.shard_rows} if args.shard_rows > 0 else {}),
         )
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     print(result.summary_line())
     print(f"sample_confidence: samples -> {result.samples_uri}; quarantine -> {result.quarantine_uri}")
     return 0

@@ -15,7 +15,7 @@ import sys
 
 from inbol_ray.config import ConfigError, load_config
 from inbol_ray.data import io as dio
-from inbol_ray.runtime import init_ray
+from inbol_ray.runtime import ray_session
 from inbol_ray.train.trainer import METHOD_TABLES, needs_reference, run_reference_pass, run_training
 
 
@@ -48,19 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"train: missing input(s), nothing started: {', '.join(missing)}", file=sys.stderr)
         return 2
-    started = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir)
-    try:
+    with ray_session(cfg.ray):
         if needs_reference(method, table):
             ref_table = dio.join(run_dir, "tables", "cadpo_pairs_ref")
             counts = run_reference_pass(cfg, table, base, ref_table)
             print(f"train: reference log-probs -> {ref_table} {counts}")
             table = ref_table
         result = run_training(cfg, method, table, base, dio.join(run_dir, "models", method))
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     print(f"train: {result.summary_line()}; metrics -> {result.metrics_uri}")
     return 0
 
