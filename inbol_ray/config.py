@@ -207,6 +207,10 @@ class TrainConfig:
     max_failures: int = 1
     logprob_chunk_size: int = 1024
     seed: int = 0
+    dpo_init: Literal["idk_it", "base"] = "idk_it"
+    """What CA-DPO and the DPO ablations start from (and use as their frozen reference): the IDK-IT model
+    (InBoL's two steps: IDK-IT teaches the model to say a refusal, CA-DPO then places it by confidence) or
+    the base model."""
     merge: bool = True
     """Also save a merged HF checkpoint (loadable by from_pretrained and vLLM)."""
     max_grad_norm: float = 1.0

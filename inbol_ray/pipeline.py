@@ -94,11 +94,16 @@ def _construct(ctx: Context) -> dict[str, Any]:
     return result.counts
 
 
+def dpo_start_dir(ctx: Context) -> str:
+    """The model the DPO methods start from and score their reference with (`train.dpo_init`)."""
+    return model_dir(ctx, "idk_it") if ctx.cfg.train.dpo_init == "idk_it" else base_model_dir(ctx)
+
+
 def _reference(ctx: Context) -> dict[str, Any]:
     from inbol_ray.train.trainer import run_reference_pass
 
     return run_reference_pass(
-        ctx.cfg, ctx.path("tables", "cadpo_pairs"), base_model_dir(ctx), ctx.path("tables", "cadpo_pairs_ref")
+        ctx.cfg, ctx.path("tables", "cadpo_pairs"), dpo_start_dir(ctx), ctx.path("tables", "cadpo_pairs_ref")
     )
 
 
@@ -111,7 +116,7 @@ def _train(method: str) -> Callable[[Context], dict[str, Any]]:
             ctx.cfg,
             method,
             ctx.path("tables", table),
-            base_model_dir(ctx),
+            dpo_start_dir(ctx) if method in DPO_METHODS else base_model_dir(ctx),
             model_dir(ctx, method),
             log=ctx.log,
         )
@@ -161,9 +166,13 @@ def stages(cfg: Config) -> list[Stage]:
         Stage("construct", ("construct",), _construct),
     ]
     methods = [m for m in TRAINED_METHODS if m in cfg.eval.methods]
-    if any(m in DPO_METHODS for m in methods):
-        out.append(Stage("reference", ("model",), _reference))
-    out += [Stage(f"train_{m}", ("train",), _train(m)) for m in methods]
+    dpo = [m for m in methods if m in DPO_METHODS]
+    if dpo and cfg.train.dpo_init == "idk_it" and "idk_it" not in methods:
+        methods.insert(0, "idk_it")  # the DPO methods start from it, evaluated or not
+    out += [Stage(f"train_{m}", ("train",), _train(m)) for m in methods if m not in DPO_METHODS]
+    if dpo:
+        out.append(Stage("reference", ("model", "train"), _reference))
+    out += [Stage(f"train_{m}", ("train",), _train(m)) for m in dpo]
     out += [Stage("evaluate", ("eval",), _evaluate), Stage("report", ("eval", "sampling"), _report)]
     return out
 

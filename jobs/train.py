@@ -3,7 +3,7 @@
     python -m jobs.train --config configs/tiny.yaml [--run-dir DIR] method=cadpo [section.key=value ...]
 
 method: idk_it | sft | cadpo | dpo1 | dpo2 | dpo3. Reads `<run_dir>/tables/<idk_it|sft_baseline|cadpo_pairs>`
-and `<run_dir>/models/base`; writes `<run_dir>/models/<method>` (merged HF checkpoint, adapter/, metrics.jsonl).
+and `<run_dir>/models/base` (DPO methods: `<run_dir>/models/idk_it`, train.dpo_init); writes `<run_dir>/models/<method>` (merged HF checkpoint, adapter/, metrics.jsonl).
 DPO methods need reference log-probs: if the pairs table has none they are computed first (one Ray Data pass)
 into `<run_dir>/tables/cadpo_pairs_ref`. Rerunning the same command resumes from the last checkpoint.
 """
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     base = dio.join(run_dir, "models", "base")
     if not dio.exists(base) and not cfg.model.build_tiny:
         base = cfg.model.path
+    if method in ("cadpo", "dpo1", "dpo2", "dpo3") and cfg.train.dpo_init == "idk_it":
+        base = dio.join(run_dir, "models", "idk_it")  # InBoL: DPO starts from (and is anchored to) IDK-IT
     missing = [p for p in (table, base) if not dio.exists(p)]
     if missing:
         print(f"train: missing input(s), nothing started: {', '.join(missing)}", file=sys.stderr)

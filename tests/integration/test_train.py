@@ -71,7 +71,10 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_config: Config) -> Pa
 
 
 def _cfg(tiny_config: Config, **train) -> Config:
-    base = dict(batch_size=8, epochs=EPOCHS, checkpoint_every=4, num_to_keep=2, lr=2e-3, num_workers=0)
+    # LoRA: the real-scale path (the tiny default fine-tunes fully, see configs/tiny.yaml)
+    base = dict(
+        batch_size=8, epochs=EPOCHS, checkpoint_every=4, num_to_keep=2, lr=2e-3, num_workers=0, lora=True
+    )
     return dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, **{**base, **train}))
 
 
@@ -271,6 +274,8 @@ def test_train_job_entry_point(ray_local, tmp_path: Path, run_dir: Path, tiny_ch
             "train.batch_size=16",
             "train.max_steps=2",
             "train.merge=false",
+            "train.lora=true",
+            "train.dpo_init=base",  # this run has no models/idk_it
         ]
     )
     assert rc == 0
