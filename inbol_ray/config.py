@@ -207,6 +207,8 @@ class TrainConfig:
     max_failures: int = 1
     logprob_chunk_size: int = 1024
     seed: int = 0
+    dpo_lr: float = 0.0
+    """Learning rate of the DPO methods (0 = `lr`): DPO usually wants a much smaller one than IDK-IT/SFT."""
     dpo_init: Literal["idk_it", "base"] = "idk_it"
     """What CA-DPO and the DPO ablations start from (and use as their frozen reference): the IDK-IT model
     (InBoL's two steps: IDK-IT teaches the model to say a refusal, CA-DPO then places it by confidence) or

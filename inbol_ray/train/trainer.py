@@ -165,7 +165,9 @@ def run_training(
     t0 = time.time()
     table_uri, base_model_dir = dio.absolute(table_uri), dio.absolute(base_model_dir)
     _check_table(table_uri, method)
-    train = dataclasses.replace(cfg.train, method=method)
+    dpo = method in ("cadpo", "dpo1", "dpo2", "dpo3")
+    lr = cfg.train.dpo_lr if dpo and cfg.train.dpo_lr > 0 else cfg.train.lr
+    train = dataclasses.replace(cfg.train, method=method, lr=lr)
     out = Path(dio.absolute(out_dir))
     storage = out / "ray"
     name = run_name(train, cfg.model, table_uri, base_model_dir)
