@@ -71,9 +71,17 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_config: Config) -> Pa
 
 
 def _cfg(tiny_config: Config, **train) -> Config:
-    # LoRA: the real-scale path (the tiny default fine-tunes fully, see configs/tiny.yaml)
+    # LoRA: the real-scale path (the tiny default fine-tunes fully, see configs/tiny.yaml). dpo_lr=0 makes
+    # every method use lr, so the few smoke steps move the loss measurably for the DPO methods too.
     base = dict(
-        batch_size=8, epochs=EPOCHS, checkpoint_every=4, num_to_keep=2, lr=2e-3, num_workers=0, lora=True
+        batch_size=8,
+        epochs=EPOCHS,
+        checkpoint_every=4,
+        num_to_keep=2,
+        lr=2e-3,
+        dpo_lr=0.0,
+        num_workers=0,
+        lora=True,
     )
     return dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, **{**base, **train}))
 
