@@ -1,7 +1,7 @@
-"""The transformers engine: batched `generate` with `num_return_sequences=K` (CPU path and fallback).
+"""The transformers engine: batched sampling, one prefill per prompt and K continuations (CPU path, fallback).
 
-A thin wrapper over `inbol_ray.model.generation`, which holds the batching (left padding, one `generate`
-call per batch, the shared prompt format); this class only adds the `Sampler` contract: load once, the
+A thin wrapper over `inbol_ray.model.generation`, which holds the batching (left padding, the shared
+prompt format, `sample_shared_prefill`); this class only adds the `Sampler` contract: load once, the
 greedy/sampling rule of `base.check_request`, and `close`.
 """
 

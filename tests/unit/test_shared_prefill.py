@@ -1,0 +1,78 @@
+"""The transformers engine's K-sample path prefills each prompt once; it must decode what `generate` does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from inbol_ray.config import ShapesConfig
+from inbol_ray.data import shapes
+from inbol_ray.model.batching import encode_prompts, open_rgb
+from inbol_ray.model.generation import _left_pad, load_model, sample_shared_prefill, top_p_filter
+
+SMALL = ShapesConfig(n_pretrain=4, n_train=4, n_id_test=4, n_ood_test=4, n_unanswerable_test=4)
+# different lengths, so left padding and its positions are exercised
+QUESTIONS = ["What colour is the circle?", "How many?", "Is there a red square left of the blue triangle?"]
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.999])
+def test_top_p_filter_matches_transformers(top_p: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=gen) * 3
+    logits[0, :10] = 1.0  # ties
+    expected = TopPLogitsWarper(top_p)(torch.zeros(6, 1, dtype=torch.long), logits.clone())
+    assert torch.equal(top_p_filter(logits, top_p), expected)
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def _inputs(ckpt: Path, size: int):
+    model, processor = load_model(str(ckpt))
+    images = [it.image for it, _ in zip(shapes.generate(SMALL, size), range(3), strict=False)]
+    ids, mask = _left_pad(encode_prompts(processor, QUESTIONS, None), processor.tokenizer.pad_token_id)
+    pv = processor.image_processor(images=[open_rgb(i) for i in images], return_tensors="pt")["pixel_values"]
+    return model, processor, ids, mask, pv
+
+
+@torch.inference_mode()
+def test_greedy_shared_prefill_equals_generate(tiny_checkpoint: Path, tiny_config) -> None:
+    model, processor, ids, mask, pv = _inputs(tiny_checkpoint, tiny_config.model.image_size)
+    tok = processor.tokenizer
+    assert len(set(mask.sum(-1).tolist())) == 3
+    new = 8
+    ref = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=pv,
+        do_sample=False,
+        max_new_tokens=new,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )[:, ids.shape[1] :]
+    k = 3
+    ours = sample_shared_prefill(
+        model, ids, mask, pv, k, 1.0, 1.0, new, tok.eos_token_id, tok.pad_token_id, greedy=True
+    )
+    assert ours.shape == (3 * k, ref.shape[1])
+    assert torch.equal(ours, ref.repeat_interleave(k, dim=0))
+
+
+@torch.inference_mode()
+def test_sampled_rows_are_seeded_and_bounded(tiny_checkpoint: Path, tiny_config) -> None:
+    model, processor, ids, mask, pv = _inputs(tiny_checkpoint, tiny_config.model.image_size)
+    tok = processor.tokenizer
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(
+            sample_shared_prefill(model, ids, mask, pv, 5, 1.0, 0.9, 6, tok.eos_token_id, tok.pad_token_id)
+        )
+    assert torch.equal(runs[0], runs[1]) and runs[0].shape[0] == 15 and runs[0].shape[1] <= 6
+    # K samples of one prompt differ (an untrained model spreads its mass over the vocabulary)
+    assert len({tuple(r) for r in runs[0][:5].tolist()}) > 1
+    # nothing but padding after an EOS
+    for row in runs[0].tolist():
+        if tok.eos_token_id in row:
+            assert set(row[row.index(tok.eos_token_id) + 1 :]) <= {tok.pad_token_id}
