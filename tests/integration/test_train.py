@@ -72,7 +72,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_config: Config) -> Pa
 
 def _cfg(tiny_config: Config, **train) -> Config:
     # LoRA: the real-scale path (the tiny default fine-tunes fully, see configs/tiny.yaml). dpo_lr=0 makes
-    # every method use lr, so the few smoke steps move the loss measurably for the DPO methods too.
+    # every method use lr, so the few smoke steps move the loss measurably for the DPO methods too; pure
+    # DPO (sft_weight 0, beta 0.1) so the first step's loss is exactly log 2 (METHOD_OVERRIDES adds NLL).
     base = dict(
         batch_size=8,
         epochs=EPOCHS,
@@ -80,6 +81,8 @@ def _cfg(tiny_config: Config, **train) -> Config:
         num_to_keep=2,
         lr=2e-3,
         dpo_lr=0.0,
+        beta=0.1,
+        sft_weight=0.0,
         num_workers=0,
         lora=True,
     )
