@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from inbol_ray.model.batching import encode_prompts, open_rgb
+from inbol_ray.model.batching import encode_prompts, pixel_values
 
 
 def clean_response(text: str) -> str:
@@ -56,40 +56,41 @@ def generate_responses(
     if not questions:
         return []
     tok = processor.tokenizer
-    ids, mask = _left_pad(encode_prompts(processor, questions, instruction), tok.pad_token_id)
-    pv = processor.image_processor(images=[open_rgb(i) for i in images], return_tensors="pt")["pixel_values"]
-    pv = pv.to(model.device, dtype=model.dtype)
+    ids, mask, pv = encode_batch(processor, images, questions, instruction, model.device, model.dtype)
     if seed is not None:
         torch.manual_seed(seed)
     if do_sample and k > 1:
-        out = sample_shared_prefill(
-            model,
-            ids.to(model.device),
-            mask.to(model.device),
-            pv,
-            k,
-            temperature,
-            top_p,
-            max_new_tokens,
-            tok.eos_token_id,
-            tok.pad_token_id,
+        new = sample_shared_prefill(
+            model, ids, mask, pv, k, temperature, top_p, max_new_tokens, tok.eos_token_id, tok.pad_token_id
         )
-        texts = [clean_response(t) for t in tok.batch_decode(out, skip_special_tokens=True)]
-        return [texts[i * k : (i + 1) * k] for i in range(len(questions))]
-    kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "num_return_sequences": k}
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    out = model.generate(
-        input_ids=ids.to(model.device),
-        attention_mask=mask.to(model.device),
-        pixel_values=pv,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        **kwargs,
-    )
-    texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    texts = [clean_response(t) for t in texts]
+    else:
+        kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        new = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pv,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            **kwargs,
+        )[:, ids.shape[1] :]
+    texts = [clean_response(t) for t in tok.batch_decode(new, skip_special_tokens=True)]
     return [texts[i * k : (i + 1) * k] for i in range(len(questions))]
+
+
+def encode_batch(
+    processor,
+    images: Sequence[bytes | Image.Image],
+    questions: Sequence[str],
+    instruction: str | None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids, their attention mask and the pixel values, on the model's device."""
+    rows = encode_prompts(processor, questions, instruction)
+    ids, mask = _left_pad(rows, processor.tokenizer.pad_token_id)
+    return ids.to(device), mask.to(device), pixel_values(processor, images).to(device, dtype=dtype)
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

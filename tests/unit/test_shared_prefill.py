@@ -10,8 +10,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from inbol_ray.config import ShapesConfig
 from inbol_ray.data import shapes
-from inbol_ray.model.batching import encode_prompts, open_rgb
-from inbol_ray.model.generation import _left_pad, load_model, sample_shared_prefill, top_p_filter
+from inbol_ray.model.generation import encode_batch, load_model, sample_shared_prefill, top_p_filter
 
 SMALL = ShapesConfig(n_pretrain=4, n_train=4, n_id_test=4, n_ood_test=4, n_unanswerable_test=4)
 # different lengths, so left padding and its positions are exercised
@@ -31,9 +30,7 @@ def test_top_p_filter_matches_transformers(top_p: float) -> None:
 def _inputs(ckpt: Path, size: int):
     model, processor = load_model(str(ckpt))
     images = [it.image for it, _ in zip(shapes.generate(SMALL, size), range(3), strict=False)]
-    ids, mask = _left_pad(encode_prompts(processor, QUESTIONS, None), processor.tokenizer.pad_token_id)
-    pv = processor.image_processor(images=[open_rgb(i) for i in images], return_tensors="pt")["pixel_values"]
-    return model, processor, ids, mask, pv
+    return model, processor, *encode_batch(processor, images, QUESTIONS, None)
 
 
 @torch.inference_mode()
