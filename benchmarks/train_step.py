@@ -123,7 +123,8 @@ def ours_step(ckpt: str, pairs_uri: str, steps: int, threads: int, lr: float) ->
 
     from inbol_ray.data import io as dio
     from inbol_ray.train.data import DPO_KINDS, encode_table, make_batch
-    from inbol_ray.train.lora import load_base, prepare_policy
+    from inbol_ray.checkpoint import load_for_training
+    from inbol_ray.train.lora import prepare_policy
     from inbol_ray.train.objectives import StepNorm, dpo_objective
     from inbol_ray.train.shared_prefix import ResponseScorer
 
@@ -133,7 +134,7 @@ def ours_step(ckpt: str, pairs_uri: str, steps: int, threads: int, lr: float) ->
     processor = AutoProcessor.from_pretrained(ckpt)
     enc = encode_table(dio.read_table(pairs_uri), processor, DPO_KINDS, need_ref=True)
     rows = list(range(len(enc)))
-    scorer = ResponseScorer(prepare_policy(load_base(ckpt), tc))
+    scorer = ResponseScorer(prepare_policy(load_for_training(ckpt), tc))
     times: list[float] = []
     losses: list[float] = []
     tokens = 0
@@ -193,7 +194,7 @@ def trl_step(
     from transformers import AutoProcessor, PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from inbol_ray.train.lora import load_base
+    from inbol_ray.checkpoint import load_for_training
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -233,7 +234,7 @@ def trl_step(
             seed=0,
         )
         trainer = DPOTrainer(
-            model=load_base(ckpt),
+            model=load_for_training(ckpt),
             args=config,
             train_dataset=Dataset.from_list(rows),
             processing_class=processor,

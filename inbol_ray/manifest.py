@@ -1,12 +1,15 @@
-"""Stage manifests: a stage's output counts as finished only when its manifest matches the config.
+"""Reuse: one fingerprint function and one manifest format decide whether an existing output can be reused.
 
 Why: the pipeline must resume after a crash without redoing hours of sampling, and must *not* reuse an
 output made with different settings. A manifest is written last, after the outputs, holding the content
 hash of the config sections the stage depends on; a rerun skips the stage exactly when the hash matches.
+The same `fingerprint` keys everything finer-grained (generation shards, Ray Train run names, merged
+checkpoints), so "can this be reused" has one answer everywhere: the hash of what it was made from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -14,7 +17,23 @@ from typing import Any
 
 from inbol_ray.data import io as dio
 
-MANIFEST = "_manifest.json"
+
+
+def fingerprint(*parts: Any, **named: Any) -> str:
+    """Content hash of everything an output depends on (JSON of the parts; dataclasses as dicts)."""
+    import dataclasses
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return dataclasses.asdict(value)
+        return value
+
+    blob = json.dumps(
+        {"parts": [plain(p) for p in parts], **{k: plain(v) for k, v in named.items()}},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _versions() -> dict[str, str]:

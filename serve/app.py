@@ -81,7 +81,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: str, out_dir: Path) 
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from inbol_ray.model.tiny import to_llava_hf_layout
+    from inbol_ray.checkpoint import to_llava_hf_layout
 
     model = LlavaForConditionalGeneration.from_pretrained(base_dir, dtype=getattr(torch, dtype))
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()

@@ -93,8 +93,8 @@ def resolve_checkpoint(path: str, cache_dir: str, base_dir: str | None = None) -
         return cache_dir
     from peft import PeftModel
 
-    from inbol_ray.model.generation import load_model
-    from inbol_ray.model.tiny import to_llava_hf_layout
+    from inbol_ray.checkpoint import load_model
+    from inbol_ray.checkpoint import to_llava_hf_layout
 
     base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     base = base if base and Path(base).is_dir() else base_dir

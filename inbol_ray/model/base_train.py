@@ -20,7 +20,8 @@ import torch
 from inbol_ray import schema as S
 from inbol_ray.config import BaseTrainConfig
 from inbol_ray.model.batching import encode_prompt_response, pixel_values
-from inbol_ray.model.generation import generate_responses, load_model
+from inbol_ray.checkpoint import load_model
+from inbol_ray.model.generation import generate_responses
 
 
 def lr_at(step: int, cfg: BaseTrainConfig) -> float:
@@ -39,7 +40,7 @@ def train_base(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train on the answerable rows of `items` (split `pretrain`) and save an HF checkpoint to `out_dir`."""
-    from inbol_ray.model.tiny import to_llava_hf_layout
+    from inbol_ray.checkpoint import to_llava_hf_layout
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)

@@ -160,14 +160,3 @@ def sample_shared_prefill(
         logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
     return torch.stack(tokens, dim=1)
-
-
-def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
-    """Load a LLaVA checkpoint and its processor from a local directory, as a user's 7B loads."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
-    model.eval()
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    return model, processor

@@ -27,6 +27,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from inbol_ray.checkpoint import to_llava_hf_layout
 from inbol_ray.config import ConfigError, ModelConfig, ShapesConfig, load_config
 from inbol_ray.data import shapes
 from inbol_ray.model.prompt import CHAT_TEMPLATE, IMAGE_TOKEN, format_prompt, format_response
@@ -145,39 +146,6 @@ def build_processor(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> Lla
     )
 
 
-def to_llava_hf_layout(ckpt_dir: Path) -> None:
-    """Rename `vision_tower.X` keys to `vision_tower.vision_model.X`, as llava-hf checkpoints store them.
-
-    transformers 5 saves the CLIP tower without the `vision_model.` level, and vLLM's LLaVA loader
-    expects llava-hf names; transformers itself loads both spellings, so the rename costs nothing.
-    """
-    from safetensors.torch import load_file, save_file
-
-    for shard in sorted(ckpt_dir.glob("*.safetensors")):
-        tensors = load_file(shard)
-        renamed = {
-            (
-                k.replace("vision_tower.", "vision_tower.vision_model.", 1)
-                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
-                else k
-            ): v
-            for k, v in tensors.items()
-        }
-        save_file(renamed, shard, metadata={"format": "pt"})
-    index = ckpt_dir / "model.safetensors.index.json"
-    if index.exists():
-        data = json.loads(index.read_text())
-        data["weight_map"] = {
-            (
-                k.replace("vision_tower.", "vision_tower.vision_model.", 1)
-                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
-                else k
-            ): v
-            for k, v in data["weight_map"].items()
-        }
-        index.write_text(json.dumps(data, indent=2))
-
-
 def build_tiny_checkpoint(
     out_dir: str | Path, cfg: ModelConfig, shapes_cfg: ShapesConfig | None = None
 ) -> Path:
@@ -195,7 +163,7 @@ def build_tiny_checkpoint(
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    to_llava_hf_layout(out)
+    to_llava_hf_layout(str(out))
     build_processor(cfg, tokenizer).save_pretrained(out)
     (out / "inbol_tiny.json").write_text(json.dumps({"model": cfg.__dict__, "shapes_seed": shapes_cfg.seed}))
     return out

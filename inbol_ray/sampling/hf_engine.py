@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from inbol_ray.model.generation import generate_responses, load_model
+from inbol_ray.checkpoint import load_model
+from inbol_ray.model.generation import generate_responses
 from inbol_ray.sampling.base import check_request
 
 

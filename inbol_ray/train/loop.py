@@ -33,8 +33,8 @@ from torch import nn
 from inbol_ray.config import TrainConfig
 from inbol_ray.train import step_metrics as sm
 from inbol_ray.train.data import DPO_KINDS, EncodedTable, encode_table, make_batch, sort_by_id
+from inbol_ray.checkpoint import load_for_training
 from inbol_ray.train.lora import (
-    load_base,
     load_trainable_state,
     prepare_policy,
     read_trainable,
@@ -265,7 +265,7 @@ def _train(spec: LoopSpec) -> None:
     n_rows, total = len(enc), total_steps(len(enc), cfg)
 
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: same init in every worker and in local mode
-    policy = prepare_policy(load_base(spec.base_model_dir, spec.model_dtype), cfg)
+    policy = prepare_policy(load_for_training(spec.base_model_dir, spec.model_dtype), cfg)
     start_step, history, resumes, saved_optim = 0, [], [], None
     with _restored_checkpoint(spec) as restored:
         if restored is not None:

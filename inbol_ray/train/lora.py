@@ -26,15 +26,6 @@ VISION_TOWER = "vision_tower"
 TRAINABLE_FILE = "trainable.safetensors"
 
 
-def load_base(model_dir: str, dtype: str = "float32") -> nn.Module:
-    """The base LLaVA with an attention that accepts the shared-prefix block mask (sdpa)."""
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa"
-    )
-
-
 def prepare_policy(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Freeze the base, then add what trains: LoRA adapters (or the whole LM) and optionally the projector."""
     for p in model.parameters():
@@ -102,7 +93,7 @@ def export_model(policy: nn.Module, processor, out_dir: Path, merge: bool) -> tu
     (from_pretrained, vLLM after `to_llava_hf_layout`); the adapter to `out_dir/adapter`. Merging modifies
     `policy`, so call this last.
     """
-    from inbol_ray.model.tiny import to_llava_hf_layout
+    from inbol_ray.checkpoint import to_llava_hf_layout
 
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter_dir = None

@@ -34,11 +34,11 @@ class ReferenceScorer:
     def __init__(self, model_dir: str, dtype: str, chunk_size: int, micro_batch: int, threads: int) -> None:
         from transformers import AutoProcessor
 
-        from inbol_ray.train.lora import load_base
+        from inbol_ray.checkpoint import load_for_training
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_base(model_dir, dtype).to(self.device).eval()
+        self.model = load_for_training(model_dir, dtype).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.chunk_size, self.micro_batch = chunk_size, micro_batch
         self.dtype = getattr(torch, dtype)

@@ -227,15 +227,15 @@ def _export(
     """Rebuild the policy from the base and the checkpoint's trainable tensors, then save adapter/merged."""
     from transformers import AutoProcessor
 
-    from inbol_ray.train.lora import (
+    from inbol_ray.checkpoint import load_for_training
+from inbol_ray.train.lora import (
         export_model,
-        load_base,
-        load_trainable_state,
+            load_trainable_state,
         prepare_policy,
         read_trainable,
     )
 
-    policy = prepare_policy(load_base(base_model_dir, dtype), train)
+    policy = prepare_policy(load_for_training(base_model_dir, dtype), train)
     load_trainable_state(policy, read_trainable(checkpoint_dir))
     return export_model(policy, AutoProcessor.from_pretrained(base_model_dir), out, train.merge)
 

@@ -133,7 +133,7 @@ def test_rerun_reuses_every_shard(evaluated: Path) -> None:
 def test_adapter_only_checkpoint_is_merged_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from inbol_ray.model.generation import load_model
+    from inbol_ray.checkpoint import load_model
 
     model, _ = load_model(str(tiny_checkpoint))
     lora = LoraConfig(r=2, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False)

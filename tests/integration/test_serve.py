@@ -247,7 +247,8 @@ def test_adapter_checkpoint_is_merged_and_answers_like_the_peft_model(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from inbol_ray.model.generation import generate_responses, load_model
+    from inbol_ray.checkpoint import load_model
+from inbol_ray.model.generation import generate_responses
     from serve.app import RefusalAwareModel
 
     model, processor = load_model(str(tiny_checkpoint))

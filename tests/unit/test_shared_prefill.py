@@ -10,7 +10,8 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from inbol_ray.config import ShapesConfig
 from inbol_ray.data import shapes
-from inbol_ray.model.generation import encode_batch, load_model, sample_shared_prefill, top_p_filter
+from inbol_ray.checkpoint import load_model
+from inbol_ray.model.generation import encode_batch, sample_shared_prefill, top_p_filter
 
 SMALL = ShapesConfig(n_pretrain=4, n_train=4, n_id_test=4, n_ood_test=4, n_unanswerable_test=4)
 # different lengths, so left padding and its positions are exercised

@@ -1,0 +1,235 @@
+"""Checkpoints: resolve, copy, merge, fix the llava-hf layout and load, for training, evaluation, Serve and vLLM.
+
+What a "checkpoint" can be here, and what every consumer needs from it:
+- a merged HF directory (`config.json` + safetensors + processor files): loads as is;
+- a training output `<run_dir>/models/<method>/`: a merged HF directory and/or `adapter/` (LoRA);
+- a bare peft adapter directory, whose base is named in `adapter_config.json` (or passed explicitly).
+Engines differ: transformers can load base + adapter, vLLM on CPU and our samplers want one directory. So
+`resolve` says what a location holds, `merged` builds (once, cached by the adapter's file stamp) the one
+directory form, and `local_dir` copies a checkpoint from object storage (`s3://...`) to a local cache,
+because `from_pretrained` and vLLM read local files only.
+
+Why `to_llava_hf_layout` lives here: transformers 5 saves the CLIP tower as `vision_tower.X`, vLLM's LLaVA
+loader expects llava-hf's `vision_tower.vision_model.X`; every writer of a checkpoint calls it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from inbol_ray.data import io as dio
+
+ADAPTER_SUBDIR = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+MERGE_STAMP = "_merged_from.json"
+CACHE_ENV = "INBOL_CHECKPOINT_CACHE"
+"""Where checkpoints on object storage are copied to (default: `<tmp>/inbol-checkpoints`)."""
+
+
+# --- where a checkpoint is -------------------------------------------------------------------------------
+
+
+def _is_file(location: str) -> bool:
+    return dio.file_type(location) == pafs.FileType.File
+
+
+def local_dir(location: str) -> str:
+    """A local directory holding `location`'s files: the path itself, or a cached copy of a remote one.
+
+    The copy is keyed by the URI and refreshed when the remote file listing (names, sizes) changes, so a
+    retrained checkpoint is fetched again and an unchanged one is not.
+    """
+    if not dio.is_uri(location) or location.startswith("file://"):
+        return dio.resolve(location)[1]
+    fs, path = dio.resolve(location)
+    listing = sorted(
+        (info.path[len(path) :], info.size)
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if info.type == pafs.FileType.File
+    )
+    if not listing:
+        raise FileNotFoundError(f"checkpoint not found or empty: {location}")
+    root = os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(), "inbol-checkpoints")
+    out = os.path.join(root, hashlib.sha256(location.encode()).hexdigest()[:16])
+    stamp = json.dumps({"uri": location, "files": listing})
+    marker = os.path.join(out, ".inbol_copied_from.json")
+    if os.path.exists(marker) and open(marker).read() == stamp:
+        return out
+    os.makedirs(out, exist_ok=True)
+    pafs.copy_files(path, out, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    with open(marker, "w") as f:
+        f.write(stamp)
+    return out
+
+
+def upload_dir(local: str, location: str) -> str:
+    """Copy a local directory to `location` (no-op when `location` is that directory); returns `location`."""
+    fs, path = dio.resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.abspath(local) == path:
+        return location
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return location
+
+
+def has_model(location: str) -> bool:
+    return _is_file(dio.join(location, "config.json"))
+
+
+def adapter_dir(location: str) -> str | None:
+    """The peft adapter of a checkpoint that holds no full model (training output or bare adapter)."""
+    if has_model(location):
+        return None
+    for candidate in (dio.join(location, ADAPTER_SUBDIR), location):
+        if _is_file(dio.join(candidate, ADAPTER_CONFIG)):
+            return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    model_dir: str
+    """A full HF model directory (the merged checkpoint, or the adapter's base)."""
+    adapter_dir: str | None = None
+    """The peft adapter to apply on top of `model_dir` (None: `model_dir` is the whole model)."""
+
+
+def resolve(location: str, base: str | None = None) -> Resolved:
+    """What `location` holds: a full model (a merged one wins over an adapter beside it), or base + adapter.
+
+    A bare adapter names its base in `adapter_config.json`; `base` overrides that, for an adapter trained
+    elsewhere whose recorded path does not exist here.
+    """
+    if has_model(location):
+        return Resolved(location)
+    adapter = adapter_dir(location)
+    if adapter is None:
+        if not dio.exists(location):
+            raise FileNotFoundError(f"checkpoint not found: {location}")
+        raise FileNotFoundError(f"{location}: neither a HF model dir (config.json) nor a peft adapter dir")
+    recorded = json.loads(dio.read_bytes(dio.join(adapter, ADAPTER_CONFIG)).decode()).get(
+        "base_model_name_or_path"
+    )
+    base_dir = base or recorded
+    if not base_dir or not has_model(base_dir):
+        raise FileNotFoundError(f"adapter {adapter}: base model {base_dir} not found; pass its path as base")
+    return Resolved(dio.absolute(base_dir), adapter)
+
+
+def stamp(location: str) -> list[tuple[str, int]]:
+    """Names and sizes of a checkpoint's files (mtimes where local): retraining changes it, reading does not."""
+    fs, path = dio.resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    files = sorted(
+        (info.path[len(path) :], info.size, info.mtime_ns if isinstance(fs, pafs.LocalFileSystem) else 0)
+        for info in infos
+        if info.type == pafs.FileType.File and "/ray/" not in info.path[len(path) :]
+    )
+    if not files:
+        raise FileNotFoundError(f"checkpoint directory not found or empty: {location}")
+    return files
+
+
+def merged(location: str, cache: str, base: str | None = None, dtype: str = "float32") -> str:
+    """A directory every engine loads: `location` when it holds a full model, else its adapter merged into
+    its base once, cached at `cache` (local path or URI) and redone only when the adapter's files change."""
+    found = resolve(location, base)
+    if found.adapter_dir is None:
+        return location
+    want = json.dumps(stamp(found.adapter_dir))
+    marker = dio.join(cache, MERGE_STAMP)
+    if dio.exists(marker) and dio.read_bytes(marker).decode() == want:
+        return cache
+    with tempfile.TemporaryDirectory() as tmp:
+        merge_adapter(local_dir(found.model_dir), local_dir(found.adapter_dir), dtype, tmp)
+        upload_dir(tmp, cache)
+    fs, path = dio.resolve(marker)
+    with fs.open_output_stream(path) as out:
+        out.write(want.encode())
+    return cache
+
+
+# --- writing ---------------------------------------------------------------------------------------------
+
+
+def to_llava_hf_layout(ckpt_dir: str) -> None:
+    """Rename `vision_tower.X` keys to `vision_tower.vision_model.X`, as llava-hf checkpoints store them.
+
+    transformers 5 saves the CLIP tower without the `vision_model.` level, and vLLM's LLaVA loader
+    expects llava-hf names; transformers itself loads both spellings, so the rename costs nothing.
+    """
+    from safetensors.torch import load_file, save_file
+
+    def rename(key: str) -> str:
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            return key.replace("vision_tower.", "vision_tower.vision_model.", 1)
+        return key
+
+    for name in sorted(os.listdir(ckpt_dir)):
+        if name.endswith(".safetensors"):
+            shard = os.path.join(ckpt_dir, name)
+            tensors = load_file(shard)
+            save_file({rename(k): v for k, v in tensors.items()}, shard, metadata={"format": "pt"})
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            data = json.load(f)
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        with open(index, "w") as f:
+            json.dump(data, f, indent=2)
+
+
+def save_model(model, processor, out_dir: str) -> str:
+    """Save a full model + processor as a llava-hf directory (local), the form vLLM and Serve load."""
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    to_llava_hf_layout(out_dir)
+    return out_dir
+
+
+def merge_adapter(base_dir: str, adapter: str, dtype: str, out_dir: str) -> str:
+    """Base + peft adapter merged into one local HF directory."""
+    from peft import PeftModel
+    from transformers import AutoProcessor
+
+    model = load_for_training(base_dir, dtype)
+    merged_model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return save_model(merged_model, AutoProcessor.from_pretrained(base_dir), out_dir)
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+def load_model(location: str, dtype: str = "float32", device: str = "cpu"):
+    """(model, processor) for generation: eval mode, left padding, from a local dir or a URI."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = local_dir(location)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def load_for_training(location: str, dtype: str = "float32"):
+    """The LLaVA model with an attention that accepts the shared-prefix block mask (sdpa)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(
+        local_dir(location), dtype=getattr(torch, dtype), attn_implementation="sdpa"
+    )
+
+
+def load_processor(location: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(local_dir(location))
