@@ -71,3 +71,47 @@ def test_section_hash_tracks_only_named_sections() -> None:
     b = load_config(None, ["train.lr=0.5"])
     assert a.section_hash("sampling") == b.section_hash("sampling")
     assert a.section_hash("train") != b.section_hash("train")
+
+
+def test_later_files_override_earlier_ones(tmp_path: Path) -> None:
+    recipe, site = tmp_path / "recipe.yaml", tmp_path / "site.yaml"
+    recipe.write_text("train:\n  lr: 1.0e-4\n  epochs: 3\nsampling:\n  k: 5\n")
+    site.write_text("train:\n  epochs: 7\nrun_dir: /data/run\n")
+    cfg = load_config([recipe, site], ["sampling.k=6"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.sampling.k, cfg.run_dir) == (1e-4, 7, 6, "/data/run")
+
+
+def test_a_bad_key_in_a_layer_names_that_file(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("train:\n  lr: 1.0e-4\n")
+    bad.write_text("train:\n  lrr: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'train\.lrr'"):
+        load_config([good, bad])
+
+
+def test_cross_field_checks_judge_the_merged_layers(tmp_path: Path) -> None:
+    """A site file that alone would fail (8 workers, default batch 16 x accumulation 4) is fine once the
+    recipe beside it sets the batch size."""
+    recipe, site = tmp_path / "recipe.yaml", tmp_path / "site.yaml"
+    recipe.write_text("train:\n  batch_size: 64\n  grad_accum: 4\n")
+    site.write_text("train:\n  num_workers: 8\n")
+    assert load_config([recipe, site]).train.num_workers == 8
+    with pytest.raises(ConfigError, match=r"batch_size \(64\) must be >= num_workers x grad_accum \(128\)"):
+        load_config([recipe, site], ["train.grad_accum=16"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["eval.methods=[base, cadop]"], "eval.methods: unknown method(s) ['cadop']"),
+        (["train.num_workers=4", "train.batch_size=2"], "must be >= num_workers x grad_accum"),
+        (["sampling.temperature=0"], "sampling.temperature must be > 0"),
+        (["model.dtype=fp8"], "model.dtype: 'fp8' is not one of"),
+        (["serve.min_replicas=3"], "min_replicas <= max_replicas"),
+        (["data.source=files"], "data.datasets is empty"),
+    ],
+)
+def test_sections_validate_on_load(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)

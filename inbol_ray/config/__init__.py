@@ -1,0 +1,41 @@
+"""Typed run configuration: section dataclasses (`sections`) built from layered YAML + overrides (`loading`)."""
+
+from inbol_ray.config.data_sections import (
+    BaseTrainConfig,
+    DataConfig,
+    DatasetSpec,
+    ModelConfig,
+    ShapesConfig,
+)
+from inbol_ray.config.errors import ConfigError
+from inbol_ray.config.loading import apply_overrides, load_config, merge_layers
+from inbol_ray.config.sections import (
+    Config,
+    ConstructConfig,
+    EvalConfig,
+    GradingConfig,
+    RayConfig,
+    SamplingConfig,
+    ServeConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "BaseTrainConfig",
+    "Config",
+    "ConfigError",
+    "ConstructConfig",
+    "DataConfig",
+    "DatasetSpec",
+    "EvalConfig",
+    "GradingConfig",
+    "ModelConfig",
+    "RayConfig",
+    "SamplingConfig",
+    "ServeConfig",
+    "ShapesConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+    "merge_layers",
+]

@@ -1,0 +1,154 @@
+"""Config sections of what a run starts from: the model, the data, and the embedded default's base training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from inbol_ray.config.errors import ConfigError
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = "runs/tiny/model/init"
+    """HF model directory (local path). For the embedded default the tiny checkpoint is built here."""
+    build_tiny: bool = False
+    """Build the tiny LLaVA checkpoint at `path` when it does not exist (embedded default only)."""
+    seed: int = 0
+    """Seed of the tiny checkpoint's weights and tokenizer."""
+    image_size: int = 48
+    """Tiny model: square input resolution of the vision tower."""
+    patch_size: int = 16
+    """Tiny model: ViT patch size; image tokens = (image_size / patch_size)^2. 48/16 puts one
+    ShapesWorld grid cell in one patch, which lets a from-scratch tower learn to see in minutes."""
+    text_hidden: int = 128
+    """Tiny model: LM width. Heads are 64 wide so vLLM's attention backends accept the model."""
+    text_layers: int = 2
+    """Tiny model: decoder layers of the LM."""
+    vision_hidden: int = 128
+    """Tiny model: width of the CLIP-style vision tower."""
+    vision_layers: int = 2
+    """Tiny model: layers of the vision tower."""
+    vocab_size: int = 512
+    """Tiny model: BPE vocabulary size trained on ShapesWorld text."""
+    dtype: Dtype = "float32"
+    """Weights dtype for inference and training."""
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"model.image_size ({self.image_size}) must be a multiple of model.patch_size")
+        for name in ("text_hidden", "vision_hidden"):
+            width = getattr(self, name)
+            if width % 64:
+                raise ConfigError(f"model.{name} ({width}) must be a multiple of 64 (head size 64)")
+
+
+@dataclass
+class ShapesConfig:
+    """ShapesWorld, the embedded default's procedural benchmark (inbol_ray.data.shapes)."""
+
+    seed: int = 0
+    """Seed of every scene, question and split."""
+    n_pretrain: int = 6000
+    """Base-model training items (answerable only, rare names almost never shown): what the base
+    model saw before InBoL, like LLaVA's own instruction data."""
+    n_train: int = 2000
+    """InBoL training items (answerable + mismatched unanswerable): sampled for confidence, then
+    used by IDK-IT / SFT / DPO. All names at equal frequency, so rare names get low confidence."""
+    n_id_test: int = 400
+    """Items of the in-domain test set (shapes_id_test)."""
+    n_ood_test: int = 400
+    """Items per OOD test set (shapes_ood_paraphrase, shapes_ood_scene)."""
+    n_unanswerable_test: int = 300
+    """Items of the unanswerable test set (shapes_unanswerable): mismatched questions only."""
+    unanswerable_fraction: float = 0.15
+    """Fraction of train items made unanswerable by image-question mismatch."""
+    n_names: int = 24
+    """Knowledge family: how many colour-shape combinations get an invented name."""
+    rare_name_fraction: float = 0.5
+    """Share of named combinations that are rare in training (the intrinsic boundary)."""
+    rare_name_weight: float = 0.002
+    """Pretrain split: sampling weight of a rare name relative to a common one."""
+
+
+@dataclass
+class DatasetSpec:
+    name: str = ""
+    """Data set name as written into the `dataset` column (e.g. vqav2, aokvqa, gqa)."""
+    format: Literal[
+        "vqav2",
+        "scienceqa",
+        "oven",
+        "aokvqa",
+        "gqa",
+        "mmmu",
+        "mmbench",
+        "vizwiz",
+        "unanswerable_jsonl",
+        "items",
+    ] = "vqav2"
+    """Loader of the data set's published file format (inbol_ray.data.loaders)."""
+    path: str = ""
+    """Local path or pyarrow filesystem URI of the data set's main file or folder."""
+    images: str = ""
+    """Image folder (when the format keeps images apart from the annotations)."""
+    split: Literal["train", "id_test", "ood_test", "unanswerable_test"] = "train"
+    """Which role the data set plays: InBoL training items, or one of the evaluation splits."""
+    limit: int = 0
+    """Read at most this many rows (0 = all)."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("data.datasets: every data set needs a name")
+        if not self.path:
+            raise ConfigError(f"data.datasets[{self.name}]: path is empty")
+
+
+@dataclass
+class DataConfig:
+    source: Literal["shapes", "files"] = "shapes"
+    """`shapes` generates ShapesWorld; `files` reads `datasets` in their published formats."""
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    """ShapesWorld settings (source `shapes`)."""
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    """Data sets in their published formats (source `files`), each with its split."""
+    image_storage: Literal["bytes", "path"] = "bytes"
+    """Store encoded image bytes in the tables, or paths resolved lazily by each stage."""
+    max_image_bytes: int = 20_000_000
+    """Images larger than this (encoded) are quarantined: a decoder bomb must not stall an actor."""
+    max_image_pixels: int = 40_000_000
+    """Images with more pixels than this are quarantined (PIL's decompression-bomb guard, made explicit)."""
+
+    def __post_init__(self) -> None:
+        if self.source == "files" and not self.datasets:
+            raise ConfigError("data.datasets is empty but data.source is 'files'")
+        names = [d.name for d in self.datasets]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"data.datasets: names must be unique, repeated: {repeated}")
+
+
+@dataclass
+class BaseTrainConfig:
+    """The short supervised training that makes the tiny model know some things and not others."""
+
+    steps: int = 2000
+    """Optimizer steps of the base training."""
+    batch_size: int = 32
+    """Items per step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW, linear warmup then cosine decay)."""
+    warmup_steps: int = 100
+    """Steps of linear warmup."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    vision_lr_scale: float = 0.0
+    """Learning-rate multiplier of the CLIP tower (0 freezes it). At the full rate the from-scratch
+    tower collapsed to image-independent features in our runs; frozen random features or a slow
+    tower keep colour and shape decodable while the projector and LM learn to read them."""
+    seed: int = 0
+    """Seed of the base training's data order and initialisation of the trained parts."""
+    threads: int = 2
+    """torch threads of the base training (it runs in the driver, before any Ray stage)."""

@@ -1,0 +1,306 @@
+"""The typed run configuration: one dataclass per section, every field documented, checked on load.
+
+Every threshold of the method lives here (DESIGN.md: "never a literal in code"). Each section validates
+itself in `__post_init__`, so a config that cannot run (more workers than rows per step, an unknown
+method) fails when it loads, before Ray starts, with one line naming the key. Building these from YAML
+and CLI overrides is `inbol_ray.config.loading`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from inbol_ray import methods as M
+from inbol_ray.config.data_sections import BaseTrainConfig, DataConfig, ModelConfig
+from inbol_ray.config.errors import ConfigError, at_least, in_range
+
+
+@dataclass
+class GradingConfig:
+    """How responses are scored against gold answers (inbol_ray.grading)."""
+
+    vqa_correct_at: float = 0.5
+    """A vqa_soft sample counts as correct when its VQA accuracy is at least this."""
+
+    def __post_init__(self) -> None:
+        in_range("grading.vqa_correct_at", self.vqa_correct_at, 0.0, 1.0)
+
+
+@dataclass
+class SamplingConfig:
+    """Confidence sampling (K answers per item) and the engines every generating stage uses."""
+
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """Generation engine of every stage that asks the model (sampling, evaluation, base confidence)."""
+    k: int = 10
+    """Samples per item; conf = correct / k."""
+    temperature: float = 1.0
+    """Sampling temperature of the K samples (> 0)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass of the K samples."""
+    max_new_tokens: int = 8
+    """Longest sampled answer, in tokens."""
+    seed: int = 0
+    """Sample j of item i depends only on (seed, item id, j), the model and these settings."""
+    batch_size: int = 32
+    """Items per actor call."""
+    num_actors: int = 1
+    """Sampler actors (model copies) in the Ray Data actor pool."""
+    gpus_per_actor: float = 0.0
+    """GPUs each sampler actor reserves (0 on CPU)."""
+    cpus_per_actor: float = 1.0
+    """CPUs each sampler actor reserves; its torch threads = max(1, int(this))."""
+    gpu_memory_utilization: float = 0.85
+    """vLLM on GPU: share of GPU memory the engine may take."""
+    max_model_len: int = 2048
+    """vLLM: longest prompt + answer in tokens (LLaVA-1.5: 576 image tokens + text)."""
+    tensor_parallel_size: int = 1
+    """vLLM: GPUs one engine spans (gpus_per_actor should match)."""
+    kv_cache_memory_bytes: int = 0
+    """vLLM: explicit KV cache size (0 = from memory utilisation on GPU, 256 MiB on CPU)."""
+
+    def __post_init__(self) -> None:
+        at_least("sampling.k", self.k, 1)
+        if self.temperature <= 0:
+            raise ConfigError(f"sampling.temperature must be > 0 (K samples), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        for name in ("max_new_tokens", "batch_size", "num_actors", "tensor_parallel_size"):
+            at_least(f"sampling.{name}", getattr(self, name), 1)
+        if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
+            raise ConfigError("sampling: an actor needs cpus_per_actor > 0 or gpus_per_actor > 0")
+
+
+@dataclass
+class ConstructConfig:
+    """Turning confidences into training tables (inbol_ray.boundary)."""
+
+    tau_known: float = 1.0
+    """conf >= tau_known -> bucket `known`."""
+    tau_unknown: float = 0.0
+    """conf <= tau_unknown -> bucket `unknown`."""
+    tau_idk: float = 0.5
+    """IDK-IT: refuse when conf < tau_idk (answering earns 2*conf-1 in expectation, refusing 0)."""
+    refusal_template: int = 0
+    """Index into REFUSAL_TEMPLATES used as the training refusal (-1: rotate by item id)."""
+    seed: int = 0
+    """Seed of the choices construction makes (which incorrect sample a pair uses)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tau_unknown < self.tau_known <= 1.0:
+            raise ConfigError(
+                f"construct thresholds need 0 <= tau_unknown < tau_known <= 1, got "
+                f"{self.tau_unknown}, {self.tau_known}"
+            )
+        in_range("construct.tau_idk", self.tau_idk, 0.0, 1.0)
+
+
+@dataclass
+class TrainConfig:
+    """IDK-IT, SFT and the CA-DPO family on Ray Train (inbol_ray.train)."""
+
+    method: Literal["idk_it", "sft", "cadpo", "dpo1", "dpo2", "dpo3"] = "cadpo"
+    """The method `python -m jobs.train` trains (the pipeline trains every method in eval.methods)."""
+    num_workers: int = 1
+    """Ray Train workers (DDP/FSDP ranks); 0 runs the loop in the driver (local mode, for debugging)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How workers share the model: DDP replicas, or FSDP shards (full fine-tuning of large models)."""
+    lora: bool = True
+    """Train LoRA adapters on the LM (else full fine-tuning of the LM)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+    """Regex of the modules LoRA wraps (anchored on `language_model`: the vision tower also has q_proj)."""
+    train_projector: bool = False
+    """Also train the multimodal projector."""
+    epochs: int = 1
+    """Passes over the training table."""
+    max_steps: int = 0
+    """0 = one pass over `epochs`."""
+    batch_size: int = 16
+    """Rows per optimizer step, all workers together (workers x grad_accum x micro-batch)."""
+    grad_accum: int = 1
+    """Micro-batches per worker per step."""
+    lr: float = 1e-3
+    """Learning rate of IDK-IT and SFT (and of DPO methods when dpo_lr is 0)."""
+    beta: float = 0.1
+    """DPO temperature."""
+    sft_weight: float = 0.0
+    """Optional NLL on the chosen response added to DPO losses (0 = pure DPO)."""
+    checkpoint_every: int = 50
+    """Steps between Ray Train checkpoints (each costs ~1 s: a report)."""
+    num_to_keep: int = 2
+    """Ray Train checkpoints kept."""
+    max_failures: int = 1
+    """Worker-group restarts Ray Train allows before the run fails."""
+    logprob_chunk_size: int = 1024
+    """Vocabulary chunk of the fused log-prob op (memory vs speed)."""
+    seed: int = 0
+    """Seed of the data order (per epoch) and of dropout (per step)."""
+    dpo_lr: float = 0.0
+    """Learning rate of the DPO methods (0 = `lr`): DPO usually wants a much smaller one than IDK-IT/SFT."""
+    dpo_init: Literal["idk_it", "base"] = "idk_it"
+    """What CA-DPO and the DPO ablations start from (and use as their frozen reference): the IDK-IT model
+    (InBoL's two steps: IDK-IT teaches the model to say a refusal, CA-DPO then places it by confidence) or
+    the base model."""
+    merge: bool = True
+    """Also save a merged HF checkpoint (loadable by from_pretrained and vLLM)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping; the norm is logged either way)."""
+    cpus_per_worker: float = 1.0
+    """Ray Train workers' (and reference scorers') CPU reservation; torch threads = max(1, int(this))."""
+    tensorboard: bool = False
+    """Also write per-step scalars to `<model out dir>/tensorboard` (metrics.jsonl is always written)."""
+
+    def __post_init__(self) -> None:
+        at_least("train.num_workers", self.num_workers, 0)
+        for name in (
+            "epochs",
+            "grad_accum",
+            "lora_r",
+            "checkpoint_every",
+            "num_to_keep",
+            "logprob_chunk_size",
+        ):
+            at_least(f"train.{name}", getattr(self, name), 1)
+        ranks = max(1, self.num_workers) * self.grad_accum
+        if self.batch_size < ranks:
+            raise ConfigError(
+                f"train.batch_size ({self.batch_size}) must be >= num_workers x grad_accum ({ranks}): "
+                "every micro-batch needs a row"
+            )
+        if self.lr <= 0 or self.dpo_lr < 0:
+            raise ConfigError(f"train.lr must be > 0 and train.dpo_lr >= 0, got {self.lr}, {self.dpo_lr}")
+        if self.beta <= 0:
+            raise ConfigError(f"train.beta must be > 0, got {self.beta}")
+        in_range("train.lora_dropout", self.lora_dropout, 0.0, 0.99)
+        if self.num_workers and self.cpus_per_worker <= 0:
+            raise ConfigError("train.cpus_per_worker must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    """Which methods are trained and evaluated, on which sets, with which prompts."""
+
+    datasets: list[str] = field(default_factory=list)
+    """Eval set names (empty: every non-train split in `items`)."""
+    methods: list[str] = field(default_factory=lambda: list(M.METHODS))
+    """Methods to evaluate (inbol_ray.methods); the pipeline trains exactly what these need."""
+    refusal_instruction: str = (
+        "Answer the question using a single word or phrase. If you are not sure, answer: I don't know."
+    )
+    """The `refusal_prompt` baseline's instruction (appended after the question, replacing
+    `answer_instruction`): the base model, asked to refuse when unsure."""
+    answer_instruction: str = ""
+    """Instruction appended after the question for every other method ("" = the question alone, as
+    the tiny model was trained). LLaVA-1.5 evaluates short answers with "Answer the question using a
+    single word or phrase."; the refusal baseline then differs from `base` only by its refusal clause."""
+    max_new_tokens: int = 8
+    """Longest greedy answer, in tokens."""
+    batch_size: int = 64
+    """Items per actor call during evaluation."""
+    conf_bins: int = 5
+    """Bins of the base model's confidence in the intrinsic-boundary figures."""
+
+    def __post_init__(self) -> None:
+        unknown = M.unknown_methods(self.methods)
+        if unknown:
+            raise ConfigError(f"eval.methods: unknown method(s) {unknown}; known: {', '.join(M.METHODS)}")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"eval.methods must be non-empty without repeats, got {self.methods}")
+        at_least("eval.conf_bins", self.conf_bins, 1)
+        at_least("eval.max_new_tokens", self.max_new_tokens, 1)
+
+
+@dataclass
+class ServeConfig:
+    """The Ray Serve deployment and its Gradio demo (serve/)."""
+
+    host: str = "127.0.0.1"
+    """HTTP bind address (loopback by default: expose deliberately)."""
+    port: int = 8000
+    """HTTP port."""
+    min_replicas: int = 1
+    """Autoscaling floor of model replicas."""
+    max_replicas: int = 2
+    """Autoscaling ceiling of model replicas."""
+    target_ongoing_requests: float = 4.0
+    """Serve autoscaling target per replica."""
+    max_ongoing_requests: int = 16
+    """Requests a replica accepts at once before Serve queues them."""
+    max_image_bytes: int = 10_000_000
+    """Uploads larger than this are refused with 413."""
+    confidence_k: int = 10
+    """Samples per request in confidence mode."""
+    max_batch_size: int = 8
+    """Greedy requests a model replica answers in one `generate` call (Serve dynamic batching), so
+    concurrent users share a forward pass instead of queueing one by one."""
+    batch_wait_timeout_s: float = 0.01
+    """How long a replica waits to fill a batch: at most this is added to a lone user's latency."""
+    upscale_delay_s: float = 30.0
+    """Serve autoscaling: how long load must stay above `target_ongoing_requests` before a replica is
+    added (Serve's default; tests and the benchmark shorten it to see 1 -> 2 replicas in seconds)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ConfigError(
+                f"serve: need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}"
+            )
+
+
+@dataclass
+class RayConfig:
+    """How jobs reach Ray."""
+
+    address: str = ""
+    """Empty: start a local Ray with `num_cpus`; otherwise connect (e.g. `auto`)."""
+    num_cpus: int = 2
+    """CPUs of a local Ray (explicit: Ray would otherwise take every core it sees)."""
+    temp_dir: str = ""
+    """Ray's session folder for a local Ray (empty: Ray's default)."""
+
+
+@dataclass
+class Config:
+    """A whole run: one section per stage family."""
+
+    run_dir: str = "runs/tiny"
+    """Where every output of the run goes: a local path or a pyarrow filesystem URI (s3://...)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model InBoL starts from."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    base_train: BaseTrainConfig = field(default_factory=BaseTrainConfig)
+    """Embedded default only: the tiny model's base training."""
+    grading: GradingConfig = field(default_factory=GradingConfig)
+    """Scoring responses."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Confidence sampling and the generation engines."""
+    construct: ConstructConfig = field(default_factory=ConstructConfig)
+    """Training tables from confidences."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation and the report."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """Serving."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray connection."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Content hash of the named sections, so a stage reruns exactly when its inputs' config changes."""
+        blob = json.dumps({s: dataclasses.asdict(getattr(self, s)) for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
