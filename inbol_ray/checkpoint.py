@@ -59,8 +59,10 @@ def local_dir(location: str) -> str:
     out = os.path.join(root, hashlib.sha256(location.encode()).hexdigest()[:16])
     stamp = json.dumps({"uri": location, "files": listing})
     marker = os.path.join(out, ".inbol_copied_from.json")
-    if os.path.exists(marker) and open(marker).read() == stamp:
-        return out
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if f.read() == stamp:
+                return out
     os.makedirs(out, exist_ok=True)
     pafs.copy_files(path, out, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     with open(marker, "w") as f:

@@ -18,7 +18,6 @@ from typing import Any
 from inbol_ray.data import io as dio
 
 
-
 def fingerprint(*parts: Any, **named: Any) -> str:
     """Content hash of everything an output depends on (JSON of the parts; dataclasses as dicts)."""
     import dataclasses
@@ -51,23 +50,19 @@ def _versions() -> dict[str, str]:
     }
 
 
-def manifest_uri(run_dir: str, stage: str) -> str:
-    return dio.join(run_dir, "manifests", f"{stage}.json")
-
-
-def read_manifest(run_dir: str, stage: str) -> dict[str, Any] | None:
-    uri = manifest_uri(run_dir, stage)
+def read_manifest(uri: str) -> dict[str, Any] | None:
+    """The manifest at `uri` (the run layout names it: `RunLayout.manifest(stage)`), or None."""
     if not dio.exists(uri):
         return None
     return json.loads(dio.read_bytes(uri).decode())
 
 
-def is_done(run_dir: str, stage: str, config_hash: str) -> bool:
-    found = read_manifest(run_dir, stage)
+def is_done(uri: str, config_hash: str) -> bool:
+    found = read_manifest(uri)
     return found is not None and found.get("config_hash") == config_hash
 
 
-def write_manifest(run_dir: str, stage: str, config_hash: str, counts: dict[str, Any], **extra: Any) -> None:
+def write_manifest(uri: str, stage: str, config_hash: str, counts: dict[str, Any], **extra: Any) -> None:
     body = {
         "stage": stage,
         "config_hash": config_hash,
@@ -76,12 +71,9 @@ def write_manifest(run_dir: str, stage: str, config_hash: str, counts: dict[str,
         "versions": _versions(),
         **extra,
     }
-    fs, path = dio.resolve(manifest_uri(run_dir, stage))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(json.dumps(body, indent=2, default=str).encode())
+    dio.write_bytes(uri, json.dumps(body, indent=2, default=str).encode())
 
 
-def clear_manifest(run_dir: str, stage: str) -> None:
+def clear_manifest(uri: str) -> None:
     """Invalidate before rewriting outputs, so a crash mid-write never leaves a stale 'done' behind."""
-    dio.remove(manifest_uri(run_dir, stage))
+    dio.remove(uri)

@@ -1,87 +1,96 @@
-"""The end-to-end pipeline as an ordered list of stages, each skipped when its manifest matches.
+"""The stages of a run, what each depends on, and the runner that skips what is already done.
 
-Each stage is a plain function `(ctx) -> counts`; the runner prints one progress line per stage with
-its elapsed time, and writes the stage's manifest (config hash of the sections it depends on) only
-after its outputs are complete, so a crashed run resumes at the first unfinished stage.
+A stage is a plain function `(ctx) -> counts` plus what its output is made from: config sections and the
+outputs of earlier stages. Its hash is the fingerprint of both (computed from the config alone, before
+anything runs), so a changed section reruns exactly the stages downstream of it, and changing
+`construct.tau_idk` never throws away samples. A manifest (`RunLayout.manifest(stage)`) is written only
+after a stage's outputs are complete, so a crashed run resumes at the first unfinished stage.
+
+`jobs.pipeline` runs them all (or `--only` / `--until`); every stage job (`jobs.sample_confidence`, ...)
+runs its own stages through the same `run_pipeline`, with the same manifests.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
 from inbol_ray import manifest
+from inbol_ray import methods as M
 from inbol_ray.config import Config
-from inbol_ray.data import io as dio
+from inbol_ray.run_layout import RunLayout
+
+
+class StageError(ValueError):
+    """A stage selection that cannot run: unknown names, or inputs that are missing or stale."""
 
 
 @dataclass
 class Context:
     cfg: Config
-    run_dir: str
+    layout: RunLayout
     log: Callable[[str], None] = print
-
-    def path(self, *parts: str) -> str:
-        return dio.join(self.run_dir, *parts)
-
-    def items(self) -> pa.Table:
-        return dio.read_table(self.path("items"))
+    extras: dict[str, Any] = field(default_factory=dict)
+    """What a job prepared before Ray started (e.g. parsed data sources), by stage."""
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    depends_on: tuple[str, ...]
+    sections: tuple[str, ...]
     """Config sections whose content decides whether an existing output can be reused."""
     run: Callable[[Context], dict[str, Any]]
+    inputs: tuple[str, ...] = ()
+    """Stages whose outputs this one reads: their hashes are part of its hash."""
 
 
 def _prepare(ctx: Context) -> dict[str, Any]:
     from inbol_ray.data.prepare import run_prepare
 
-    result = run_prepare(ctx.cfg, run_dir=ctx.run_dir)
+    result = run_prepare(ctx.cfg, ctx.layout, sources=ctx.extras.get("prepare"))
     ctx.log("  " + result.summary_line())
     return result.counts
 
 
-def model_dir(ctx: Context, name: str) -> str:
-    return ctx.path("models", name)
-
-
 def _base_model(ctx: Context) -> dict[str, Any]:
-    """Embedded default only: build the tiny checkpoint, train it briefly, report its boundary."""
+    """Embedded default only: build the tiny checkpoint, train it briefly, report its boundary.
+
+    Built in a local folder and copied to the run (a no-op for a local run): transformers writes local files.
+    """
+    import tempfile
+
+    from inbol_ray.checkpoint import upload_dir
+    from inbol_ray.data import io as dio
     from inbol_ray.data.shapes import invented_names, rare_combos
     from inbol_ray.model.base_train import family_accuracy, train_base
     from inbol_ray.model.tiny import build_tiny_checkpoint
 
-    cfg = ctx.cfg
-    init = Path(model_dir(ctx, "init"))
-    build_tiny_checkpoint(init, cfg.model, cfg.data.shapes)
-    base = train_base(init, ctx.items(), model_dir(ctx, "base"), cfg.base_train, log=ctx.log)
-    names = invented_names(cfg.data.shapes.n_names, cfg.data.shapes.seed)
-    rare = {names[k] for k in rare_combos(names, cfg.data.shapes)}
-    acc = family_accuracy(base, ctx.items(), "shapes_id_test", rare, max_new_tokens=cfg.eval.max_new_tokens)
+    cfg, layout = ctx.cfg, ctx.layout
+    items = dio.read_table(layout.items)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = not dio.is_uri(layout.root)
+        init = layout.tiny_init if local else f"{tmp}/init"
+        base = layout.base_model if local else f"{tmp}/base"
+        build_tiny_checkpoint(init, cfg.model, cfg.data.shapes)
+        train_base(init, items, base, cfg.base_train, log=ctx.log)
+        names = invented_names(cfg.data.shapes.n_names, cfg.data.shapes.seed)
+        rare = {names[k] for k in rare_combos(names, cfg.data.shapes)}
+        acc = family_accuracy(base, items, "shapes_id_test", rare, max_new_tokens=cfg.eval.max_new_tokens)
+        if not local:
+            upload_dir(init, layout.tiny_init)
+            upload_dir(base, layout.base_model)
     ctx.log("  base model accuracy by question family on shapes_id_test (greedy):")
     for family, (n, a) in acc.items():
         ctx.log(f"    {family:<18} n={n:<4} acc={a:6.1%}")
     return {"family_accuracy": {k: {"n": n, "acc": a} for k, (n, a) in acc.items()}}
 
 
-def base_model_dir(ctx: Context) -> str:
-    """The model InBoL starts from: the trained tiny base (embedded default) or the user's checkpoint."""
-    return model_dir(ctx, "base") if ctx.cfg.model.build_tiny else ctx.cfg.model.path
-
-
 def _sample(ctx: Context) -> dict[str, Any]:
     from inbol_ray.sampling.stage import run_sampling
 
-    result = run_sampling(ctx.cfg, ctx.run_dir, base_model_dir(ctx), split="train", log=ctx.log)
+    result = run_sampling(ctx.cfg, ctx.layout, log=ctx.log)
     ctx.log("  " + result.summary_line())
     return result.counts
 
@@ -89,37 +98,22 @@ def _sample(ctx: Context) -> dict[str, Any]:
 def _construct(ctx: Context) -> dict[str, Any]:
     from inbol_ray.boundary.tables import run_construct
 
-    result = run_construct(ctx.cfg.construct, ctx.run_dir, ctx.path("items"), ctx.path("samples"))
+    result = run_construct(ctx.cfg, ctx.layout)
     ctx.log("  " + result.summary_line())
     return result.counts
 
 
-def dpo_start_dir(ctx: Context) -> str:
-    """The model the DPO methods start from and score their reference with (`train.dpo_init`)."""
-    return model_dir(ctx, "idk_it") if ctx.cfg.train.dpo_init == "idk_it" else base_model_dir(ctx)
-
-
 def _reference(ctx: Context) -> dict[str, Any]:
-    from inbol_ray.train.trainer import run_reference_pass
+    from inbol_ray.train.reference import run_reference_pass
 
-    return run_reference_pass(
-        ctx.cfg, ctx.path("tables", "cadpo_pairs"), dpo_start_dir(ctx), ctx.path("tables", "cadpo_pairs_ref")
-    )
+    return run_reference_pass(ctx.cfg, ctx.layout, log=ctx.log)
 
 
 def _train(method: str) -> Callable[[Context], dict[str, Any]]:
     def run(ctx: Context) -> dict[str, Any]:
-        from inbol_ray.train.trainer import METHOD_TABLES, run_training
+        from inbol_ray.train.trainer import run_training
 
-        table = METHOD_TABLES[method] + ("_ref" if method in DPO_METHODS else "")
-        result = run_training(
-            ctx.cfg,
-            method,
-            ctx.path("tables", table),
-            dpo_start_dir(ctx) if method in DPO_METHODS else base_model_dir(ctx),
-            model_dir(ctx, method),
-            log=ctx.log,
-        )
+        result = run_training(ctx.cfg, method, ctx.layout, log=ctx.log)
         ctx.log("  " + result.summary_line())
         return {"steps": result.steps, "seconds": round(result.seconds, 1), **result.final_metrics}
 
@@ -129,12 +123,7 @@ def _train(method: str) -> Callable[[Context], dict[str, Any]]:
 def _evaluate(ctx: Context) -> dict[str, Any]:
     from inbol_ray.eval.evaluate import run_evaluation
 
-    models = {}
-    for method in ctx.cfg.eval.methods:
-        models[method] = (
-            base_model_dir(ctx) if method in ("base", "refusal_prompt") else model_dir(ctx, method)
-        )
-    result = run_evaluation(ctx.cfg, ctx.run_dir, models, ctx.path("items"), log=ctx.log)
+    result = run_evaluation(ctx.cfg, ctx.layout, log=ctx.log)
     ctx.log("  " + result.summary_line())
     return {"predictions": result.predictions_uri, "metrics": result.metrics_uri}
 
@@ -143,63 +132,114 @@ def _report(ctx: Context) -> dict[str, Any]:
     from inbol_ray.eval.base_confidence import compute_base_confidence
     from inbol_ray.eval.report import write_report
 
-    cfg = ctx.cfg
-    conf_uri = compute_base_confidence(cfg, ctx.run_dir, base_model_dir(ctx), ctx.path("items"), log=ctx.log)
-    report = write_report(
-        ctx.run_dir, confidence_uri=conf_uri, methods=cfg.eval.methods, bins=cfg.eval.conf_bins
-    )
+    compute_base_confidence(ctx.cfg, ctx.layout, log=ctx.log)
+    report = write_report(ctx.cfg, ctx.layout, log=ctx.log)
     ctx.log(f"  report -> {report}")
     return {"report": report}
 
 
-DPO_METHODS = ("dpo1", "dpo2", "dpo3", "cadpo")
-TRAINED_METHODS = ("sft", "idk_it", *DPO_METHODS)
-
-
 def stages(cfg: Config) -> list[Stage]:
-    """Stages in order; `depends_on` lists the config sections that decide whether an output is reusable."""
+    """Stages in the order they run, with what each one's output is made from."""
+    base = ("base_model",) if cfg.model.build_tiny else ("prepare",)
     out = [Stage("prepare", ("data",), _prepare)]
     if cfg.model.build_tiny:
-        out.append(Stage("base_model", ("model", "base_train"), _base_model))
+        out.append(Stage("base_model", ("model", "base_train"), _base_model, ("prepare",)))
     out += [
-        Stage("sample", ("sampling", "grading"), _sample),
-        Stage("construct", ("construct",), _construct),
+        Stage("sample", ("model", "sampling", "grading"), _sample, ("prepare", *base)),
+        Stage("construct", ("construct",), _construct, ("prepare", "sample")),
     ]
-    methods = [m for m in TRAINED_METHODS if m in cfg.eval.methods]
-    dpo = [m for m in methods if m in DPO_METHODS]
-    if dpo and cfg.train.dpo_init == "idk_it" and "idk_it" not in methods:
-        methods.insert(0, "idk_it")  # the DPO methods start from it, evaluated or not
-    out += [Stage(f"train_{m}", ("train",), _train(m)) for m in methods if m not in DPO_METHODS]
-    if dpo:
-        out.append(Stage("reference", ("model", "train"), _reference))
-    out += [Stage(f"train_{m}", ("train",), _train(m)) for m in dpo]
-    out += [Stage("evaluate", ("eval",), _evaluate), Stage("report", ("eval", "sampling"), _report)]
+    trained = M.training_order(cfg.eval.methods, cfg.train.dpo_init)
+
+    def start(method: str) -> tuple[str, ...]:
+        first = M.start_method(method, cfg.train.dpo_init)
+        return (f"train_{first}",) if first else base
+
+    for method in trained:
+        if M.method(method).needs_reference and not any(s.name == "reference" for s in out):
+            out.append(Stage("reference", ("model", "train"), _reference, ("construct", *start(method))))
+        inputs = ("reference",) if M.method(method).needs_reference else ("construct",)
+        out.append(Stage(f"train_{method}", ("model", "train"), _train(method), inputs + start(method)))
+    evaluated = tuple(f"train_{m}" for m in trained if m in cfg.eval.methods)
+    out += [
+        Stage(
+            "evaluate", ("model", "sampling", "grading", "eval"), _evaluate, ("prepare", *base, *evaluated)
+        ),
+        Stage("report", ("sampling", "grading", "eval"), _report, ("evaluate",)),
+    ]
     return out
 
 
-def run_pipeline(cfg: Config, run_dir: str, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    ctx = Context(cfg=cfg, run_dir=dio.absolute(run_dir), log=log)
+def stage_hashes(cfg: Config, all_stages: Sequence[Stage]) -> dict[str, str]:
+    """Each stage's hash: its config sections and its inputs' hashes (so, transitively, everything
+    upstream). Computed from the config alone, so a job can check its inputs before starting Ray."""
+    hashes: dict[str, str] = {}
+    for stage in all_stages:
+        hashes[stage.name] = manifest.fingerprint(
+            {s: getattr(cfg, s) for s in stage.sections}, {name: hashes[name] for name in stage.inputs}
+        )
+    return hashes
+
+
+def select(all_stages: Sequence[Stage], only: Sequence[str] = (), until: str = "") -> list[Stage]:
+    """The stages to run: all, the `only` ones, or everything up to and including `until`."""
+    names = [s.name for s in all_stages]
+    unknown = [n for n in [*only, *([until] if until else [])] if n not in names]
+    if unknown:
+        raise StageError(f"unknown stage(s) {unknown}; this config's stages: {', '.join(names)}")
+    chosen = [s for s in all_stages if not only or s.name in only]
+    if until:
+        chosen = [s for s in chosen if names.index(s.name) <= names.index(until)]
+    return chosen
+
+
+def stale_inputs(cfg: Config, layout: RunLayout, chosen: Sequence[Stage]) -> list[str]:
+    """Inputs of the chosen stages that no chosen stage makes and no current manifest vouches for."""
     all_stages = stages(cfg)
+    hashes = stage_hashes(cfg, all_stages)
+    making = {s.name for s in chosen}
+    problems = []
+    for stage in chosen:
+        for name in stage.inputs:
+            if name in making or manifest.is_done(layout.manifest(name), hashes[name]):
+                continue
+            found = manifest.read_manifest(layout.manifest(name))
+            why = "not run yet" if found is None else "made with another config"
+            problems.append(f"{stage.name} needs the output of {name} ({why}): run that stage first")
+    return sorted(set(problems))
+
+
+def run_pipeline(
+    cfg: Config,
+    layout: RunLayout,
+    *,
+    only: Sequence[str] = (),
+    until: str = "",
+    log: Callable[[str], None] = print,
+    extras: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run the selected stages in order (Ray must be initialised), skipping those already done."""
+    all_stages = stages(cfg)
+    chosen = select(all_stages, only, until)
+    problems = stale_inputs(cfg, layout, chosen)
+    if problems:
+        raise StageError("; ".join(problems))
+    hashes = stage_hashes(cfg, all_stages)
+    ctx = Context(cfg=cfg, layout=layout, log=log, extras=extras or {})
     results: dict[str, dict[str, Any]] = {}
     t_start = time.time()
-    upstream_hash = ""
-    for i, stage in enumerate(all_stages, 1):
-        # A stage's hash covers its own sections and everything upstream, so changing the data
-        # config reruns sampling, construction and training, not just the prepare stage.
-        upstream_hash = hashlib.sha256(
-            (upstream_hash + cfg.section_hash(*stage.depends_on)).encode()
-        ).hexdigest()[:16]
-        head = f"[{i}/{len(all_stages)}] {stage.name}"
-        if manifest.is_done(ctx.run_dir, stage.name, upstream_hash):
+    for i, stage in enumerate(chosen, 1):
+        head = f"[{i}/{len(chosen)}] {stage.name}"
+        uri = layout.manifest(stage.name)
+        if manifest.is_done(uri, hashes[stage.name]):
             log(f"{head}: up to date, skipped")
-            results[stage.name] = manifest.read_manifest(ctx.run_dir, stage.name)["counts"]
+            results[stage.name] = manifest.read_manifest(uri)["counts"]
             continue
         log(f"{head}: running")
         t0 = time.time()
-        manifest.clear_manifest(ctx.run_dir, stage.name)
+        manifest.clear_manifest(uri)
         counts = stage.run(ctx)
         manifest.write_manifest(
-            ctx.run_dir, stage.name, upstream_hash, counts, seconds=round(time.time() - t0, 1)
+            uri, stage.name, hashes[stage.name], counts, seconds=round(time.time() - t0, 1)
         )
         results[stage.name] = counts
         log(f"{head}: done in {time.time() - t0:.0f}s (total {time.time() - t_start:.0f}s)")

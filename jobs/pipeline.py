@@ -1,6 +1,8 @@
 """The main job: every stage in order on one run directory, resuming where a previous run stopped.
 
     python -m jobs.pipeline --config configs/tiny.yaml --run-dir runs/tiny [section.key=value ...]
+    python -m jobs.pipeline --config configs/llava-1.5-7b.yaml --config site.yaml --until construct
+    python -m jobs.pipeline --config configs/tiny.yaml --only evaluate,report
 
 Also submittable to a cluster: `ray job submit --working-dir . -- python -m jobs.pipeline --config ...`.
 """
@@ -9,42 +11,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from inbol_ray.config import ConfigError, load_config
-from inbol_ray.pipeline import run_pipeline
-from inbol_ray.runtime import ray_session
+from inbol_ray.cli import run_job
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--run-dir", default="", help="override run_dir (local path or URI)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    return parser.parse_args(argv)
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", default="", help="run only these stages (comma-separated)")
+    parser.add_argument("--until", default="", help="run every stage up to and including this one")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"pipeline: config error: {exc}", file=sys.stderr)
-        return 2
-    if args.run_dir:
-        cfg.run_dir = args.run_dir
-    from inbol_ray.data.prepare import input_problems
+    def choose(cfg, args):
+        return [s for s in args.only.split(",") if s], args.until
 
-    problems = input_problems(cfg.data)
-    if problems:
-        print(f"pipeline: {len(problems)} input problem(s), nothing started:", file=sys.stderr)
-        print("\n".join(f"  - {line}" for line in problems), file=sys.stderr)
-        return 2
-    t0 = time.time()
-    with ray_session(cfg.ray):
-        run_pipeline(cfg, cfg.run_dir)
-    print(f"pipeline: finished in {time.time() - t0:.0f}s; outputs under {cfg.run_dir}")
-    return 0
+    return run_job("pipeline", __doc__, argv, choose, add_arguments=_arguments)
 
 
 if __name__ == "__main__":

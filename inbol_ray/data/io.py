@@ -85,6 +85,15 @@ def read_bytes(location: str) -> bytes:
         return stream.read()
 
 
+def write_bytes(location: str, data: bytes) -> str:
+    """Write a whole file (parent folders created); returns `location`."""
+    fs, path = resolve(location)
+    fs.create_dir(parent(path), recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+    return location
+
+
 def list_files(location: str, suffix: str = "", prefix: str = "") -> list[str]:
     """Files below a folder (recursive, sorted) whose names start with `prefix` and end with `suffix`.
 

@@ -1,4 +1,4 @@
-"""The pipeline runner: manifests make reruns skip finished stages and redo changed ones."""
+"""The pipeline runner: manifests make reruns skip finished stages and redo changed ones; stage selection."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from inbol_ray import manifest
 from inbol_ray import pipeline as P
 from inbol_ray.config import load_config
+from inbol_ray.run_layout import RunLayout
 
 
 def _stages(calls: list[str], fail_at: str | None = None) -> list[P.Stage]:
@@ -17,51 +18,99 @@ def _stages(calls: list[str], fail_at: str | None = None) -> list[P.Stage]:
             if name == fail_at:
                 raise RuntimeError(f"{name} crashed")
             calls.append(name)
-            Path(ctx.path(name)).write_text("done")
+            Path(ctx.layout.path(name)).write_text("done")
             return {"rows": len(calls)}
 
         return run
 
     return [
         P.Stage("first", ("data",), make("first")),
-        P.Stage("second", ("sampling",), make("second")),
-        P.Stage("third", ("train",), make("third")),
+        P.Stage("second", ("sampling",), make("second"), ("first",)),
+        P.Stage("third", ("train",), make("third"), ("second",)),
+        P.Stage("side", ("eval",), make("side"), ("first",)),
     ]
 
 
+def _layout(tmp_path: Path) -> RunLayout:
+    return RunLayout(str(tmp_path))
+
+
 def test_rerun_skips_finished_stages_and_resumes_after_a_crash(tmp_path: Path, monkeypatch) -> None:
-    cfg = load_config(None)
+    cfg, layout = load_config(None), _layout(tmp_path)
     calls: list[str] = []
     monkeypatch.setattr(P, "stages", lambda c: _stages(calls, fail_at="third"))
     with pytest.raises(RuntimeError, match="third crashed"):
-        P.run_pipeline(cfg, str(tmp_path), log=lambda s: None)
+        P.run_pipeline(cfg, layout, log=lambda s: None)
     assert calls == ["first", "second"]
-    assert manifest.read_manifest(str(tmp_path), "third") is None
+    assert manifest.read_manifest(layout.manifest("third")) is None
 
     monkeypatch.setattr(P, "stages", lambda c: _stages(calls))
     lines: list[str] = []
-    P.run_pipeline(cfg, str(tmp_path), log=lines.append)
-    assert calls == ["first", "second", "third"]
+    P.run_pipeline(cfg, layout, log=lines.append)
+    assert calls == ["first", "second", "third", "side"]
     assert any("first: up to date, skipped" in line for line in lines)
     assert any("third: done in" in line for line in lines)
 
 
-def test_changed_config_reruns_the_stage_and_everything_after(tmp_path: Path, monkeypatch) -> None:
+def test_changed_config_reruns_exactly_the_stages_downstream(tmp_path: Path, monkeypatch) -> None:
     calls: list[str] = []
+    layout = _layout(tmp_path)
     monkeypatch.setattr(P, "stages", lambda c: _stages(calls))
-    P.run_pipeline(load_config(None), str(tmp_path), log=lambda s: None)
+    P.run_pipeline(load_config(None), layout, log=lambda s: None)
     calls.clear()
-    P.run_pipeline(load_config(None, ["sampling.k=3"]), str(tmp_path), log=lambda s: None)
-    assert calls == ["second", "third"]  # first depends only on `data`
+    P.run_pipeline(load_config(None, ["sampling.k=3"]), layout, log=lambda s: None)
+    assert calls == ["second", "third"]  # first depends only on `data`, side only on first and `eval`
     calls.clear()
-    P.run_pipeline(load_config(None, ["sampling.k=3"]), str(tmp_path), log=lambda s: None)
+    P.run_pipeline(load_config(None, ["sampling.k=3"]), layout, log=lambda s: None)
     assert calls == []
+
+
+def test_only_and_until_select_stages_and_check_inputs(tmp_path: Path, monkeypatch) -> None:
+    calls: list[str] = []
+    layout = _layout(tmp_path)
+    monkeypatch.setattr(P, "stages", lambda c: _stages(calls))
+    cfg = load_config(None)
+    with pytest.raises(P.StageError, match="second needs the output of first \\(not run yet\\)"):
+        P.run_pipeline(cfg, layout, only=["second"], log=lambda s: None)
+    P.run_pipeline(cfg, layout, until="second", log=lambda s: None)
+    assert calls == ["first", "second"]
+    P.run_pipeline(cfg, layout, only=["side"], log=lambda s: None)
+    assert calls == ["first", "second", "side"]
+    changed = load_config(None, ["data.max_image_bytes=5"])
+    assert P.stale_inputs(changed, layout, P.select(P.stages(changed), ["third"])) == [
+        "third needs the output of second (made with another config): run that stage first"
+    ]
+    with pytest.raises(P.StageError, match="unknown stage"):
+        P.select(P.stages(cfg), ["nope"])
 
 
 def test_manifest_records_counts_and_versions(tmp_path: Path, monkeypatch) -> None:
     calls: list[str] = []
+    layout = _layout(tmp_path)
     monkeypatch.setattr(P, "stages", lambda c: _stages(calls))
-    P.run_pipeline(load_config(None), str(tmp_path), log=lambda s: None)
-    body = manifest.read_manifest(str(tmp_path), "second")
+    P.run_pipeline(load_config(None), layout, log=lambda s: None)
+    body = manifest.read_manifest(layout.manifest("second"))
     assert body["counts"] == {"rows": 2}
     assert {"torch", "ray", "transformers"} <= set(body["versions"])
+
+
+def test_stage_list_follows_the_method_table() -> None:
+    cfg = load_config("configs/tiny.yaml", ["eval.methods=[base, cadpo]"])
+    names = [s.name for s in P.stages(cfg)]
+    assert names == [
+        "prepare", "base_model", "sample", "construct", "train_idk_it", "reference", "train_cadpo", "evaluate",
+        "report",
+    ]  # fmt: skip
+    by_name = {s.name: s for s in P.stages(cfg)}
+    assert by_name["train_cadpo"].inputs == ("reference", "train_idk_it")
+    assert by_name["evaluate"].inputs == ("prepare", "base_model", "train_cadpo")
+    base = load_config("configs/tiny.yaml", ["eval.methods=[base, dpo1]", "train.dpo_init=base"])
+    assert [s.name for s in P.stages(base) if s.name.startswith(("train", "ref"))] == ["reference", "train_dpo1"]
+
+
+def test_construct_settings_do_not_touch_the_sample_stage() -> None:
+    a = load_config("configs/tiny.yaml")
+    b = load_config("configs/tiny.yaml", ["construct.tau_idk=0.3"])
+    ha, hb = P.stage_hashes(a, P.stages(a)), P.stage_hashes(b, P.stages(b))
+    assert ha["sample"] == hb["sample"] and ha["construct"] != hb["construct"]
+    assert ha["train_cadpo"] != hb["train_cadpo"]

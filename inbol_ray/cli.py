@@ -1,0 +1,104 @@
+"""One command line for every job: layered configs, a run dir, dotted overrides, checks before Ray starts.
+
+    python -m jobs.<job> --config RECIPE.yaml [--config SITE.yaml ...] [--run-dir DIR_OR_URI] [key=value ...]
+
+Every job is the same program with a different stage selection: load the config (later files override
+earlier ones, then the overrides), list every input problem at once (missing data files, unparseable
+formats, stages whose inputs were never made or were made with another config) and exit 2 before Ray
+starts, else run the selected stages through `inbol_ray.pipeline.run_pipeline`, with the same manifests as
+the full pipeline. Ray is shut down only if the job started it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from inbol_ray.config import Config, ConfigError, load_config
+from inbol_ray.pipeline import StageError, run_pipeline, select, stages, stale_inputs
+from inbol_ray.run_layout import RunLayout
+
+Selection = tuple[list[str], str]
+"""(only these stages, or all when empty; run up to and including this stage, or to the end when "")."""
+
+
+def _fail(prog: str, head: str, lines: Sequence[str]) -> int:
+    print(f"{prog}: {head}", file=sys.stderr)
+    for line in lines:
+        print(f"  - {line}", file=sys.stderr)
+    return 2
+
+
+def _input_problems(cfg: Config, layout: RunLayout, names: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """Everything that would make the selected stages fail on their inputs, plus what was parsed meanwhile."""
+    problems = stale_inputs(cfg, layout, select(stages(cfg), names))
+    extras: dict[str, Any] = {}
+    if "prepare" in names:
+        from inbol_ray.data.loaders import DataFormatError
+        from inbol_ray.data.prepare import input_problems, read_sources
+
+        missing = input_problems(cfg.data)
+        problems += missing
+        if not missing:
+            try:
+                extras["prepare"] = read_sources(cfg)  # formats fail while parsing: before Ray, too
+            except DataFormatError as exc:
+                problems.append(f"data format error: {exc}")
+    return problems, extras
+
+
+def run_job(
+    prog: str,
+    doc: str,
+    argv: Sequence[str] | None,
+    choose: Callable[[Config, argparse.Namespace], Selection],
+    *,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    adjust: Callable[[Config, argparse.Namespace], None] | None = None,
+) -> int:
+    """Parse, load, check, run. `choose` picks the stages from the config and the parsed arguments;
+    `adjust` may change the loaded config (e.g. a job-specific shorthand) before anything is checked."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m jobs.{prog}", description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument(
+        "--config", action="append", required=True, help="YAML config; repeat to layer files (later wins)"
+    )
+    parser.add_argument("--run-dir", default="", help="override run_dir (local path or URI, e.g. s3://b/run)")
+    if add_arguments:
+        add_arguments(parser)
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides (applied last)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.run_dir:
+            cfg.run_dir = args.run_dir
+        if adjust:
+            adjust(cfg, args)
+    except ConfigError as exc:
+        return _fail(prog, f"config error: {exc}", [])
+    layout = RunLayout.of(cfg)
+    try:
+        only, until = choose(cfg, args)
+        names = [s.name for s in select(stages(cfg), only, until)]
+        problems, extras = _input_problems(cfg, layout, names)
+    except StageError as exc:
+        return _fail(prog, str(exc), [])
+    if problems:
+        return _fail(prog, f"{len(problems)} input problem(s), nothing started:", problems)
+    from inbol_ray.runtime import ray_session
+
+    t0 = time.time()
+    with ray_session(cfg.ray):
+        run_pipeline(cfg, layout, only=names, extras=extras)
+    print(f"{prog}: {', '.join(names)} finished in {time.time() - t0:.0f}s; outputs under {layout.root}")
+    return 0
+
+
+def fixed(*names: str) -> Callable[[Config, argparse.Namespace], Selection]:
+    """A job that always runs the same stages."""
+    return lambda cfg, args: (list(names), "")
