@@ -100,7 +100,7 @@ def plain_loop(checkpoint: str, overrides: list[str], n: int) -> dict[str, Any]:
 def engine_in_process(engine: str, checkpoint: str, overrides: list[str], n: int) -> dict[str, Any]:
     """`Sampler.generate` on batches of `sampling.batch_size` items (what one actor does per batch)."""
     from inbol_ray.data.images import decode_image
-    from inbol_ray.sampling import build_sampler
+    from inbol_ray.sampling import build_sampler, item_seeds
 
     cfg = _config(overrides)
     sc = cfg.sampling
@@ -119,7 +119,7 @@ def engine_in_process(engine: str, checkpoint: str, overrides: list[str], n: int
             temperature=sc.temperature,
             top_p=sc.top_p,
             max_new_tokens=sc.max_new_tokens,
-            seed=sc.seed + start,
+            seeds=item_seeds(sc.seed, [f"bench-{i}" for i in range(start, min(start + sc.batch_size, n))]),
         )
         samples += sum(len(o) for o in outs)
     seconds = time.perf_counter() - t0
@@ -135,6 +135,7 @@ def stage(engine: str, actors: int, checkpoint: str, overrides: list[str], n: in
 
     from inbol_ray.data import io as dio
     from inbol_ray.data.shapes import generate_items
+    from inbol_ray.run_layout import RunLayout
     from inbol_ray.runtime import init_ray, quiet_env
     from inbol_ray.sampling.stage import run_sampling
 
@@ -155,10 +156,10 @@ def stage(engine: str, actors: int, checkpoint: str, overrides: list[str], n: in
     quiet_env()
     init_ray("", cores, str(Path(scratch) / f"r{engine[0]}{actors}"))
     try:
-        result = run_sampling(cfg, str(run_dir), checkpoint, split="train", log=lambda _: None)
+        result = run_sampling(cfg, RunLayout(str(run_dir)), model=checkpoint, log=lambda _: None)
     finally:
         ray.shutdown()
-    return {"load s": float("nan"), "sample s": result.seconds, "samples": result.new_samples}
+    return {"load s": float("nan"), "sample s": result.seconds, "samples": result.new_outputs}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -85,9 +85,9 @@ SAMPLES = pa.schema(
         pa.field(CORRECT, _bool_list, nullable=False),
         pa.field(REFUSED, _bool_list, nullable=False),
         pa.field(CONF, pa.float64(), nullable=False),
-        pa.field(BUCKET, pa.string(), nullable=False),
     ]
 )
+"""No bucket column: buckets follow from conf under construct's thresholds and are computed there."""
 
 # IDK-IT and the SFT baseline share one layout.
 SFT = pa.schema(

@@ -66,15 +66,14 @@ def as_frame(batch: pd.DataFrame | pa.Table) -> pd.DataFrame:
     return batch.to_pandas() if isinstance(batch, pa.Table) else batch
 
 
-def grade_samples_batch(
-    batch: pd.DataFrame | pa.Table, grading_cfg: Any, construct_cfg: Thresholds
-) -> pd.DataFrame:
-    """Grade the K responses of each item and derive conf and bucket: one `samples` row per item.
+def grade_samples_batch(batch: pd.DataFrame | pa.Table, grading_cfg: Any) -> pd.DataFrame:
+    """Grade the K responses of each item and derive conf: one `samples` row per item.
 
     Needs columns id, responses, answers, choices, metric, answerable; returns exactly schema.SAMPLES'
     columns, with list columns as object columns of Python lists (what Ray Data's map_batches expects).
-    Unanswerable items get correct all False, conf 0 and bucket "unknown"; refusals are still detected
-    there because CA-DPO needs to know which samples were hallucinated answers.
+    Unanswerable items get correct all False and conf 0; refusals are still detected there because CA-DPO
+    needs to know which samples were hallucinated answers. No bucket: buckets depend on construct's
+    thresholds and are computed there (`bucket_of`), so changing a threshold never invalidates samples.
     """
     frame = as_frame(batch)
     correct_at = float(grading_cfg.vqa_correct_at)
@@ -103,5 +102,4 @@ def grade_samples_batch(
         out[schema.CORRECT].append(correct)
         out[schema.REFUSED].append(refused)
         out[schema.CONF].append(conf)
-        out[schema.BUCKET].append(bucket_of(conf, construct_cfg) if answerable else UNKNOWN)
     return pd.DataFrame(out, columns=schema.SAMPLES.names)

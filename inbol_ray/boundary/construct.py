@@ -140,15 +140,12 @@ def _incorrect_response(row: Row, seed: int, counts: Counter[str]) -> str | None
 
 
 def _row_bucket(row: Row, cfg: Any, counts: Counter[str]) -> tuple[float, str]:
-    """conf and bucket recomputed from conf under *this* config (stored buckets may predate a change)."""
+    """conf and its bucket under *this* config's thresholds (samples store conf only, DESIGN.md 3)."""
     if not row[schema.ANSWERABLE]:
         counts["unanswerable"] += 1
         return 0.0, UNKNOWN
     conf = float(row[schema.CONF])
-    bucket = bucket_of(conf, cfg)
-    if schema.BUCKET in row and row[schema.BUCKET] != bucket:
-        counts["bucket_recomputed"] += 1
-    return conf, bucket
+    return conf, bucket_of(conf, cfg)
 
 
 # --- builders -------------------------------------------------------------------------------------

@@ -23,15 +23,16 @@ from inbol_ray.boundary.construct import (
     build_sft_baseline,
     merge_built,
 )
-from inbol_ray.config import ConstructConfig
+from inbol_ray.config import Config, ConstructConfig
 from inbol_ray.data import io as dio
+from inbol_ray.generation.shards import write_quarantine
+from inbol_ray.run_layout import RunLayout
 
 BUILDERS: dict[str, tuple[Callable[..., Built], pa.Schema]] = {
     "idk_it": (build_idk_it, S.SFT),
     "sft_baseline": (build_sft_baseline, S.SFT),
     "cadpo_pairs": (build_cadpo_pairs, S.CADPO_PAIRS),
 }
-TABLES_DIR = "tables"
 
 
 @dataclass
@@ -91,16 +92,18 @@ def build_tables(
     return out
 
 
-def run_construct(cfg: ConstructConfig, run_dir: str, items_uri: str, samples_uri: str) -> ConstructResult:
-    items = dio.read_table(items_uri)
-    samples = dio.read_table(samples_uri)
+def run_construct(cfg: Config, layout: RunLayout) -> ConstructResult:
+    """`layout.items` + `layout.samples` -> every table under `layout.table(name)`, buckets from conf under
+    `cfg.construct` (the samples carry no bucket, so a threshold change needs no new samples)."""
+    items = dio.read_table(layout.items)
+    samples = dio.read_table(layout.samples, columns=S.SAMPLES.names)
     items = items.filter(pc.is_in(items[S.ID], samples[S.ID]))
-    built = build_tables(items, samples, cfg)
+    built = build_tables(items, samples, cfg.construct)
     uris, counts = {}, {}
     for name, (table, quarantine, tally) in built.items():
-        uri = dio.join(run_dir, TABLES_DIR, name, "part-0.parquet")
-        dio.write_table(table, uri)
-        dio.write_quarantine(quarantine.to_pylist(), run_dir, f"construct_{name}")
-        uris[name] = dio.parent(uri)
+        folder = layout.table(name)
+        dio.write_table(table, dio.join(folder, "part-0.parquet"))
+        write_quarantine(quarantine.to_pylist(), layout.quarantine(f"construct_{name}"), f"construct_{name}")
+        uris[name] = folder
         counts[name] = tally
     return ConstructResult(uris=uris, counts=counts)

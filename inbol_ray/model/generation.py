@@ -1,18 +1,37 @@
 """Batched transformers generation for LLaVA-style models: greedy answers and K sampled responses.
 
-This is the core of the transformers engine (the CPU path and the fallback where vLLM is missing):
-left padding and the same prompt text the vLLM engine uses; greedy answers through one `generate` call
-per batch, K samples per prompt through `sample_shared_prefill` (one prefill per prompt, not K).
+This is the core of the transformers engine (the CPU path and the fallback where vLLM is missing): the
+same prompt text the vLLM engine uses, left padding, one prefill per prompt and K continuations
+(`sample_shared_prefill`), greedy decoding being the argmax of the same loop.
+
+Batch invariance (DESIGN.md 1.6): response j of an item must not depend on the other items of its batch.
+Two things would make it so, both measured on the tiny model (float32, CPU):
+- padding: a row's logits change in the last bits when it is left-padded to a different width (the
+  attention's reductions run over more, masked, positions);
+- the batch's shape: with 2+ torch threads, a row's logits change when the number of rows changes (the
+  GEMMs are split across threads by shape).
+Both change a sampled token now and then, and a greedy one on near-ties. So every forward here has a
+shape fixed by the item alone: each prompt is left-padded to its length rounded up to `PAD_MULTIPLE`,
+rows of one width go through in chunks of exactly `ROWS_PER_FORWARD` (the last chunk filled with copies of
+its first row, whose outputs are dropped). With fixed shapes a row's logits are bitwise the same in any
+batch, in any slot (measured: 0 of 264 rows differ, 1 and 2 threads). Randomness is per row too: sample
+j of an item draws its uniforms from a generator seeded by (item seed, j) and picks by inverse CDF.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
 from PIL import Image
 
 from inbol_ray.model.batching import encode_prompts, pixel_values
+
+PAD_MULTIPLE = 32
+"""Prompts are left-padded to a multiple of this many tokens (a width fixed by the prompt alone)."""
+ROWS_PER_FORWARD = 8
+"""Prompts per forward pass: a fixed batch shape (changing it may change samples in the last bits)."""
 
 
 def clean_response(text: str) -> str:
@@ -25,14 +44,24 @@ def clean_response(text: str) -> str:
     return text.replace("\ufffd", "").strip()
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
+def _left_pad(rows: list[list[int]], pad_id: int, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(width, *(len(r) for r in rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, width - len(r) :] = torch.tensor(r)
         mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def stream_seed(seed: int, j: int) -> int:
+    """The random stream of continuation j of an item whose seed is `seed`."""
+    digest = hashlib.blake2b(f"{int(seed)}\x1f{int(j)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def padded_width(length: int, multiple: int = PAD_MULTIPLE) -> int:
+    return -(-length // multiple) * multiple
 
 
 @torch.inference_mode()
@@ -48,35 +77,46 @@ def generate_responses(
     top_p: float = 1.0,
     max_new_tokens: int = 8,
     instruction: str | None = None,
+    seeds: Sequence[int] | None = None,
     seed: int | None = None,
 ) -> list[list[str]]:
-    """K responses per (image, question); greedy when `do_sample` is False (then K must be 1)."""
+    """K responses per (image, question); greedy when `do_sample` is False (then K must be 1).
+
+    `seeds`: one per item (see `inbol_ray.sampling.item_seed`); sample j of item i depends only on
+    (seeds[i], j), never on the batch. `seed` (when `seeds` is None) seeds items by position instead.
+    Neither: unseeded (torch's global generator).
+    """
     if not do_sample and k != 1:
         raise ValueError("greedy decoding gives one response per prompt; use do_sample=True for k > 1")
     if not questions:
         return []
+    if seeds is None and seed is not None:
+        seeds = [stream_seed(seed, -1 - i) for i in range(len(questions))]
+    if seeds is not None and len(seeds) != len(questions):
+        raise ValueError(f"{len(seeds)} seeds for {len(questions)} questions")
     tok = processor.tokenizer
-    ids, mask, pv = encode_batch(processor, images, questions, instruction, model.device, model.dtype)
-    if seed is not None:
-        torch.manual_seed(seed)
-    if do_sample and k > 1:
-        new = sample_shared_prefill(
-            model, ids, mask, pv, k, temperature, top_p, max_new_tokens, tok.eos_token_id, tok.pad_token_id
-        )
-    else:
-        kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        new = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=pv,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            **kwargs,
-        )[:, ids.shape[1] :]
-    texts = [clean_response(t) for t in tok.batch_decode(new, skip_special_tokens=True)]
-    return [texts[i * k : (i + 1) * k] for i in range(len(questions))]
+    rows = encode_prompts(processor, questions, instruction)
+    pixels = pixel_values(processor, images).to(model.device, dtype=model.dtype)
+    by_width: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_width.setdefault(padded_width(len(row)), []).append(i)
+    texts: list[list[str]] = [[] for _ in questions]
+    for width, members in sorted(by_width.items()):
+        for start in range(0, len(members), ROWS_PER_FORWARD):
+            chunk = members[start : start + ROWS_PER_FORWARD]
+            fill = chunk + [chunk[0]] * (ROWS_PER_FORWARD - len(chunk))
+            ids, mask = _left_pad([rows[i] for i in fill], tok.pad_token_id, width)
+            new = sample_shared_prefill(
+                model, ids.to(model.device), mask.to(model.device), pixels[fill], k, temperature, top_p,
+                max_new_tokens, tok.eos_token_id, tok.pad_token_id, greedy=not do_sample,
+                seeds=None if seeds is None else [seeds[i] for i in fill], live=len(chunk),
+            )  # fmt: skip
+            decoded = [
+                clean_response(t) for t in tok.batch_decode(new[: len(chunk) * k], skip_special_tokens=True)
+            ]
+            for n, i in enumerate(chunk):
+                texts[i] = decoded[n * k : (n + 1) * k]
+    return texts
 
 
 def encode_batch(
@@ -116,6 +156,8 @@ def sample_shared_prefill(
     eos_id: int,
     pad_id: int,
     greedy: bool = False,
+    seeds: Sequence[int] | None = None,
+    live: int | None = None,
 ) -> torch.Tensor:
     """K sampled continuations per prompt, prefilling each prompt (vision tower included) once.
 
@@ -124,7 +166,10 @@ def sample_shared_prefill(
     is nearly all the work. Here the prompt's KV cache is computed once and repeated K times, which is what
     vLLM's prefix cache does for `n=K`. Same positions as `generate` under left padding (cumsum of the mask),
     same temperature and top-p rule. Returns the [B*K, <= max_new_tokens] new tokens (pad after EOS).
-    `greedy` (argmax, for tests) checks the cache handling against `generate`.
+    `greedy`: argmax instead of sampling (the evaluation's decoding). `seeds` (one per prompt): continuation
+    j of prompt i samples from the stream `stream_seed(seeds[i], j)` (None: torch's global generator).
+    Prompts from index `live` on are filler (fixed batch shapes, see the module docstring): done from the
+    start, their outputs meaningless.
     """
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
@@ -136,13 +181,16 @@ def sample_shared_prefill(
     mask = mask.repeat_interleave(k, dim=0)
     next_pos = mask.sum(-1, keepdim=True)
     done = torch.zeros(mask.shape[0], dtype=torch.bool, device=ids.device)
+    if live is not None:
+        done[live * k :] = True
+    uniforms = None if greedy else _uniforms(seeds, k, max_new_tokens, mask.shape[0]).to(ids.device)
     tokens = []
     for step in range(max_new_tokens):
         if greedy:
             token = logits.argmax(-1)
         else:
             probs = top_p_filter(logits / temperature, top_p).softmax(-1)
-            token = torch.multinomial(probs, 1).squeeze(-1)
+            token = inverse_cdf(probs, uniforms[:, step])
         token = token.masked_fill(done, pad_id)
         tokens.append(token)
         done |= token == eos_id
@@ -160,3 +208,25 @@ def sample_shared_prefill(
         logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
     return torch.stack(tokens, dim=1)
+
+
+def _uniforms(seeds: Sequence[int] | None, k: int, steps: int, rows: int) -> torch.Tensor:
+    """[rows, steps] uniforms in [0, 1): row i*k+j from its own generator (seeded by prompt i and j)."""
+    if seeds is None:
+        return torch.rand(rows, steps, dtype=torch.float64)
+    if len(seeds) * k != rows:
+        raise ValueError(f"{len(seeds)} seeds for {rows // k} prompts")
+    out = torch.empty(rows, steps, dtype=torch.float64)
+    for i, s in enumerate(seeds):
+        for j in range(k):
+            gen = torch.Generator().manual_seed(stream_seed(s, j))
+            out[i * k + j] = torch.rand(steps, generator=gen, dtype=torch.float64)
+    return out
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row from `probs` [rows, vocab] with the uniforms `u` [rows]: the first index whose
+    cumulative probability exceeds u (scaled by the total, so a token of probability 0 is never drawn)."""
+    cdf = probs.double().cumsum(-1)
+    target = (u.double() * cdf[:, -1]).unsqueeze(-1)
+    return (cdf <= target).sum(-1).clamp(max=probs.shape[-1] - 1)

@@ -1,10 +1,12 @@
 """Sampling: one `Sampler` interface over two engines (vLLM, transformers), a Ray Data actor, the stage.
 
     sampler = build_sampler("vllm", model_dir, cfg.sampling, dtype=cfg.model.dtype)
-    sampler.generate(images, questions, k=10, temperature=1.0, top_p=0.9, max_new_tokens=8, seed=0)
+    sampler.generate(images, questions, k=10, temperature=1.0, top_p=0.9, max_new_tokens=8,
+                     seeds=item_seeds(cfg.sampling.seed, ids))
     sampler.generate(images, questions, max_new_tokens=8, instruction=refusal_instruction)  # greedy
 
-`run_sampling` (in `inbol_ray.sampling.stage`) is the confidence-sampling stage: `items` -> `samples`.
+`run_sampling` (in `inbol_ray.sampling.stage`) is the confidence-sampling stage: `items` -> `samples`, a thin
+user of the generic generate-over-items stage in `inbol_ray.generation`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from inbol_ray.config import SamplingConfig
-from inbol_ray.sampling.base import Sampler, batch_seed, check_request
+from inbol_ray.sampling.base import Sampler, check_request, item_seed, item_seeds
 from inbol_ray.sampling.hf_engine import HFSampler
 from inbol_ray.sampling.vllm_engine import VLLMSampler
 
@@ -31,4 +33,13 @@ def build_sampler(
     return ENGINES[engine](str(model_dir), cfg or SamplingConfig(engine=engine), dtype)
 
 
-__all__ = ["ENGINES", "HFSampler", "Sampler", "VLLMSampler", "batch_seed", "build_sampler", "check_request"]
+__all__ = [
+    "ENGINES",
+    "HFSampler",
+    "Sampler",
+    "VLLMSampler",
+    "build_sampler",
+    "check_request",
+    "item_seed",
+    "item_seeds",
+]

@@ -13,7 +13,7 @@ stripped of surrounding whitespace and special tokens, so graders see the same t
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -36,13 +36,15 @@ class Sampler(Protocol):
         temperature: float = 0.0,
         top_p: float = 1.0,
         max_new_tokens: int = 8,
-        seed: int | None = None,
+        seeds: Sequence[int] | None = None,
         instruction: str | None = None,
     ) -> list[list[str]]:
         """`k` responses for each (image, question), in input order: result[i] has length k.
 
-        `seed` makes a call reproducible for the same inputs (same batch, same engine); `instruction` is
-        appended to every question (the refusal-prompt baseline) through `format_prompt`.
+        `seeds`: one per item (`item_seed(run seed, item id)`); response j of item i then depends only on
+        (seeds[i], j), the model and the decoding settings, never on the other items of the call (None:
+        unseeded). `instruction` is appended to every question (the refusal-prompt baseline) through
+        `format_prompt`.
         """
         ...
 
@@ -67,11 +69,20 @@ def check_request(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def batch_seed(base_seed: int, ids: Sequence[str]) -> int:
-    """A seed for one batch, fixed by the run's seed and the batch's item ids.
+def check_seeds(seeds: Sequence[int] | None, n: int) -> None:
+    if seeds is not None and len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} items; give one seed per item")
 
-    Ray Data forms batches nondeterministically, so a seed counted per call would change between runs;
-    deriving it from the ids means a batch that is retried after an actor dies samples with the same seed.
+
+def item_seed(seed: int, item_id: str) -> int:
+    """The seed of one item: a pure function of the run's seed and the item id (DESIGN.md 1.6).
+
+    Not of the batch, the actor, the shard or the arrival order, so an item sampled in any batch, retried
+    alone after an engine error or redone after a crash gets the same samples.
     """
-    digest = zlib.crc32("\x1f".join(sorted(ids)).encode())
-    return (base_seed * 1_000_003 + digest) % (2**31 - 1)
+    digest = hashlib.blake2b(f"{int(seed)}\x1f{item_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % (2**31 - 1)
+
+
+def item_seeds(seed: int, ids: Sequence[str]) -> list[int]:
+    return [item_seed(seed, i) for i in ids]

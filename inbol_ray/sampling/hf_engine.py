@@ -1,7 +1,7 @@
 """The transformers engine: batched sampling, one prefill per prompt and K continuations (CPU path, fallback).
 
 A thin wrapper over `inbol_ray.model.generation`, which holds the batching (left padding, the shared
-prompt format, `sample_shared_prefill`); this class only adds the `Sampler` contract: load once, the
+prompt format, fixed batch shapes, per-item random streams); this class only adds the `Sampler` contract: load once, the
 greedy/sampling rule of `base.check_request`, and `close`.
 """
 
@@ -14,7 +14,7 @@ from PIL import Image
 
 from inbol_ray.checkpoint import load_model
 from inbol_ray.model.generation import generate_responses
-from inbol_ray.sampling.base import check_request
+from inbol_ray.sampling.base import check_request, check_seeds
 
 
 def default_device() -> str:
@@ -41,10 +41,11 @@ class HFSampler:
         temperature: float = 0.0,
         top_p: float = 1.0,
         max_new_tokens: int = 8,
-        seed: int | None = None,
+        seeds: Sequence[int] | None = None,
         instruction: str | None = None,
     ) -> list[list[str]]:
         check_request(images, questions, k, temperature, top_p)
+        check_seeds(seeds, len(questions))
         sampling = temperature > 0
         return generate_responses(
             self.model,
@@ -57,7 +58,7 @@ class HFSampler:
             top_p=top_p if sampling else 1.0,
             max_new_tokens=max_new_tokens,
             instruction=instruction,
-            seed=seed,
+            seeds=seeds,
         )
 
     def close(self) -> None:

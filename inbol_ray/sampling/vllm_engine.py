@@ -25,7 +25,7 @@ from PIL import Image
 from inbol_ray.config import SamplingConfig
 from inbol_ray.model.generation import clean_response
 from inbol_ray.model.prompt import format_prompt
-from inbol_ray.sampling.base import check_request
+from inbol_ray.sampling.base import check_request, check_seeds
 
 CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -94,27 +94,29 @@ class VLLMSampler:
         temperature: float = 0.0,
         top_p: float = 1.0,
         max_new_tokens: int = 8,
-        seed: int | None = None,
+        seeds: Sequence[int] | None = None,
         instruction: str | None = None,
     ) -> list[list[str]]:
         from vllm import SamplingParams
 
         check_request(images, questions, k, temperature, top_p)
+        check_seeds(seeds, len(questions))
         if not questions:
             return []
         requests = [
             {"prompt": format_prompt(q, instruction), "multi_modal_data": {"image": img}}
             for img, q in zip(images, questions, strict=True)
         ]
-        # One seed per request (seed + position): the K samples of a request differ, requests do not share
-        # a random stream, and the same batch gives the same samples again.
+        # One seed per request, the item's own (`item_seed`): its K samples come from that request's
+        # generator whatever else is in the batch. (The logits themselves can still differ in the last bits
+        # with the batch on GPUs, where vLLM batches continuously; see DESIGN.md 1.6.)
         params = [
             SamplingParams(
                 n=k,
                 temperature=temperature,
                 top_p=top_p if temperature > 0 else 1.0,
                 max_tokens=max_new_tokens,
-                seed=None if seed is None else seed + i,
+                seed=None if seeds is None else int(seeds[i]),
             )
             for i in range(len(requests))
         ]

@@ -19,20 +19,20 @@ import torch
 from PIL import Image
 
 from inbol_ray import schema as S
+from inbol_ray.checkpoint import merged as merged_checkpoint
 from inbol_ray.config import load_config
 from inbol_ray.data import io as dio
 from inbol_ray.data.shapes import generate_items
-from inbol_ray.eval.evaluate import (
-    REFUSAL_PROMPT,
-    fingerprint,
-    method_instruction,
-    resolve_checkpoint,
-    run_evaluation,
-)
+from inbol_ray.eval.base_confidence import compute_base_confidence
+from inbol_ray.eval.evaluate import eval_job, eval_selection, method_instruction, run_evaluation
 from inbol_ray.eval.figures import ACCURACY_FIGURE, REFUSAL_FIGURE
+from inbol_ray.eval.report import write_report
+from inbol_ray.generation.stage import run_generation
 from inbol_ray.grading import grade, is_refusal_response
 from inbol_ray.metrics import trust_scores
-from jobs import evaluate as evaluate_job
+from inbol_ray.run_layout import RunLayout
+
+REFUSAL_PROMPT = "refusal_prompt"
 
 pytestmark = pytest.mark.integration
 
@@ -54,8 +54,16 @@ def evaluated(
     dio.write_table(
         generate_items(shapes, tiny_config.model.image_size), str(run_dir / "items" / "part-0.parquet")
     )
-    assert evaluate_job.main(["--config", str(TINY_YAML), "--run-dir", str(run_dir), *OVERRIDES]) == 0
+    cfg = load_config(TINY_YAML, OVERRIDES)
+    layout = layout_of(run_dir)
+    run_evaluation(cfg, layout)
+    compute_base_confidence(cfg, layout)
+    write_report(cfg, layout)
     return run_dir
+
+
+def layout_of(run_dir: Path) -> RunLayout:
+    return RunLayout(str(run_dir), build_tiny=True)  # base model: <run_dir>/models/base
 
 
 def items_of(run_dir: Path) -> pd.DataFrame:
@@ -116,18 +124,28 @@ def test_report_has_the_papers_tables_and_real_figures(evaluated: Path) -> None:
 
 def test_rerun_reuses_every_shard(evaluated: Path) -> None:
     cfg = load_config(TINY_YAML, OVERRIDES)
-    base = str(evaluated / "models" / "base")
     t0 = time.perf_counter()
-    result = run_evaluation(
-        cfg, str(evaluated), {"base": base, REFUSAL_PROMPT: base}, str(evaluated / "items")
-    )
-    assert result.computed == [] and len(result.reused) == 2 * len(SETS)
+    result = run_evaluation(cfg, layout_of(evaluated))
+    assert result.computed == [] and sorted(result.runs) == ["base", REFUSAL_PROMPT]
     assert time.perf_counter() - t0 < 10  # no Ray work at all
-    # the refusal instruction is part of the refusal-prompt shards' identity, so changing it reruns them
-    ids = ["a", "b"]
     assert method_instruction(REFUSAL_PROMPT, cfg.eval) == cfg.eval.refusal_instruction
     assert method_instruction("base", cfg.eval) is None
-    assert fingerprint(base, ids, instruction="x") != fingerprint(base, ids, instruction="y")
+
+
+def test_greedy_answers_do_not_depend_on_batching(evaluated: Path, tmp_path: Path) -> None:
+    """The same method answered with one actor, batches of 3 and shards of 4 gives the same predictions."""
+    cfg = load_config(TINY_YAML, [*OVERRIDES, "eval.batch_size=3", "sampling.num_actors=1"])
+    layout = layout_of(evaluated)
+    job = dataclasses.replace(
+        eval_job(cfg, layout, REFUSAL_PROMPT, layout.base_model, eval_selection(SETS), shard_rows=4),
+        out_uri=str(tmp_path / "again"),
+        quarantine_uri=str(tmp_path / "quarantine.parquet"),
+    )
+    result = run_generation(cfg, job, log=lambda _: None)
+    assert result.shards == 3 and result.shards_reused == 0
+    again = dio.read_table(result.out_uri).sort_by(S.ID)
+    first = dio.read_table(layout.eval_shards(REFUSAL_PROMPT)).sort_by(S.ID)
+    assert again.to_pylist() == first.to_pylist()
 
 
 def test_adapter_only_checkpoint_is_merged_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -141,16 +159,12 @@ def test_adapter_only_checkpoint_is_merged_once(tiny_checkpoint: Path, tmp_path:
     policy.save_pretrained(tmp_path / "idk_it" / "adapter")  # what train.merge=false leaves behind
     expected = policy.merge_and_unload().state_dict()
     cache = tmp_path / "merged"
-    out = resolve_checkpoint(str(tmp_path / "idk_it"), str(cache), base_dir=str(tiny_checkpoint))
+    out = merged_checkpoint(str(tmp_path / "idk_it"), str(cache), base=str(tiny_checkpoint))
     assert out == str(cache) and (cache / "config.json").exists()
     merged, _ = load_model(out)
     name = next(k for k in expected if "language_model" in k and "q_proj.weight" in k)
     assert torch.equal(merged.state_dict()[name], expected[name])
     stamp = (cache / "_merged_from.json").stat().st_mtime_ns
-    assert resolve_checkpoint(str(tmp_path / "idk_it"), str(cache), base_dir=str(tiny_checkpoint)) == str(
-        cache
-    )
+    assert merged_checkpoint(str(tmp_path / "idk_it"), str(cache), base=str(tiny_checkpoint)) == str(cache)
     assert (cache / "_merged_from.json").stat().st_mtime_ns == stamp  # not merged again
-    assert resolve_checkpoint(str(tiny_checkpoint), str(cache)) == str(
-        tiny_checkpoint
-    )  # full checkpoints as-is
+    assert merged_checkpoint(str(tiny_checkpoint), str(cache)) == str(tiny_checkpoint)  # full ones as-is

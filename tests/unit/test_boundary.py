@@ -83,7 +83,7 @@ def _batch() -> pd.DataFrame:
 
 
 def test_grade_samples_batch_grades_every_metric_and_unanswerable_items() -> None:
-    out = grade_samples_batch(_batch(), GradingConfig(), ConstructConfig())
+    out = grade_samples_batch(_batch(), GradingConfig())
     assert list(out.columns) == schema.SAMPLES.names
     by_id = out.set_index(schema.ID)
     assert by_id.loc["v", schema.CORRECT] == [True, True, False, False]  # 3 of 10 annotators -> 0.9
@@ -94,12 +94,12 @@ def test_grade_samples_batch_grades_every_metric_and_unanswerable_items() -> Non
     assert by_id.loc["u", schema.CORRECT] == [False] * 4
     assert by_id.loc["u", schema.REFUSED] == [False, True, False, False]
     assert by_id[schema.CONF].to_dict() == {"v": 0.5, "e": 0.75, "m": 0.5, "u": 0.0}
-    assert by_id[schema.BUCKET].to_dict() == {"v": "mixed", "e": "mixed", "m": "mixed", "u": "unknown"}
+    assert schema.BUCKET not in out.columns  # buckets are construct's (from conf and its thresholds)
 
 
 def test_grade_samples_batch_passes_the_vqa_threshold_and_accepts_arrow() -> None:
     table = pa.Table.from_pandas(_batch(), preserve_index=False)
-    strict = grade_samples_batch(table, GradingConfig(vqa_correct_at=1.0), ConstructConfig())
+    strict = grade_samples_batch(table, GradingConfig(vqa_correct_at=1.0))
     assert strict.set_index(schema.ID).loc["v", schema.CORRECT] == [False] * 4  # 0.9 < 1.0
     conformed = schema.conform(pa.Table.from_pandas(strict, preserve_index=False), schema.SAMPLES, "test")
     assert conformed.num_rows == 4
@@ -108,5 +108,5 @@ def test_grade_samples_batch_passes_the_vqa_threshold_and_accepts_arrow() -> Non
 def test_all_correct_item_is_known() -> None:
     batch = _batch().iloc[[1]].copy()
     batch[schema.RESPONSES] = [["2", "two", "2.", "Two"]]
-    out = grade_samples_batch(batch, GradingConfig(), ConstructConfig())
-    assert out[schema.CONF].tolist() == [1.0] and out[schema.BUCKET].tolist() == ["known"]
+    out = grade_samples_batch(batch, GradingConfig())
+    assert out[schema.CONF].tolist() == [1.0] and bucket_of(1.0, ConstructConfig()) == "known"

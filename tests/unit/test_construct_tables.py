@@ -9,9 +9,10 @@ import pytest
 
 from inbol_ray import schema as S
 from inbol_ray.boundary.tables import build_tables, run_construct
-from inbol_ray.config import ConstructConfig, ShapesConfig
+from inbol_ray.config import Config, ConstructConfig, ShapesConfig
 from inbol_ray.data import io as dio
 from inbol_ray.data.shapes import generate_items
+from inbol_ray.run_layout import RunLayout
 
 
 def _items_and_samples() -> tuple[pa.Table, pa.Table]:
@@ -30,7 +31,6 @@ def _items_and_samples() -> tuple[pa.Table, pa.Table]:
         correct = [x == gold and r[S.ANSWERABLE] for x in responses]
         refused = [x == "I don't know." for x in responses]
         conf = sum(correct) / 4
-        bucket = "known" if conf == 1 else ("unknown" if conf == 0 else "mixed")
         rows.append(
             {
                 S.ID: r[S.ID],
@@ -38,7 +38,6 @@ def _items_and_samples() -> tuple[pa.Table, pa.Table]:
                 S.CORRECT: correct,
                 S.REFUSED: refused,
                 S.CONF: conf,
-                S.BUCKET: bucket,
             }
         )
     return items, pa.Table.from_pylist(rows, schema=S.SAMPLES)
@@ -74,9 +73,7 @@ def test_run_construct_writes_tables_and_quarantine(tmp_path: Path) -> None:
     items, samples = _items_and_samples()
     dio.write_table(items, str(tmp_path / "items" / "a.parquet"))
     dio.write_table(samples, str(tmp_path / "samples" / "a.parquet"))
-    result = run_construct(
-        ConstructConfig(), str(tmp_path), str(tmp_path / "items"), str(tmp_path / "samples")
-    )
+    result = run_construct(Config(), RunLayout(str(tmp_path)))
     for name, uri in result.uris.items():
         table = dio.read_table(uri)
         assert table.num_rows == result.counts[name]["output"]

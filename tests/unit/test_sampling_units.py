@@ -1,15 +1,18 @@
-"""The sampling stage's pure pieces: request checks, seeds, vLLM engine arguments, response cleaning, shards."""
+"""The generation stage's pure pieces: request checks, per-item seeds, vLLM engine arguments, response
+cleaning, selection, shard plans and placeholder rows."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pytest
+import torch
 
 from inbol_ray import schema as S
 from inbol_ray.config import Config, SamplingConfig
-from inbol_ray.model.generation import clean_response
-from inbol_ray.sampling.base import batch_seed, check_request
-from inbol_ray.sampling.shards import RowGroupKeys, make_plan, read_units, select_mask, shard_of
+from inbol_ray.generation.grade import placeholders
+from inbol_ray.generation.shards import RowGroupKeys, Selection, make_plan, read_units, shard_of
+from inbol_ray.model.generation import clean_response, inverse_cdf, stream_seed
+from inbol_ray.sampling.base import check_request, check_seeds, item_seed
 from inbol_ray.sampling.vllm_engine import CPU_KV_CACHE_BYTES, engine_kwargs
 
 
@@ -33,11 +36,24 @@ def test_check_request_accepts_greedy_and_sampling() -> None:
     check_request([None] * 3, ["q"] * 3, 10, 1.0, 0.9)
 
 
-def test_batch_seed_depends_on_ids_not_their_order() -> None:
-    assert batch_seed(0, ["a", "b", "c"]) == batch_seed(0, ["c", "a", "b"])
-    assert batch_seed(0, ["a", "b"]) != batch_seed(0, ["a", "c"])
-    assert batch_seed(0, ["a"]) != batch_seed(1, ["a"])
-    assert 0 <= batch_seed(12345, ["x"] * 10) < 2**31 - 1
+def test_item_seed_is_a_pure_function_of_run_seed_and_id() -> None:
+    assert item_seed(0, "a") == item_seed(0, "a")
+    assert len({item_seed(0, f"item-{i}") for i in range(1000)}) == 1000
+    assert item_seed(0, "a") != item_seed(1, "a")
+    assert all(0 <= item_seed(s, "x") < 2**31 - 1 for s in range(50))
+    assert len({stream_seed(item_seed(0, "a"), j) for j in range(10)}) == 10
+    check_seeds(None, 3)
+    with pytest.raises(ValueError, match="one seed per item"):
+        check_seeds([1, 2], 3)
+
+
+def test_inverse_cdf_draws_only_tokens_with_probability() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 5)
+    u = torch.tensor([0.0, 0.25, 0.4999, 0.5, 0.999999])
+    assert inverse_cdf(probs, u).tolist() == [1, 1, 1, 3, 3]
+    gen = torch.Generator().manual_seed(0)
+    draws = inverse_cdf(torch.tensor([[0.2, 0.8]]).expand(20000, 2), torch.rand(20000, generator=gen))
+    assert abs(draws.float().mean().item() - 0.8) < 0.02
 
 
 def test_engine_kwargs_cpu_and_gpu() -> None:
@@ -60,27 +76,40 @@ def test_clean_response_drops_dangling_bytes_and_whitespace() -> None:
     assert clean_response(" I don't know. ") == "I don't know."
 
 
-def test_select_mask_by_split_and_dataset() -> None:
-    table = pa.table({S.SPLIT: ["train", "test", "train"], S.DATASET: ["a", "a", "b"]})
-    assert select_mask(table, None, None).to_pylist() == [True, True, True]
-    assert select_mask(table, "train", None).to_pylist() == [True, False, True]
-    assert select_mask(table, "train", ["b"]).to_pylist() == [False, False, True]
+def test_selection_by_split_dataset_and_answerable() -> None:
+    table = pa.table(
+        {S.SPLIT: ["train", "test", "train"], S.DATASET: ["a", "a", "b"], S.ANSWERABLE: [True, True, False]}
+    )
+    assert Selection().mask(table).to_pylist() == [True, True, True]
+    assert Selection(splits=("train",)).mask(table).to_pylist() == [True, False, True]
+    assert Selection(splits=("train",), datasets=("b",)).mask(table).to_pylist() == [False, False, True]
+    assert Selection(answerable_only=True).mask(table).to_pylist() == [True, True, False]
 
 
 def test_plan_is_stable_and_rejects_duplicate_ids() -> None:
     cfg = Config()
     ids = [f"item-{i}" for i in range(50)]
-    plan = make_plan(ids, cfg, "/m", 16, {"split": "train"})
+    plan = make_plan(ids, 16, model="/m", sampling=cfg.sampling)
     assert plan.n_shards == 4 and sum(plan.expected.values()) == 50
-    assert make_plan(list(reversed(ids)), cfg, "/m", 16, {"split": "train"}) == plan
-    assert make_plan(ids, cfg, "/other", 16, {"split": "train"}).run_hash != plan.run_hash
+    assert make_plan(list(reversed(ids)), 16, model="/m", sampling=cfg.sampling) == plan
+    assert make_plan(ids, 16, model="/other", sampling=cfg.sampling).run_hash != plan.run_hash
+    assert make_plan(ids, 8, model="/m", sampling=cfg.sampling).run_hash != plan.run_hash
     with pytest.raises(ValueError, match="duplicate ids"):
-        make_plan([*ids, "item-3"], cfg, "/m", 16, {})
+        make_plan([*ids, "item-3"], 16)
+
+
+def test_placeholders_fill_the_output_layout() -> None:
+    bad = pa.table({S.ID: ["x"], S.DATASET: ["d"], S.RESPONSES: pa.array([[]], pa.list_(pa.string()))})
+    rows = placeholders(bad, S.PREDICTIONS).to_pylist()
+    assert rows == [
+        {S.MODEL: "", S.DATASET: "d", S.ID: "x", S.RESPONSE: "", S.CORRECT: False, S.REFUSED: False}
+    ]
+    assert placeholders(bad, S.SAMPLES).to_pylist()[0][S.RESPONSES] == []
 
 
 def test_read_units_cover_exactly_the_pending_rows() -> None:
     ids = [f"id-{i}" for i in range(40)]
-    keys = [RowGroupKeys("f.parquet", 0, 40, [(i, item) for i, item in enumerate(ids) if i % 2 == 0])]
+    keys = [RowGroupKeys("f.parquet", 0, 40, [(i, item, "d") for i, item in enumerate(ids) if i % 2 == 0])]
     pending = {0}
     units = read_units(keys, 3, pending, 5)
     covered = {i for u in units for i in range(u["start"], u["start"] + u["length"])}

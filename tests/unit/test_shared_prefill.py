@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
+from inbol_ray.checkpoint import load_model
 from inbol_ray.config import ShapesConfig
 from inbol_ray.data import shapes
-from inbol_ray.checkpoint import load_model
 from inbol_ray.model.generation import encode_batch, sample_shared_prefill, top_p_filter
 
 SMALL = ShapesConfig(n_pretrain=4, n_train=4, n_id_test=4, n_ood_test=4, n_unanswerable_test=4)
@@ -74,3 +74,46 @@ def test_sampled_rows_are_seeded_and_bounded(tiny_checkpoint: Path, tiny_config)
     for row in runs[0].tolist():
         if tok.eos_token_id in row:
             assert set(row[row.index(tok.eos_token_id) + 1 :]) <= {tok.pad_token_id}
+
+
+LONG = "Is there a red square left of the blue triangle and above the green circle near the yellow star?"
+
+
+def test_samples_and_greedy_answers_do_not_depend_on_the_batch(tiny_checkpoint: Path, tiny_config) -> None:
+    """An item's K samples (and its greedy answer) are the same alone, in a mixed batch of several prompt
+    lengths (two padded widths, more rows than one forward takes) and in any order (DESIGN.md 1.6)."""
+    from inbol_ray.model.generation import ROWS_PER_FORWARD, generate_responses
+    from inbol_ray.sampling.base import item_seeds
+
+    model, processor = load_model(str(tiny_checkpoint))
+    n = ROWS_PER_FORWARD + 3
+    images = [
+        it.image
+        for it, _ in zip(shapes.generate(SMALL, tiny_config.model.image_size), range(n), strict=False)
+    ]
+    questions = [(QUESTIONS + [LONG])[i % 4] for i in range(n)]
+    ids = [f"item-{i}" for i in range(n)]
+    seeds = item_seeds(0, ids)
+
+    def run(order: list[int], **kw) -> dict[str, list[str]]:
+        out = generate_responses(
+            model, processor, [images[i] for i in order], [questions[i] for i in order],
+            max_new_tokens=5, seeds=[seeds[i] for i in order], **kw,
+        )  # fmt: skip
+        return {ids[i]: r for i, r in zip(order, out, strict=True)}
+
+    sample = {"k": 4, "do_sample": True, "temperature": 1.0, "top_p": 0.9}
+    alone = {ids[i]: run([i], **sample)[ids[i]] for i in (0, 3, n - 1)}
+    together = run(list(range(n)), **sample)
+    shuffled = run(list(reversed(range(n))), **sample)
+    assert together == shuffled
+    assert all(together[i] == r for i, r in alone.items())
+    assert len({tuple(r) for r in together.values()}) > 1  # items do not share a stream
+    greedy_alone = {ids[i]: run([i])[ids[i]] for i in (0, 3)}
+    greedy = run(list(range(n)))
+    assert all(greedy[i] == r for i, r in greedy_alone.items())
+    other_seeds = item_seeds(1, ids)
+    moved = generate_responses(
+        model, processor, images[:1], questions[:1], max_new_tokens=5, seeds=other_seeds[:1], **sample
+    )
+    assert moved[0] != alone[ids[0]]  # the run's seed matters

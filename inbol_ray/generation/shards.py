@@ -1,13 +1,15 @@
-"""Shards of the sampling stage: which items go where, which are finished, and writing a finished one.
+"""Shards of a generation stage: which items go where, which are finished, and writing a finished one.
 
-Why shards: sampling is the expensive stage (hundreds of thousands of items x K), so a crash must not
-cost the whole run. Each item belongs to shard `crc32(id) % n_shards` — computed from the id alone, so no
-global index has to be shipped to workers. The driver collects graded rows per shard and writes a shard
-as soon as all of its rows have arrived: data first (`shard-00007.parquet`, atomic), then its manifest
-(`_shard-00007.json`: counts, bucket counts, quarantined rows). A shard counts as finished only when its
-manifest matches the run's plan hash (config, model, selected ids); a changed plan starts over.
+Why shards: generating over items is the expensive part of the pipeline (hundreds of thousands of items
+x K), so a crash must not cost the whole run. Each item belongs to shard `crc32(id) % n_shards`, computed
+from the id alone, so no global index has to be shipped to workers. The driver collects graded rows per
+shard and writes a shard as soon as all of its rows have arrived: data first (`shard-00007.parquet`,
+atomic), then its manifest (`_shard-00007.json`: counts and quarantined rows). A shard counts as finished
+only when its manifest matches the run's plan hash (`manifest.fingerprint` of the model, the decoding,
+the grading and the selected ids); a changed plan starts over. Leading underscores keep the manifests out
+of Parquet discovery, so the folder reads as one table.
 
-Also here: the read plan. The driver reads only the id/dataset/split columns, row group by row group, and
+Also here: the read plan. The driver reads only the key columns of `items`, row group by row group, and
 turns the row groups holding unfinished rows into read units of about one actor batch each, so Ray Data
 gets many small blocks (every actor busy even when `items` is one file) and finished rows are never read.
 """
@@ -21,7 +23,7 @@ import os
 import zlib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -29,27 +31,49 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from inbol_ray.config import Config
 from inbol_ray.data import io as dio
-from inbol_ray.schema import BUCKET, DATASET, ID, REASON, ROW_KEY, SAMPLES, SOURCE, SPLIT, conform
+from inbol_ray.manifest import fingerprint
+from inbol_ray.schema import (
+    ANSWERABLE,
+    DATASET,
+    ID,
+    QUARANTINE,
+    REASON,
+    ROW_KEY,
+    SOURCE,
+    SPLIT,
+    STAGE,
+    conform,
+)
 
 SHARD = "shard"  # pipeline-internal column: which output shard a row belongs to
 MAX_SLICES_PER_ROW_GROUP = 8
 """A read unit re-reads its whole row group, so a row group is cut into at most this many units."""
+KEY_COLUMNS = [ID, DATASET, SPLIT, ANSWERABLE]
 
 
 def shard_of(item_id: str, n_shards: int) -> int:
     return zlib.crc32(item_id.encode()) % n_shards
 
 
-def select_mask(table: pa.Table, split: str | None, datasets: Sequence[str] | None) -> pa.Array:
-    """Rows of the requested split and data sets (None selects everything)."""
-    mask = pa.array([True] * table.num_rows, type=pa.bool_())
-    if split:
-        mask = pc.and_(mask, pc.equal(table[SPLIT], split))
-    if datasets:
-        mask = pc.and_(mask, pc.is_in(table[DATASET], value_set=pa.array(list(datasets), type=pa.string())))
-    return mask
+@dataclass(frozen=True)
+class Selection:
+    """Which rows of `items` a stage generates for (None: no condition)."""
+
+    splits: tuple[str, ...] | None = None
+    datasets: tuple[str, ...] | None = None
+    answerable_only: bool = False
+
+    def mask(self, table: pa.Table) -> pa.Array:
+        mask = pa.array([True] * table.num_rows, type=pa.bool_())
+        if self.splits:
+            mask = pc.and_(mask, pc.is_in(table[SPLIT], value_set=pa.array(list(self.splits), pa.string())))
+        if self.datasets:
+            wanted = pa.array(list(self.datasets), type=pa.string())
+            mask = pc.and_(mask, pc.is_in(table[DATASET], value_set=wanted))
+        if self.answerable_only:
+            mask = pc.and_(mask, table[ANSWERABLE])
+        return mask
 
 
 @dataclass(frozen=True)
@@ -59,11 +83,11 @@ class RowGroupKeys:
     uri: str
     row_group: int
     num_rows: int
-    selected: list[tuple[int, str]]
-    """(row index within the row group, id) of every selected row."""
+    selected: list[tuple[int, str, str]]
+    """(row index within the row group, id, dataset) of every selected row."""
 
 
-def scan_items(items_uri: str, split: str | None, datasets: Sequence[str] | None) -> list[RowGroupKeys]:
+def scan_items(items_uri: str, selection: Selection) -> list[RowGroupKeys]:
     """Read the key columns of `items` (a Parquet file or folder of them), row group by row group."""
     kind = dio.file_type(items_uri)
     if kind == pafs.FileType.NotFound:
@@ -74,10 +98,10 @@ def scan_items(items_uri: str, split: str | None, datasets: Sequence[str] | None
         fs, path = dio.resolve(uri)
         parquet = pq.ParquetFile(fs.open_input_file(path))
         for rg in range(parquet.num_row_groups):
-            keys = parquet.read_row_group(rg, columns=[ID, DATASET, SPLIT])
-            rows = pc.indices_nonzero(select_mask(keys, split, datasets)).to_pylist()
-            ids = keys[ID].to_pylist()
-            found.append(RowGroupKeys(uri, rg, keys.num_rows, [(i, ids[i]) for i in rows]))
+            keys = parquet.read_row_group(rg, columns=KEY_COLUMNS)
+            rows = pc.indices_nonzero(selection.mask(keys)).to_pylist()
+            ids, sets = keys[ID].to_pylist(), keys[DATASET].to_pylist()
+            found.append(RowGroupKeys(uri, rg, keys.num_rows, [(i, ids[i], sets[i]) for i in rows]))
     return found
 
 
@@ -86,7 +110,7 @@ def read_units(keys: list[RowGroupKeys], n_shards: int, pending: set[int], rows_
     units = []
     for rg in keys:
         step = max(rows_per_unit, math.ceil(rg.num_rows / MAX_SLICES_PER_ROW_GROUP))
-        wanted = {i for i, item_id in rg.selected if shard_of(item_id, n_shards) in pending}
+        wanted = {i for i, item_id, _ in rg.selected if shard_of(item_id, n_shards) in pending}
         for start in range(0, rg.num_rows, step):
             if any(start <= i < start + step for i in wanted):
                 length = min(step, rg.num_rows - start)
@@ -108,31 +132,20 @@ class Plan:
     run_hash: str
 
 
-def make_plan(
-    ids: Sequence[str], cfg: Config, model_dir: str, shard_rows: int, selection: dict[str, Any]
-) -> Plan:
-    """Shard layout and the hash that says whether an earlier run's shards can be reused."""
+def make_plan(ids: Sequence[str], shard_rows: int, **depends_on: Any) -> Plan:
+    """Shard layout and the hash that says whether an earlier run's shards can be reused.
+
+    `depends_on`: everything the outputs depend on besides the ids (model stamp, decoding, grading, ...);
+    never batch sizes or actor counts, which do not change a single output.
+    """
     duplicated = [i for i, n in Counter(ids).items() if n > 1]
     if duplicated:
-        raise ValueError(f"items have duplicate ids (e.g. {duplicated[:3]}); samples are keyed by id")
+        raise ValueError(f"items have duplicate ids (e.g. {duplicated[:3]}); outputs are keyed by id")
     n_shards = max(1, math.ceil(len(ids) / shard_rows))
     counts = Counter(shard_of(i, n_shards) for i in ids)
-    blob = json.dumps(
-        {
-            "sampling": asdict(cfg.sampling),
-            "grading": asdict(cfg.grading),
-            "construct": asdict(cfg.construct),
-            "dtype": cfg.model.dtype,
-            "limits": [cfg.data.max_image_bytes, cfg.data.max_image_pixels],
-            "model_dir": os.path.abspath(model_dir),
-            "selection": selection,
-            "n_shards": n_shards,
-            "ids": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(),
-        },
-        sort_keys=True,
-    )
-    expected = {s: counts.get(s, 0) for s in range(n_shards)}
-    return Plan(n_shards, expected, hashlib.sha256(blob.encode()).hexdigest()[:16])
+    ids_hash = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+    run_hash = fingerprint(n_shards=n_shards, ids=ids_hash, **depends_on)
+    return Plan(n_shards, {s: counts.get(s, 0) for s in range(n_shards)}, run_hash)
 
 
 def shard_uri(out_uri: str, shard: int) -> str:
@@ -176,13 +189,13 @@ def finished_shards(out_uri: str, plan: Plan) -> dict[int, dict[str, Any]]:
 class ShardCollector:
     """Buffers graded rows per shard and writes a shard (data, then manifest) once all its rows arrived.
 
-    Rows carry the SAMPLES columns plus `shard`, `source` and `reason` (set for quarantined rows). The first
-    row per id wins; later copies (possible only if a retried task's first output also arrived) are counted
-    in `duplicates` and dropped, so a shard never holds an id twice.
+    Rows carry the output schema's columns plus `shard`, `source` and `reason` (set for quarantined rows).
+    The first row per id wins; later copies (possible only if a retried task's first output also arrived)
+    are counted in `duplicates` and dropped, so a shard never holds an id twice.
     """
 
-    def __init__(self, out_uri: str, plan: Plan, pending: list[int], k: int) -> None:
-        self.out_uri, self.plan, self.k = out_uri, plan, k
+    def __init__(self, out_uri: str, plan: Plan, pending: list[int], schema: pa.Schema, k: int) -> None:
+        self.out_uri, self.plan, self.schema, self.k = out_uri, plan, schema, k
         self.rows: dict[int, dict[str, dict[str, Any]]] = {s: {} for s in pending}
         self.written: dict[int, dict[str, Any]] = {}
         self.duplicates = 0
@@ -204,15 +217,14 @@ class ShardCollector:
         rows = sorted(self.rows.pop(shard).values(), key=lambda r: r[ID])
         good = [r for r in rows if r[REASON] is None]
         bad = [{SOURCE: r[SOURCE], ROW_KEY: r[ID], REASON: r[REASON]} for r in rows if r[REASON] is not None]
-        table = pa.Table.from_pylist(good, schema=SAMPLES) if good else SAMPLES.empty_table()
-        dio.write_table(conform(table, SAMPLES, f"samples shard {shard}"), shard_uri(self.out_uri, shard))
+        table = pa.Table.from_pylist(good, schema=self.schema) if good else self.schema.empty_table()
+        dio.write_table(conform(table, self.schema, f"shard {shard}"), shard_uri(self.out_uri, shard))
         body = {
             "run_hash": self.plan.run_hash,
             "shard": shard,
             "rows": len(rows),
-            "sampled": len(good),
-            "new_samples": len(good) * self.k,
-            "buckets": dict(Counter(r[BUCKET] for r in good)),
+            "done": len(good),
+            "new_outputs": len(good) * self.k,
             "quarantine": bad,
         }
         _write_json(shard_manifest_uri(self.out_uri, shard), body)
@@ -221,3 +233,11 @@ class ShardCollector:
     def missing(self) -> dict[int, str]:
         """Shards still incomplete: after a finished run this must be empty (else rows were lost)."""
         return {s: f"{len(rows)}/{self.plan.expected[s]} rows" for s, rows in self.rows.items()}
+
+
+def write_quarantine(rows: list[dict[str, Any]], uri: str, stage: str) -> str:
+    """A stage's quarantine rows (QUARANTINE schema) at `uri`; an empty file says it quarantined nothing."""
+    records = [{**row, STAGE: stage} for row in rows]
+    table = pa.Table.from_pylist(records, schema=QUARANTINE) if records else QUARANTINE.empty_table()
+    dio.write_table(conform(table, QUARANTINE, f"quarantine of stage {stage}"), uri)
+    return uri

@@ -1,0 +1,132 @@
+"""The Ray Data callable class that holds one sampler: `ds.map_batches(GenerateActor, compute=ActorPoolStrategy)`.
+
+Why a callable class: loading a model (or starting a vLLM engine) costs seconds to minutes, so each actor
+loads once in `__init__` and then serves many batches; Ray Data sizes the pool (`sampling.num_actors`) and
+gives each actor its CPUs/GPUs (`sampling.cpus_per_actor`, `sampling.gpus_per_actor`).
+
+Rows arrive already checked by the CPU stage: a row whose `reason` is set is passed through untouched (it
+will be quarantined), so the actor never decodes a bad image. Each item is generated with its own seed
+(`item_seed(decoding.seed, id)`), so its responses do not depend on the batch it landed in. A batch that
+fails in the engine is retried item by item (same seeds, same responses), and only the items that still
+fail are marked with a reason: one prompt the engine rejects (e.g. longer than `max_model_len`) must not
+cost its whole batch. If every item fails, the error is raised: that is a broken engine, not bad input.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from inbol_ray import checkpoint
+from inbol_ray.config import SamplingConfig
+from inbol_ray.data import io as dio
+from inbol_ray.data.images import decode_image
+from inbol_ray.sampling import build_sampler
+from inbol_ray.sampling.base import item_seeds
+from inbol_ray.schema import ID, IMAGE, QUESTION, REASON, RESPONSES
+
+_MAX_REASON = 300
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to answer: K samples at a temperature (confidence) or greedy with an optional instruction."""
+
+    k: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8
+    seed: int = 0
+    instruction: str | None = None
+
+    @classmethod
+    def sampled(cls, sampling: SamplingConfig) -> Decoding:
+        """The confidence sampling of `sampling` (the bare question, as for training)."""
+        s = sampling
+        return cls(s.k, s.temperature, s.top_p, s.max_new_tokens, s.seed)
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int, instruction: str | None = None, seed: int = 0) -> Decoding:
+        return cls(1, 0.0, 1.0, max_new_tokens, seed, instruction or None)
+
+
+class GenerateActor:
+    """Generate `decoding.k` responses per good row of a pyarrow batch; add `responses`, drop `image`."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        sampling: SamplingConfig,
+        decoding: Decoding,
+        dtype: str = "float32",
+        exit_once_marker: str = "",
+    ) -> None:
+        import torch
+
+        # Each actor gets `cpus_per_actor` cores: two actors on two cores must not each start 2+ threads.
+        torch.set_num_threads(max(1, int(sampling.cpus_per_actor)))
+        self.decoding = decoding
+        self.sampler = build_sampler(sampling.engine, checkpoint.local_dir(model_dir), sampling, dtype)
+        self.exit_once_marker = exit_once_marker
+        """Fault-injection hook for tests of Ray Data's retries: when set and the file does not exist yet,
+        the first call creates it and kills this actor's process mid-batch (the marker makes it happen once
+        across restarts)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self._maybe_exit()
+        good = pc.is_null(batch[REASON]).to_pylist()
+        rows = [i for i, ok in enumerate(good) if ok]
+        responses: list[list[str]] = [[] for _ in good]
+        reasons = batch[REASON].to_pylist()
+        if rows:
+            ids, images, questions = (batch[c].to_pylist() for c in (ID, IMAGE, QUESTION))
+            seeds = item_seeds(self.decoding.seed, ids)
+            for i, out, why in self._generate_rows(rows, images, questions, seeds):
+                responses[i], reasons[i] = out, why
+        out = batch.drop_columns([IMAGE, REASON])
+        out = out.append_column(RESPONSES, pa.array(responses, type=pa.list_(pa.string())))
+        return out.append_column(REASON, pa.array(reasons, type=pa.string()))
+
+    def _generate(self, images: list[bytes], questions: list[str], seeds: list[int]) -> list[list[str]]:
+        d = self.decoding
+        return self.sampler.generate(
+            [decode_image(b) for b in images],
+            questions,
+            k=d.k,
+            temperature=d.temperature,
+            top_p=d.top_p,
+            max_new_tokens=d.max_new_tokens,
+            seeds=seeds,
+            instruction=d.instruction,
+        )
+
+    def _generate_rows(
+        self, rows: list[int], images: list[bytes], questions: list[str], seeds: list[int]
+    ) -> list[tuple[int, list[str], str | None]]:
+        """(row, responses, reason) for each good row: one engine call, item by item only if it fails."""
+        try:
+            outs = self._generate(
+                [images[i] for i in rows], [questions[i] for i in rows], [seeds[i] for i in rows]
+            )
+            return [(i, out, None) for i, out in zip(rows, outs, strict=True)]
+        except Exception as batch_error:
+            results = []
+            for i in rows:
+                try:
+                    (out,) = self._generate([images[i]], [questions[i]], [seeds[i]])
+                    results.append((i, out, None))
+                except Exception as exc:
+                    results.append((i, [], f"generation failed: {type(exc).__name__}: {exc}"[:_MAX_REASON]))
+            if all(why is not None for _, _, why in results):
+                raise batch_error
+            return results
+
+    def _maybe_exit(self) -> None:
+        marker = self.exit_once_marker
+        if marker and not dio.exists(marker):
+            with open(marker, "w") as f:
+                f.write(f"actor pid {os.getpid()} exited here\n")
+            os._exit(1)

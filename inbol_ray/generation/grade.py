@@ -1,0 +1,65 @@
+"""What a generation stage grades its responses into: `samples` rows (K graded samples, conf) or
+`predictions` rows (one greedy answer, correct, refused). Pure functions of a pyarrow batch."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+
+from inbol_ray import schema as S
+from inbol_ray.boundary import as_frame, as_list, grade_samples_batch
+from inbol_ray.grading import grade, is_refusal_response
+
+SAMPLES, PREDICTIONS = "samples", "predictions"
+OUTPUT_SCHEMAS = {SAMPLES: S.SAMPLES, PREDICTIONS: S.PREDICTIONS}
+
+
+def grade_predictions(batch: pd.DataFrame | pa.Table, method: str, correct_at: float) -> pd.DataFrame:
+    """Greedy responses graded against their items: one `predictions` row per item (schema.PREDICTIONS).
+
+    Needs columns id, dataset, responses (one each), answers, choices, metric, answerable. Unanswerable
+    items are never correct; a refusal is detected with `is_refusal_response`, so picking a multiple-choice
+    option that is itself a refusal (BeyondVisQA) counts as refusing.
+    """
+    frame = as_frame(batch)
+    rows: dict[str, list] = {name: [] for name in S.PREDICTIONS.names}
+    for item in frame.to_dict("records"):
+        response = str(as_list(item[S.RESPONSES])[0])
+        choices = [str(c) for c in as_list(item[S.CHOICES])] or None
+        answers = [str(a) for a in as_list(item[S.ANSWERS])]
+        answerable = bool(item[S.ANSWERABLE])
+        rows[S.MODEL].append(method)
+        rows[S.DATASET].append(item[S.DATASET])
+        rows[S.ID].append(item[S.ID])
+        rows[S.RESPONSE].append(response)
+        rows[S.CORRECT].append(
+            answerable and grade(response, answers, item[S.METRIC], choices, correct_at=correct_at)
+        )
+        rows[S.REFUSED].append(is_refusal_response(response, choices))
+    return pd.DataFrame(rows, columns=S.PREDICTIONS.names)
+
+
+def grade_batch(batch: pa.Table, kind: str, grading, method: str = "") -> pa.Table:
+    """The output schema's rows for graded rows of `batch` (all of whose `reason` is null)."""
+    if kind == SAMPLES:
+        frame = grade_samples_batch(batch, grading)
+    elif kind == PREDICTIONS:
+        frame = grade_predictions(batch, method, float(grading.vqa_correct_at))
+    else:
+        raise ValueError(f"unknown output kind {kind!r}; expected one of {sorted(OUTPUT_SCHEMAS)}")
+    return pa.Table.from_pandas(frame, schema=OUTPUT_SCHEMAS[kind], preserve_index=False)
+
+
+def placeholders(bad: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Rows in `schema`'s layout for quarantined rows: their own columns where they have them, else empty
+    values (the collector writes them to the quarantine, never to the output)."""
+    columns = []
+    for f in schema:
+        if f.name in bad.column_names:
+            columns.append(bad[f.name].cast(f.type))
+        elif pa.types.is_list(f.type):
+            columns.append(pa.array([[]] * bad.num_rows, type=f.type))
+        else:
+            default = {pa.string(): "", pa.bool_(): False, pa.float64(): 0.0, pa.int64(): 0}[f.type]
+            columns.append(pa.array([default] * bad.num_rows, type=f.type))
+    return pa.table(columns, schema=schema)
