@@ -98,7 +98,7 @@ def _measure_case(step: Callable[[], float], repeats: int) -> dict:
 
 
 def _seq_step(method: str, hidden: Tensor, w: Tensor, ids: Tensor, mask: Tensor, chunk: int) -> float:
-    from inbol_ray.model.response_logprobs import (
+    from inbol_ray.train.response_logprobs import (
         naive_response_logprobs_from_logits,
         response_logprobs_from_hidden,
     )

@@ -121,9 +121,9 @@ def ours_step(ckpt: str, pairs_uri: str, steps: int, threads: int, lr: float) ->
     import torch
     from transformers import AutoProcessor
 
+    from inbol_ray.checkpoint import load_for_training
     from inbol_ray.data import io as dio
     from inbol_ray.train.data import DPO_KINDS, encode_table, make_batch
-    from inbol_ray.checkpoint import load_for_training
     from inbol_ray.train.lora import prepare_policy
     from inbol_ray.train.objectives import StepNorm, dpo_objective
     from inbol_ray.train.shared_prefix import ResponseScorer

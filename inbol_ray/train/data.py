@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from inbol_ray import schema as S
-from inbol_ray.data import io as dio
 from inbol_ray.data.images import load_image_bytes
 from inbol_ray.model.batching import encode_prompts, pixel_values
 from inbol_ray.model.prompt import format_response
@@ -135,28 +134,6 @@ def make_batch(enc: EncodedTable, rows: Sequence[int], processor) -> tuple[Packe
         ref_logps=None if enc.ref_logps is None else enc.ref_logps[index],
     )
     return packed, values
-
-
-READ_CPUS = 0.25
-"""CPU reservation of Parquet read tasks: training workers and scorer actors hold whole cores."""
-
-
-def read_dataset(uri: str, columns: list[str] | None = None):
-    """A Ray Dataset over a table location: a folder of `.parquet` shards, or one Parquet file of any name.
-
-    Folders stream through `read_parquet`. A single file written by `inbol_ray.data.io.write_table` has no
-    `.parquet` suffix (e.g. `<run_dir>/tables/idk_it`), which Ray Data 2.60's reader cannot list even with
-    `file_extensions=None`; it is read with pyarrow and handed over with `from_arrow`.
-    """
-    import pyarrow.fs as pafs
-    import ray.data
-
-    is_folder = dio.file_type(uri) == pafs.FileType.Directory
-    files = dio.list_files(uri) if is_folder else []
-    if files and all(f.endswith(".parquet") for f in files):
-        fs, path = dio.resolve(uri)
-        return ray.data.read_parquet(path, filesystem=fs, columns=columns, num_cpus=READ_CPUS)
-    return ray.data.from_arrow(dio.read_table(uri, columns=columns))
 
 
 def sort_by_id(table: pa.Table) -> pa.Table:

@@ -30,10 +30,11 @@ import ray.train
 import torch
 from torch import nn
 
+from inbol_ray.checkpoint import load_for_training, load_processor
 from inbol_ray.config import TrainConfig
+from inbol_ray.data import io as dio
 from inbol_ray.train import step_metrics as sm
 from inbol_ray.train.data import DPO_KINDS, EncodedTable, encode_table, make_batch, sort_by_id
-from inbol_ray.checkpoint import load_for_training
 from inbol_ray.train.lora import (
     load_trainable_state,
     prepare_policy,
@@ -41,7 +42,7 @@ from inbol_ray.train.lora import (
     save_trainable,
     trainable_state,
 )
-from inbol_ray.train.objectives import OBJECTIVES, StepNorm, step_means
+from inbol_ray.train.objectives import StepNorm, objective_for, step_means
 from inbol_ray.train.shared_prefix import ResponseScorer, per_response
 
 DATASET = "train"
@@ -57,17 +58,26 @@ class LoopSpec:
     train: TrainConfig
     method: str
     base_model_dir: str
+    """Location (local path or URI) of the model training starts from."""
     model_dtype: str = "float32"
     local_checkpoint_dir: str = ""
-    """Local mode only: Ray's in-driver controller keeps no checkpoints, so the loop keeps its own here."""
+    """Local mode only: Ray's in-driver controller keeps no checkpoints, so the loop keeps its own here
+    (always a local absolute path; see trainer.local_checkpoint_dir)."""
     tensorboard_dir: str = ""
+    """Location (local path or URI); rank 0 writes locally and uploads at the end when it is remote."""
     fail_after_step: int = 0
     """Fault injection for tests: the last worker raises once after finishing this step (0 = never)."""
     fault_marker: str = ""
-    """File created when the fault fires, so the restarted worker group does not fail again."""
+    """Location created when the fault fires, so the restarted worker group does not fail again."""
 
 
 # --- schedule -------------------------------------------------------------------------------------
+
+
+def torch_threads(cpus_per_worker: float) -> int:
+    """Torch threads of a worker reserving `cpus_per_worker` CPUs: the reservation rounded (1.8 -> 2,
+    0.5 -> 1), so a fractional reservation that leaves a sliver for Ray still uses its cores."""
+    return max(1, round(cpus_per_worker))
 
 
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:
@@ -243,7 +253,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     small for intra-op parallelism, and on a shared machine extra spinning threads made steps 5-20x slower."""
     spec: LoopSpec = config["spec"]
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(spec.train.cpus_per_worker)))
+    torch.set_num_threads(torch_threads(spec.train.cpus_per_worker))
     try:
         _train(spec)
     finally:
@@ -255,12 +265,11 @@ def _train(spec: LoopSpec) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     import ray.train.torch as rtt
-    from transformers import AutoProcessor
 
     device = rtt.get_device()
     table = _read_table()
-    processor = AutoProcessor.from_pretrained(spec.base_model_dir)
-    kinds, objective = OBJECTIVES[spec.method]
+    processor = load_processor(spec.base_model_dir)
+    kinds, objective = objective_for(spec.method)
     enc = encode_table(table, processor, kinds, need_ref=kinds == DPO_KINDS)
     n_rows, total = len(enc), total_steps(len(enc), cfg)
 
@@ -357,9 +366,7 @@ def _maybe_fail(spec: LoopSpec, step: int, rank: int, world: int) -> None:
     """Test hook: the last worker raises once after `fail_after_step`, as a crashed worker would."""
     if spec.fail_after_step != step or rank != world - 1 or not spec.fault_marker:
         return
-    marker = Path(spec.fault_marker)
-    if marker.exists():
+    if dio.exists(spec.fault_marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"worker {rank} raised after step {step}\n")
-    raise RuntimeError(f"injected failure after step {step} (fault_marker {marker})")
+    sm.write_text(spec.fault_marker, f"worker {rank} raised after step {step}\n")
+    raise RuntimeError(f"injected failure after step {step} (fault_marker {spec.fault_marker})")

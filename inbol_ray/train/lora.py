@@ -12,7 +12,7 @@ model's GB, and the base weights are the reference anyway.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -78,32 +78,30 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value)
 
 
-def save_trainable(state: dict[str, torch.Tensor], directory: Path) -> None:
-    save_file(state, str(directory / TRAINABLE_FILE))
+def save_trainable(state: dict[str, torch.Tensor], directory: str | os.PathLike) -> None:
+    save_file(state, os.path.join(directory, TRAINABLE_FILE))
 
 
-def read_trainable(directory: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(directory / TRAINABLE_FILE))
+def read_trainable(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(directory, TRAINABLE_FILE))
 
 
-def export_model(policy: nn.Module, processor, out_dir: Path, merge: bool) -> tuple[Path | None, Path | None]:
-    """Save the adapter (LoRA) and/or a full HF checkpoint; return (model_dir, adapter_dir).
+def export_model(policy: nn.Module, processor, out_dir: str, merge: bool) -> tuple[str | None, str | None]:
+    """Save the adapter (LoRA) and/or a full llava-hf checkpoint into the *local* `out_dir`; return
+    (model_dir, adapter_dir), None for what was not written.
 
     The full checkpoint goes to `out_dir` itself, so `<run_dir>/models/<method>` loads like the base model
-    (from_pretrained, vLLM after `to_llava_hf_layout`); the adapter to `out_dir/adapter`. Merging modifies
-    `policy`, so call this last.
+    (from_pretrained, vLLM); the adapter to `out_dir/adapter`. Merging modifies `policy`, so call this last.
+    The trainer uploads `out_dir` when the run lives on object storage.
     """
-    from inbol_ray.checkpoint import to_llava_hf_layout
+    from inbol_ray.checkpoint import ADAPTER_SUBDIR, save_model
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     adapter_dir = None
     if isinstance(policy, PeftModel):
-        adapter_dir = out_dir / "adapter"
+        adapter_dir = os.path.join(out_dir, ADAPTER_SUBDIR)
         policy.save_pretrained(adapter_dir)
         if not merge:
             return None, adapter_dir
         policy = policy.merge_and_unload()
-    policy.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    to_llava_hf_layout(out_dir)
-    return out_dir, adapter_dir
+    return save_model(policy, processor, out_dir), adapter_dir

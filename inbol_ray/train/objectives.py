@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from inbol_ray import methods as M
 from inbol_ray import schema as S
 from inbol_ray.config import TrainConfig
 from inbol_ray.train.data import DPO_KINDS, SFT_KINDS, RowValues
@@ -95,14 +96,19 @@ def dpo_objective(
 
 
 OBJECTIVES: dict[str, tuple[tuple[str, ...], Objective]] = {
-    "idk_it": (SFT_KINDS, sft_objective),
     "sft": (SFT_KINDS, sft_objective),
-    "cadpo": (DPO_KINDS, dpo_objective),
-    "dpo1": (DPO_KINDS, dpo_objective),
-    "dpo2": (DPO_KINDS, dpo_objective),
-    "dpo3": (DPO_KINDS, dpo_objective),
+    "dpo": (DPO_KINDS, dpo_objective),
 }
-"""method -> (response slots per row, objective). The DPO variants differ only in their mixed-row weights."""
+"""objective kind (`inbol_ray.methods.Method.objective`) -> (response slots per row, objective function).
+The DPO variants share one function: the method name is the variant (mixed-row weights)."""
+
+
+def objective_for(method: str) -> tuple[tuple[str, ...], Objective]:
+    """(response slots, objective) of a trained method, looked up through the method table."""
+    m = M.method(method)
+    if m.objective is None:
+        raise ValueError(f"method {method!r} is not trained (trained: {', '.join(M.TRAINED)})")
+    return OBJECTIVES[m.objective]
 
 
 def step_means(sums: dict[str, float]) -> dict[str, float]:

@@ -14,7 +14,7 @@ adapters disabled", without building the adapters at all.
 from __future__ import annotations
 
 import time
-import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,9 @@ import torch
 from inbol_ray import schema as S
 from inbol_ray.config import Config
 from inbol_ray.data import io as dio
-from inbol_ray.train.data import DPO_KINDS, encode_table, make_batch, read_dataset
+from inbol_ray.run_layout import RunLayout
+from inbol_ray.train.data import DPO_KINDS, encode_table, make_batch
+from inbol_ray.train.loop import torch_threads
 from inbol_ray.train.shared_prefix import per_response, shared_prefix_token_logprobs
 
 
@@ -32,14 +34,12 @@ class ReferenceScorer:
     """Ray Data actor: loads the reference once, adds the ref_logp_* columns to each batch."""
 
     def __init__(self, model_dir: str, dtype: str, chunk_size: int, micro_batch: int, threads: int) -> None:
-        from transformers import AutoProcessor
-
-        from inbol_ray.checkpoint import load_for_training
+        from inbol_ray.checkpoint import load_for_training, load_processor
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_for_training(model_dir, dtype).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.processor = load_processor(model_dir)
         self.chunk_size, self.micro_batch = chunk_size, micro_batch
         self.dtype = getattr(torch, dtype)
 
@@ -63,29 +63,40 @@ class ReferenceScorer:
         return out
 
 
-def run_reference_pass(cfg: Config, pairs_uri: str, base_model_dir: str, out_uri: str) -> dict[str, Any]:
-    """Read `pairs_uri` (cadpo_pairs), write it with ref_logp_* columns to `out_uri`; return counts.
+def run_reference_pass(
+    cfg: Config, layout: RunLayout, *, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Score `layout.table("cadpo_pairs")` with the frozen reference (`layout.reference_model()`, the DPO
+    methods' start model) and write it with ref_logp_* columns to `layout.reference_table()`; return counts.
 
-    `out_uri` may equal `pairs_uri`: the result is written beside it and swapped in at the end, so a crash
-    never leaves a half-written table. Existing ref columns in the input are recomputed. Runs on
-    max(1, train.num_workers) actors (one GPU each when train.use_gpu).
+    The table is written once, whole, at the end, so a crash never leaves a half-written table. Runs on max(1, train.num_workers) actors (one GPU each when train.use_gpu).
     """
     from ray.data import ActorPoolStrategy
 
     t0 = time.time()
-    pairs_uri, out_uri = dio.absolute(pairs_uri), dio.absolute(out_uri)
+    pairs_uri, model, out_uri = (
+        layout.table("cadpo_pairs"),
+        layout.reference_model(),
+        layout.reference_table(),
+    )
+    log(f"[reference] {pairs_uri} scored by {model} -> {out_uri}")
     tc = cfg.train
     actors = max(1, tc.num_workers)
-    ds = read_dataset(pairs_uri, columns=S.CADPO_PAIRS.names)
-    n_in = ds.count()
+    import ray.data
+
+    # Read in the driver and handed over as blocks: a Parquet listing task wants a whole CPU, which the
+    # scorer actors may all hold on a small machine (2 x 0.9 CPUs on 2 cores) and never give back.
+    pairs = dio.read_table(pairs_uri, columns=S.CADPO_PAIRS.names)
+    n_in = pairs.num_rows
+    ds = ray.data.from_arrow(pairs)
     scored = ds.map_batches(
         ReferenceScorer,
         fn_constructor_kwargs={
-            "model_dir": dio.absolute(base_model_dir),
+            "model_dir": model,
             "dtype": cfg.model.dtype,
             "chunk_size": tc.logprob_chunk_size,
             "micro_batch": tc.batch_size,
-            "threads": max(1, int(tc.cpus_per_worker)),
+            "threads": torch_threads(tc.cpus_per_worker),
         },
         batch_format="pyarrow",
         batch_size=tc.batch_size * 4,
@@ -93,18 +104,18 @@ def run_reference_pass(cfg: Config, pairs_uri: str, base_model_dir: str, out_uri
         num_cpus=tc.cpus_per_worker if not tc.use_gpu else 1,
         num_gpus=1 if tc.use_gpu else 0,
     )
-    tmp = dio.join(dio.parent(out_uri), f".tmp-reference-{uuid.uuid4().hex[:8]}")
-    scored.write_parquet(tmp)
-    table = dio.read_table(tmp)
+    # Collected in the driver and written as one table (atomic on every filesystem): Ray Data's write tasks
+    # want a CPU that the scorer actors may all hold on a small machine, and a folder move fails on S3.
+    parts = list(scored.iter_batches(batch_format="pyarrow", batch_size=None))
+    table = pa.concat_tables(parts) if parts else S.CADPO_PAIRS_WITH_REF.empty_table()
     if table.num_rows != n_in:
-        dio.remove(tmp)
         raise RuntimeError(f"reference pass lost rows: {n_in} in, {table.num_rows} out")
-    S.check_columns(table, S.CADPO_PAIRS_WITH_REF, "reference pass output")
-    dio.remove(out_uri)
-    fs, tmp_path = dio.resolve(tmp)
-    fs.move(tmp_path, dio.resolve(out_uri)[1])
+    table = S.conform(table.sort_by(S.ID), S.CADPO_PAIRS_WITH_REF, "reference pass output")
+    dio.remove(out_uri)  # an older run may have left a folder of shards there
+    dio.write_table(table, out_uri)
     counts: dict[str, Any] = {"rows": table.num_rows, "seconds": round(time.time() - t0, 1)}
     for kind in DPO_KINDS:
         col = table.column(S.REF_LOGP[kind])
         counts[f"scored_{kind}"] = len(col) - col.null_count
+    log(f"[reference] {counts}")
     return counts

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from inbol_ray.model.response_logprobs import backbone_hidden
 from inbol_ray.train.logprob import DEFAULT_CHUNK_SIZE, fused_response_logprobs, segment_sum
+from inbol_ray.train.response_logprobs import backbone_hidden, causal_lm
 
 PAD_SEGMENT = -1
 PREFIX_SEGMENT = 0
@@ -178,11 +178,6 @@ def block_attention_mask(segments: Tensor, attn_implementation: str, dtype: torc
     )
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def shared_prefix_token_logprobs(
     model: nn.Module, batch: PackedBatch, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Tensor:
@@ -190,9 +185,9 @@ def shared_prefix_token_logprobs(
 
     `model` is a LlavaForConditionalGeneration, optionally wrapped by peft (adapters active).
     """
-    causal_lm = _causal_lm(model)
-    lm_head = causal_lm.get_output_embeddings()
-    mask = block_attention_mask(batch.segments, causal_lm.config._attn_implementation, lm_head.weight.dtype)
+    lm = causal_lm(model)
+    lm_head = lm.get_output_embeddings()
+    mask = block_attention_mask(batch.segments, lm.config._attn_implementation, lm_head.weight.dtype)
     hidden = backbone_hidden(
         model, batch.input_ids, mask, batch.pixel_values, position_ids=batch.position_ids
     )

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
+import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
+
+from inbol_ray.data import io as dio
 
 
 def all_reduce_sums(sums: dict[str, float], keys: Sequence[str]) -> dict[str, float]:
@@ -65,15 +70,21 @@ def log_every(total_steps: int) -> int:
 
 
 class TensorBoardLog:
-    """Scalars of every step to `<logdir>` (tensorboardX, else torch.utils.tensorboard)."""
+    """Scalars of every step to `<logdir>` (tensorboardX, else torch.utils.tensorboard).
+
+    A remote `logdir` (`s3://...`) is written to a local temporary folder and uploaded on `close`: event
+    writers append to local files."""
 
     def __init__(self, logdir: str) -> None:
         try:
             from tensorboardX import SummaryWriter
         except ImportError:  # pragma: no cover - depends on the environment
             from torch.utils.tensorboard import SummaryWriter
-        Path(logdir).mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(logdir)
+        self.uri = logdir
+        fs, path = dio.resolve(logdir)
+        self.local = path if isinstance(fs, pafs.LocalFileSystem) else tempfile.mkdtemp(prefix="inbol_tb_")
+        os.makedirs(self.local, exist_ok=True)
+        self.writer = SummaryWriter(self.local)
 
     def write(self, row: dict[str, Any]) -> None:
         for key, value in row.items():
@@ -83,10 +94,22 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+        from inbol_ray.checkpoint import upload_dir
+
+        upload_dir(self.local, self.uri)
 
 
-def write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(to_json_row(r)) + "\n" for r in rows))
-    tmp.replace(path)
+def write_text(location: str, text: str) -> None:
+    """Write a small text file at a local path or URI, whole or not at all (temp file, then move)."""
+    fs, path = dio.resolve(location)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as out:
+        out.write(text.encode())
+    fs.move(tmp, path)
+
+
+def write_jsonl(rows: Sequence[dict[str, Any]], location: str) -> None:
+    """One JSON object per line (NaN -> null) at a local path or URI."""
+    write_text(location, "".join(json.dumps(to_json_row(r)) + "\n" for r in rows))

@@ -1,59 +1,59 @@
 """Driver side of training: build the Ray Train `TorchTrainer`, run it, export the trained model.
 
-    run_training(cfg, method, table_uri, base_model_dir, out_dir) -> TrainResult
-    run_reference_pass(cfg, pairs_uri, base_model_dir, out_uri) -> counts   (see reference.py)
+    run_training(cfg, method, layout) -> TrainResult
+    run_reference_pass(cfg, layout) -> counts   (see reference.py)
 
-Outputs under `out_dir` (the pipeline passes `<run_dir>/models/<method>`):
-    config.json, model.safetensors, processor files   merged HF checkpoint (train.merge, or full fine-tuning)
+Where things are comes from the run layout and the method table: `method` trains on
+`layout.training_table(method)` starting from `layout.start_model(method)` and writes `layout.model(method)`:
+    config.json, model.safetensors, processor files   merged llava-hf checkpoint (train.merge, or full FT)
     adapter/                                            peft adapter (LoRA)
     metrics.jsonl                                       one row per step (loss, per-group loss, margins, ...)
     train_result.json                                   the TrainResult below
     ray/<run name>/checkpoint_*                         Ray Train checkpoints (trainable tensors + optimizer)
     tensorboard/                                        when train.tensorboard
+Every location is a URI string (a local path or `s3://...`): Ray Train gets the pyarrow filesystem of
+`layout.train_storage(method)`, the model is exported to a local temporary folder and uploaded (written in
+place when the run is local), and the small files go through pyarrow too.
 
-Resuming: the Ray run name is `<method>-<hash of the train config, table and base model>`, so rerunning the
-same training with the same out_dir finds its checkpoints and continues (Ray Train restores the latest one),
-while a changed config starts a fresh run next to it.
+Resuming: the Ray run name is `<method>-<fingerprint of the train config, table and start model>`, so
+rerunning the same training finds its checkpoints and continues (Ray Train restores the latest one), while a
+changed config starts a fresh run next to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
 import json
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
+from inbol_ray import methods as M
 from inbol_ray import schema as S
+from inbol_ray.checkpoint import ADAPTER_SUBDIR, upload_dir
 from inbol_ray.config import Config, ModelConfig, TrainConfig
 from inbol_ray.data import io as dio
-from inbol_ray.train.data import DPO_KINDS
+from inbol_ray.manifest import fingerprint
+from inbol_ray.run_layout import RunLayout
 from inbol_ray.train.loop import DATASET, STATE_FILE, LoopSpec, train_loop_per_worker
-from inbol_ray.train.objectives import OBJECTIVES
+from inbol_ray.train.objectives import objective_for
 from inbol_ray.train.reference import run_reference_pass
-from inbol_ray.train.step_metrics import write_jsonl
-
-METHOD_TABLES = {
-    "idk_it": "idk_it",
-    "sft": "sft_baseline",
-    "cadpo": "cadpo_pairs",
-    "dpo1": "cadpo_pairs",
-    "dpo2": "cadpo_pairs",
-    "dpo3": "cadpo_pairs",
-}
-"""method -> the table (under `<run_dir>/tables/`) it trains on."""
+from inbol_ray.train.step_metrics import write_jsonl, write_text
 
 
 @dataclass
 class TrainResult:
     method: str
     checkpoint_dir: str | None
-    """Merged HF model directory (from_pretrained / vLLM); None for LoRA with train.merge=false."""
+    """Merged HF model location (from_pretrained / vLLM); None for LoRA with train.merge=false."""
     adapter_dir: str | None
-    """peft adapter directory (LoRA only)."""
+    """peft adapter location (LoRA only)."""
     train_checkpoint: str
     """The last Ray Train checkpoint (trainable tensors, optimizer state, history)."""
     steps: int
@@ -70,17 +70,18 @@ class TrainResult:
         return f"{self.method}: {self.steps} steps, final loss {loss:.4f}, {self.seconds:.0f}s -> {self.checkpoint_dir or self.adapter_dir}"
 
 
-def run_name(train: TrainConfig, model: ModelConfig, table_uri: str, base_model_dir: str) -> str:
-    blob = json.dumps(
-        {
-            "train": dataclasses.asdict(train),
-            "dtype": model.dtype,
-            "table": table_uri,
-            "base": base_model_dir,
-        },
-        sort_keys=True,
-    )
-    return f"{train.method}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+def run_name(train: TrainConfig, model: ModelConfig, table_uri: str, start_model: str) -> str:
+    digest = fingerprint(train, dtype=model.dtype, table=table_uri, base=start_model)
+    return f"{train.method}-{digest[:10]}"
+
+
+def local_checkpoint_dir(storage: str, name: str) -> str:
+    """Local mode's own checkpoint folder: inside the Ray storage when that is local, else a local cache
+    keyed by the storage URI (a local-mode run on object storage resumes on the same machine only)."""
+    fs, path = dio.resolve(storage)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return os.path.join(path, name)
+    return os.path.join(tempfile.gettempdir(), "inbol-train", fingerprint(storage)[:16], name)
 
 
 def _columns(table_uri: str) -> set[str]:
@@ -90,20 +91,31 @@ def _columns(table_uri: str) -> set[str]:
     return set(pq.ParquetDataset(path, filesystem=fs).schema.names)
 
 
-def needs_reference(method: str, table_uri: str) -> bool:
-    """True for a DPO method whose pairs table has no ref_logp_* columns yet (run_reference_pass first)."""
-    return OBJECTIVES[method][0] == DPO_KINDS and not set(S.REF_LOGP.values()) <= _columns(table_uri)
+def needs_reference(method: str, layout: RunLayout) -> bool:
+    """True for a DPO method whose reference table is missing or lacks ref_logp_* (run_reference_pass)."""
+    if not M.method(method).needs_reference:
+        return False
+    table = layout.training_table(method)
+    return not dio.exists(table) or not set(S.REF_LOGP.values()) <= _columns(table)
 
 
 def _check_table(table_uri: str, method: str) -> None:
     """Fail in the driver, before any worker starts, when the table cannot feed this method."""
+    if not dio.exists(table_uri):
+        raise FileNotFoundError(f"{method}: training table {table_uri} not found")
     names = _columns(table_uri)
-    kinds, _ = OBJECTIVES[method]
-    expected = S.CADPO_PAIRS_WITH_REF if kinds == DPO_KINDS else S.SFT
+    dpo = M.method(method).objective == "dpo"
+    expected = S.CADPO_PAIRS_WITH_REF if dpo else S.SFT
     missing = [c for c in expected.names if c not in names]
     if missing:
         hint = " (run run_reference_pass first)" if set(missing) <= set(S.REF_LOGP.values()) else ""
         raise ValueError(f"{method}: table {table_uri} lacks column(s) {missing}{hint}")
+
+
+def learning_rate(train: TrainConfig, method: str) -> float:
+    """`train.dpo_lr` for the DPO objective when set, else `train.lr`."""
+    dpo = M.method(method).objective == "dpo"
+    return train.dpo_lr if dpo and train.dpo_lr > 0 else train.lr
 
 
 def _trainer(spec: LoopSpec, table_uri: str, storage: str, name: str):
@@ -121,13 +133,15 @@ def _trainer(spec: LoopSpec, table_uri: str, storage: str, name: str):
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
         )
     )
+    fs, storage_path = dio.resolve(storage)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=storage_path,
+            storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
@@ -143,101 +157,105 @@ def _trainer(spec: LoopSpec, table_uri: str, storage: str, name: str):
 def run_training(
     cfg: Config,
     method: str,
-    table_uri: str,
-    base_model_dir: str,
-    out_dir: str,
-    log: Callable[[str], None] = print,
+    layout: RunLayout,
     *,
+    log: Callable[[str], None] = print,
     fail_after_step: int = 0,
 ) -> TrainResult:
-    """Train `method` on `table_uri` starting from `base_model_dir`; write everything under `out_dir`.
+    """Train `method` on its table of `layout`, from its start model; write `layout.model(method)`.
 
-    cfg.train.num_workers = 0 runs the loop in this process (Ray Train local mode), otherwise on that many
-    Ray Train workers (DDP, or FSDP with train.strategy=fsdp). Ray must be initialised (Ray Data reads the
-    table). `fail_after_step` is a test hook: one worker raises once after that step.
+    cfg.train.num_workers = 0 runs the loop in this process (Ray Train local mode, for debugging), otherwise
+    on that many Ray Train workers (DDP, or FSDP with train.strategy=fsdp). Ray must be initialised.
+    `fail_after_step` is a test hook: one worker raises once after that step.
     """
     import ray
 
-    if method not in OBJECTIVES:
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(OBJECTIVES)}")
+    objective_for(method)  # a clear error for an unknown or untrained method
     if not ray.is_initialized():
         raise RuntimeError("run_training needs a running Ray (inbol_ray.runtime.init_ray)")
     t0 = time.time()
-    table_uri, base_model_dir = dio.absolute(table_uri), dio.absolute(base_model_dir)
+    table_uri, start_model = layout.training_table(method), layout.start_model(method)
+    out, storage = layout.model(method), layout.train_storage(method)
     _check_table(table_uri, method)
-    dpo = method in ("cadpo", "dpo1", "dpo2", "dpo3")
-    lr = cfg.train.dpo_lr if dpo and cfg.train.dpo_lr > 0 else cfg.train.lr
-    train = dataclasses.replace(cfg.train, method=method, lr=lr)
-    out = Path(dio.absolute(out_dir))
-    storage = out / "ray"
-    name = run_name(train, cfg.model, table_uri, base_model_dir)
+    train = dataclasses.replace(cfg.train, method=method, lr=learning_rate(cfg.train, method))
+    name = run_name(train, cfg.model, table_uri, start_model)
     spec = LoopSpec(
         train=train,
         method=method,
-        base_model_dir=base_model_dir,
+        base_model_dir=start_model,
         model_dtype=cfg.model.dtype,
-        local_checkpoint_dir=str(storage / name) if train.num_workers == 0 else "",
-        tensorboard_dir=str(out / "tensorboard") if train.tensorboard else "",
+        local_checkpoint_dir=local_checkpoint_dir(storage, name) if train.num_workers == 0 else "",
+        tensorboard_dir=dio.join(out, "tensorboard") if train.tensorboard else "",
         fail_after_step=fail_after_step,
-        fault_marker=str(storage / name / "fault_injected") if fail_after_step else "",
+        fault_marker=dio.join(storage, name, "fault_injected") if fail_after_step else "",
     )
     mode = (
         "local mode (in the driver)"
         if train.num_workers == 0
         else (f"{train.num_workers} Ray Train workers, {train.strategy}, {'GPU' if train.use_gpu else 'CPU'}")
     )
-    log(f"[train {method}] {mode}; table {table_uri}; run {storage / name}")
-    result = _trainer(spec, table_uri, str(storage), name).fit()
-    checkpoint = result.checkpoint
+    log(f"[train {method}] {mode}; table {table_uri}; from {start_model}; run {dio.join(storage, name)}")
+    result = _trainer(spec, table_uri, storage, name).fit()
+    checkpoint, checkpoint_uri = result.checkpoint, ""
     if checkpoint is None:  # local mode rerun of a finished run: nothing was reported this time
+        from ray.train import Checkpoint
+
         from inbol_ray.train.loop import _latest_local
 
         latest = _latest_local(spec.local_checkpoint_dir)
         if latest is None:
             raise RuntimeError(f"training {method} produced no checkpoint")
-        from ray.train import Checkpoint
-
         checkpoint = Checkpoint.from_directory(str(latest))
+    elif train.num_workers > 0 and dio.is_uri(storage):
+        checkpoint_uri = f"{storage.split('://', 1)[0]}://{checkpoint.path}"
     with checkpoint.as_directory() as directory:
-        state = json.loads((Path(directory) / STATE_FILE).read_text())
-        model_dir, adapter_dir = _export(train, cfg.model.dtype, base_model_dir, Path(directory), out)
-    metrics_path = out / "metrics.jsonl"
-    write_jsonl(state["history"], metrics_path)
+        with open(os.path.join(directory, STATE_FILE)) as f:
+            state = json.load(f)
+        model_dir, adapter_dir = _export(train, cfg.model.dtype, start_model, directory, out)
+    metrics_uri = dio.join(out, "metrics.jsonl")
+    write_jsonl(state["history"], metrics_uri)
     final = {k: v for k, v in state["history"][-1].items() if k != "ids"} if state["history"] else {}
     res = TrainResult(
         method=method,
-        checkpoint_dir=str(model_dir) if model_dir else None,
-        adapter_dir=str(adapter_dir) if adapter_dir else None,
-        train_checkpoint=checkpoint.path,
+        checkpoint_dir=model_dir,
+        adapter_dir=adapter_dir,
+        train_checkpoint=checkpoint_uri or checkpoint.path,
         steps=state["step"],
         final_metrics=final,
-        metrics_uri=str(metrics_path),
+        metrics_uri=metrics_uri,
         seconds=time.time() - t0,
         resumed_from=state["resumes"],
         probe=state.get("probe", {}),
     )
-    (out / "train_result.json").write_text(json.dumps(dataclasses.asdict(res), indent=1, default=str))
+    write_text(dio.join(out, "train_result.json"), json.dumps(dataclasses.asdict(res), indent=1, default=str))
     log(f"[train {method}] " + res.summary_line())
     return res
 
 
 def _export(
-    train: TrainConfig, dtype: str, base_model_dir: str, checkpoint_dir: Path, out: Path
-) -> tuple[Path | None, Path | None]:
-    """Rebuild the policy from the base and the checkpoint's trainable tensors, then save adapter/merged."""
-    from transformers import AutoProcessor
+    train: TrainConfig, dtype: str, start_model: str, checkpoint_dir: str, out: str
+) -> tuple[str | None, str | None]:
+    """Rebuild the policy from the start model and the checkpoint's trainable tensors, save adapter/merged
+    model under `out` (in place when local, else through a local temporary folder); return their URIs."""
+    from inbol_ray.checkpoint import load_for_training, load_processor
+    from inbol_ray.train.lora import export_model, load_trainable_state, prepare_policy, read_trainable
 
-    from inbol_ray.checkpoint import load_for_training
-from inbol_ray.train.lora import (
-        export_model,
-            load_trainable_state,
-        prepare_policy,
-        read_trainable,
-    )
-
-    policy = prepare_policy(load_for_training(base_model_dir, dtype), train)
+    policy = prepare_policy(load_for_training(start_model, dtype), train)
     load_trainable_state(policy, read_trainable(checkpoint_dir))
-    return export_model(policy, AutoProcessor.from_pretrained(base_model_dir), out, train.merge)
+    fs, out_path = dio.resolve(out)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    with contextlib.nullcontext(out_path) if local else tempfile.TemporaryDirectory() as export_dir:
+        model_dir, adapter_dir = export_model(policy, load_processor(start_model), export_dir, train.merge)
+        if not local:
+            upload_dir(export_dir, out)
+    return (out if model_dir else None), (dio.join(out, ADAPTER_SUBDIR) if adapter_dir else None)
 
 
-__all__ = ["METHOD_TABLES", "TrainResult", "needs_reference", "run_reference_pass", "run_training"]
+__all__ = [
+    "TrainResult",
+    "learning_rate",
+    "needs_reference",
+    "run_name",
+    "run_reference_pass",
+    "run_training",
+]

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from inbol_ray.model.batching import encode_prompt_response
-from inbol_ray.model.response_logprobs import (
+from inbol_ray.train.response_logprobs import (
     backbone_hidden,
     naive_response_logprobs_from_logits,
     response_logprobs,

@@ -1,7 +1,9 @@
 """Training end to end on ShapesWorld tables with a real local Ray: every method in local mode, the
-reference pass, 2-worker DDP with a worker killed mid-run, FSDP on CPU, and the `jobs.train` entry point.
+reference pass, the tiny default through a real Ray Train worker, 2-worker DDP with a worker killed mid-run,
+FSDP on CPU, a run directory on a non-local filesystem, and the `jobs.train` entry point.
 
-Budget: one reference pass, six short local runs, two 2-worker runs (~25 s each for worker start-up).
+Budget: one reference pass, seven short local runs, one 1-worker and two 2-worker runs (~20-40 s each for
+worker start-up on 2 shared cores).
 """
 
 from __future__ import annotations
@@ -9,24 +11,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from inbol_ray import methods as M
 from inbol_ray import schema as S
 from inbol_ray.boundary.construct import build_cadpo_pairs, build_idk_it, build_sft_baseline
 from inbol_ray.config import Config, ShapesConfig
 from inbol_ray.data import io as dio
 from inbol_ray.data.shapes import generate_items
 from inbol_ray.model.batching import encode_prompt_response, pixel_values
-from inbol_ray.model.response_logprobs import response_logprobs
+from inbol_ray.run_layout import RunLayout
 from inbol_ray.train.data import DPO_KINDS, encode_table, make_batch, sort_by_id
+from inbol_ray.train.response_logprobs import response_logprobs
 from inbol_ray.train.shared_prefix import per_response, shared_prefix_token_logprobs
-from inbol_ray.train.trainer import METHOD_TABLES, TrainResult, run_reference_pass, run_training
+from inbol_ray.train.trainer import TrainResult, needs_reference, run_reference_pass, run_training
 
 pytestmark = pytest.mark.integration
 
@@ -89,21 +96,36 @@ def _cfg(tiny_config: Config, **train) -> Config:
     return dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, **{**base, **train}))
 
 
+def _layout(root: str | Path, tiny_checkpoint: Path) -> RunLayout:
+    """Every method starts from (and DPO is anchored to) the tiny checkpoint: dpo_init=base."""
+    return RunLayout(root=str(root), model_path=str(tiny_checkpoint), dpo_init="base")
+
+
+def _run_beside(run_dir: Path, name: str, tiny_checkpoint: Path) -> RunLayout:
+    """A second run directory sharing `run_dir`'s tables (its own models/), for runs compared side by side."""
+    root = run_dir.parent / f"{run_dir.name}-{name}"
+    (root / "tables").mkdir(parents=True, exist_ok=True)
+    for table in (run_dir / "tables").iterdir():
+        if not (root / "tables" / table.name).exists():
+            os.symlink(table, root / "tables" / table.name)
+    return _layout(root, tiny_checkpoint)
+
+
 @pytest.fixture(scope="module")
 def pairs_with_ref(ray_local, run_dir: Path, tiny_config: Config, tiny_checkpoint: Path) -> str:
-    out = str(run_dir / "tables" / "cadpo_pairs_ref")
-    counts = run_reference_pass(
-        _cfg(tiny_config), str(run_dir / "tables" / "cadpo_pairs"), str(tiny_checkpoint), out
-    )
+    layout = _layout(run_dir, tiny_checkpoint)
+    assert needs_reference("cadpo", layout) and not needs_reference("idk_it", layout)
+    counts = run_reference_pass(_cfg(tiny_config), layout)
     assert counts["rows"] == ROWS and counts["scored_refusal"] == ROWS
-    return out
+    assert not needs_reference("dpo2", layout)
+    return layout.reference_table()
 
 
 def _table_for(method: str, run_dir: Path, pairs_with_ref: str) -> str:
     return (
         pairs_with_ref
-        if METHOD_TABLES[method] == "cadpo_pairs"
-        else str(run_dir / "tables" / METHOD_TABLES[method])
+        if M.method(method).needs_reference
+        else str(run_dir / "tables" / M.method(method).table)
     )
 
 
@@ -120,12 +142,9 @@ def _local(
     method: str, local_runs: dict, run_dir: Path, pairs: str, tiny_config: Config, ckpt: Path
 ) -> TrainResult:
     if method not in local_runs:
+        assert pairs  # the DPO methods train on the reference table
         local_runs[method] = run_training(
-            _cfg(tiny_config, **METHOD_OVERRIDES.get(method, {})),
-            method,
-            _table_for(method, run_dir, pairs),
-            str(ckpt),
-            str(run_dir / "models" / method),
+            _cfg(tiny_config, **METHOD_OVERRIDES.get(method, {})), method, _layout(run_dir, ckpt)
         )
     return local_runs[method]
 
@@ -197,7 +216,7 @@ def test_each_method_trains_and_its_checkpoint_reloads(
         assert len(ids) == len(set(ids)) == ROWS
     first = history[0]
     assert all(math.isfinite(first[k]) for k in ("loss", "grad_norm", "tokens_per_s"))
-    if METHOD_TABLES[method] == "cadpo_pairs":
+    if M.method(method).objective == "dpo":
         # LoRA starts at the base (B = 0) and the base is the reference: f = log σ(0) for every pair.
         if "sft_weight" in METHOD_OVERRIDES.get(method, {}):
             assert (
@@ -224,8 +243,9 @@ def test_ddp_two_workers_resume_after_a_worker_failure(
     uninterrupted single-process run."""
     local = _local("cadpo", local_runs, run_dir, pairs_with_ref, tiny_config, tiny_checkpoint)
     cfg = _cfg(tiny_config, num_workers=2, cpus_per_worker=0.5, max_failures=1)
-    out = run_dir / "models" / "cadpo_ddp"
-    result = run_training(cfg, "cadpo", pairs_with_ref, str(tiny_checkpoint), str(out), fail_after_step=6)
+    layout = _run_beside(run_dir, "ddp", tiny_checkpoint)
+    out = Path(layout.model("cadpo"))
+    result = run_training(cfg, "cadpo", layout, fail_after_step=6)
     assert list(out.glob("ray/*/fault_injected")), "the injected failure did not fire"
     assert result.resumed_from == [4]
     assert result.steps == local.steps
@@ -250,13 +270,7 @@ def test_fsdp_two_workers_on_cpu_matches_local(
 ) -> None:
     local = _local("idk_it", local_runs, run_dir, pairs_with_ref, tiny_config, tiny_checkpoint)
     cfg = _cfg(tiny_config, num_workers=2, cpus_per_worker=0.5, strategy="fsdp", grad_accum=2)
-    result = run_training(
-        cfg,
-        "idk_it",
-        str(run_dir / "tables" / "idk_it"),
-        str(tiny_checkpoint),
-        str(run_dir / "models" / "idk_fsdp"),
-    )
+    result = run_training(cfg, "idk_it", _run_beside(run_dir, "fsdp", tiny_checkpoint))
     assert result.steps == local.steps
     # 2 workers x 2 accumulation steps x 2 rows = the local 8-row step: same loss curve
     np.testing.assert_allclose(
@@ -267,30 +281,111 @@ def test_fsdp_two_workers_on_cpu_matches_local(
 
 def test_train_job_entry_point(ray_local, tmp_path: Path, run_dir: Path, tiny_checkpoint: Path) -> None:
     """`python -m jobs.train` wiring: reads tables/ and models/base, computes missing reference log-probs."""
-    import shutil
-
     from jobs.train import main
 
     job_dir = tmp_path / "run"
     shutil.copytree(run_dir / "tables", job_dir / "tables", ignore=shutil.ignore_patterns("cadpo_pairs_ref"))
     shutil.copytree(tiny_checkpoint, job_dir / "models" / "base")
     config = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
-    rc = main(
-        [
-            "--config",
-            str(config),
-            "--run-dir",
-            str(job_dir),
-            "method=dpo2",
-            "train.batch_size=16",
-            "train.max_steps=2",
-            "train.merge=false",
-            "train.lora=true",
-            "train.dpo_init=base",  # this run has no models/idk_it
-        ]
-    )
+    overrides = [
+        "train.method=dpo2",
+        "train.batch_size=16",
+        "train.max_steps=2",
+        "train.merge=false",
+        "train.lora=true",
+        "train.dpo_init=base",  # this run has no models/idk_it
+    ]
+    # The job runs only its own stages: vouch for the upstream ones (base model, tables) as a run would.
+    from inbol_ray import manifest
+    from inbol_ray.config import load_config
+    from inbol_ray.pipeline import stage_hashes, stages
+
+    cfg = load_config(config, overrides)
+    cfg.run_dir = str(job_dir)
+    hashes = stage_hashes(cfg, stages(cfg))
+    layout = RunLayout.of(cfg)
+    for stage in ("base_model", "construct"):
+        manifest.write_manifest(layout.manifest(stage), stage, hashes[stage], {})
+    rc = main(["--config", str(config), "--run-dir", str(job_dir), "method=dpo2", *overrides[1:]])
     assert rc == 0
     assert (job_dir / "tables" / "cadpo_pairs_ref").exists()
     assert (job_dir / "models" / "dpo2" / "adapter" / "adapter_config.json").exists()
     assert not (job_dir / "models" / "dpo2" / "config.json").exists()  # merge=false: adapter only
     assert len((job_dir / "models" / "dpo2" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def _copy_run(run_dir: Path, root: Path, tables: tuple[str, ...]) -> None:
+    (root / "tables").mkdir(parents=True)
+    for name in tables:
+        shutil.copy(run_dir / "tables" / name, root / "tables" / name)
+
+
+def _assert_outputs(out: Path, result: TrainResult, steps: int) -> None:
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert (out / "preprocessor_config.json").exists() or (out / "processor_config.json").exists()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == steps == result.steps
+    assert json.loads((out / "train_result.json").read_text())["steps"] == steps
+
+
+def test_tiny_default_trains_through_ray_train_workers(
+    ray_local, tmp_path: Path, monkeypatch, run_dir: Path, tiny_config: Config, tiny_checkpoint: Path
+) -> None:
+    """The embedded default's path: TorchTrainer with a real (gloo) worker, full fine-tuning as tiny.yaml
+    sets it, on a run directory given as a `file://` URI. Everything lands in that directory; nothing in
+    the working directory (a `Path("file:///x")` would have made a relative `file:` folder)."""
+    root = tmp_path / "run"
+    _copy_run(run_dir, root, ("idk_it",))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    train = dataclasses.replace(tiny_config.train, num_workers=1, cpus_per_worker=1.0, max_steps=2)
+    cfg = dataclasses.replace(tiny_config, train=train)
+    layout = _layout(f"file://{root}", tiny_checkpoint)
+    result = run_training(cfg, "idk_it", layout)
+    out = root / "models" / "idk_it"
+    _assert_outputs(out, result, 2)
+    assert result.checkpoint_dir == f"file://{out}" and result.adapter_dir is None  # full fine-tuning
+    assert len(list(out.glob("ray/idk_it-*/checkpoint_[0-9]*"))) == 1
+    assert list(cwd.iterdir()) == []
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "model.safetensors"))  # llava-hf layout, as vLLM loads it
+    assert any("vision_tower.vision_model." in k for k in saved)
+    assert not any(k.startswith("vision_tower.embeddings") for k in saved)
+    LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+
+
+def test_run_dir_on_a_non_local_filesystem(
+    ray_local, tmp_path: Path, monkeypatch, run_dir: Path, tiny_config: Config, tiny_checkpoint: Path
+) -> None:
+    """A run on object storage: `store://` resolves to a pyarrow filesystem that is not `LocalFileSystem`
+    (a SubTree over a local folder standing in for S3). Local mode runs in the driver, so the patched
+    resolver is seen everywhere: the start model is fetched, Ray Train gets the filesystem, the model is
+    exported locally and uploaded, and nothing is written to a relative folder named after the scheme."""
+    store = tmp_path / "store"
+    _copy_run(run_dir, store / "run", ("idk_it",))
+    shutil.copytree(tiny_checkpoint, store / "base")
+    real_resolve = dio.resolve
+
+    def resolve(location: str):
+        if location.startswith("store://"):
+            return pafs.SubTreeFileSystem(str(store), pafs.LocalFileSystem()), location[len("store://") :]
+        return real_resolve(location)
+
+    monkeypatch.setattr(dio, "resolve", resolve)
+    monkeypatch.setenv("INBOL_CHECKPOINT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    cfg = _cfg(tiny_config, max_steps=2, lora=True, merge=True)
+    layout = RunLayout(root="store://run", model_path="store://base", dpo_init="base")
+    result = run_training(cfg, "idk_it", layout)
+    out = store / "run" / "models" / "idk_it"
+    _assert_outputs(out, result, 2)
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert result.checkpoint_dir == "store://run/models/idk_it"
+    assert result.adapter_dir == "store://run/models/idk_it/adapter"
+    assert list(cwd.iterdir()) == []
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith("store:")]

@@ -275,3 +275,19 @@ def test_sft_loss_is_a_token_mean_that_accumulates_exactly() -> None:
     assert (sft_loss(tokens[:1], num_tokens=4) + sft_loss(tokens[1:], num_tokens=4)).item() == 3.0
     with pytest.raises(ValueError):
         sft_loss(torch.tensor([]))
+
+
+def test_every_dpo_method_has_a_loss_variant_and_an_objective() -> None:
+    """The method table is the one list of DPO methods: each is a `cadpo_loss` variant, and the trainer's
+    objective lookup goes through it (unknown and untrained methods fail with a clear error)."""
+    from inbol_ray import methods as M
+    from inbol_ray.train.losses import MIXED_WEIGHTS
+    from inbol_ray.train.objectives import OBJECTIVES, dpo_objective, objective_for, sft_objective
+
+    assert set(MIXED_WEIGHTS) == set(M.DPO)
+    assert set(OBJECTIVES) == {M.method(m).objective for m in M.TRAINED}
+    for name in M.TRAINED:
+        assert objective_for(name)[1] is (dpo_objective if name in M.DPO else sft_objective)
+    for bad in ("base", "nope"):
+        with pytest.raises(ValueError):
+            objective_for(bad)

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from inbol_ray.model.batching import encode_prompt_response, encode_prompts
-from inbol_ray.model.response_logprobs import response_logprobs
 from inbol_ray.train.data import _response_ids
+from inbol_ray.train.response_logprobs import response_logprobs
 from inbol_ray.train.shared_prefix import (
     PAD_SEGMENT,
     block_attention_mask,

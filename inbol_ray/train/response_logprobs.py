@@ -32,7 +32,7 @@ class ResponseLogprobs(NamedTuple):
     """[N] batch row of each entry of `per_token`."""
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
+def causal_lm(model: nn.Module) -> nn.Module:
     """The LlavaForConditionalGeneration under an optional peft wrapper (adapters stay active)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -50,8 +50,7 @@ def backbone_hidden(
     Calls `LlavaForConditionalGeneration.model` with the same arguments `model(**batch)` would pass it, so
     the hidden states are exactly those the full forward feeds to its lm_head.
     """
-    causal_lm = _causal_lm(model)
-    out = causal_lm.model(
+    out = causal_lm(model).model(
         input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **model_kwargs
     )
     return out.last_hidden_state
@@ -107,7 +106,7 @@ def response_logprobs(
     image_sizes) go to the backbone unchanged.
     """
     hidden = backbone_hidden(model, input_ids, attention_mask, pixel_values, **model_kwargs)
-    lm_head = _causal_lm(model).get_output_embeddings()
+    lm_head = causal_lm(model).get_output_embeddings()
     return response_logprobs_from_hidden(
         hidden, input_ids, response_mask, lm_head.weight, getattr(lm_head, "bias", None), chunk_size
     )
@@ -122,6 +121,7 @@ def naive_response_logprobs_from_logits(logits: Tensor, input_ids: Tensor, respo
 __all__ = [
     "ResponseLogprobs",
     "backbone_hidden",
+    "causal_lm",
     "gather_response_positions",
     "naive_response_logprobs_from_logits",
     "response_logprobs",
