@@ -5,7 +5,7 @@
     python -m benchmarks.serve --quick               # smoke run; numbers mean nothing
 
 What is compared (DESIGN.md section 4: "direct model calls for Serve overhead"):
-- **direct**: the plain `serve.app.RefusalAwareModel` in this process, `clients` asyncio tasks each sending
+- **direct**: the plain `serve.model.RefusalAwareModel` in this process, `clients` asyncio tasks each sending
   greedy `answer` requests back to back. It has the same dynamic batching as a replica, so the ratio
   isolates what Serve adds: HTTP parsing and the proxy, the ingress replica, the handle hop, pickling;
   torch gets the same thread count as a replica (`sampling.cpus_per_actor`).
@@ -89,7 +89,7 @@ def run_direct(
     """One row per (clients, requests per client), and the engine the model chose."""
     import torch
 
-    from serve.app import RefusalAwareModel
+    from serve.model import RefusalAwareModel
 
     torch.set_num_threads(max(1, int(cfg.sampling.cpus_per_actor)))
     model = RefusalAwareModel(checkpoint, cfg)

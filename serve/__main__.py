@@ -16,7 +16,11 @@ from inbol_ray.runtime import init_ray, quiet_env
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="merged HF model dir, or a peft adapter dir")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="merged HF model dir, training output or peft adapter dir (local path or URI)",
+    )
     parser.add_argument(
         "--base", default=None, help="base model dir of an adapter (default: from adapter_config)"
     )

@@ -1,8 +1,8 @@
 """Image bytes: where they come from, whether they are usable, and how they become pixels.
 
-Pure functions with no Ray in them: the prepare stage calls them inside a Ray Data CPU map stage, and the
-sampling, training and serving stages call `load_image_bytes` + `decode_image` on the rows they read, so the
-rules for "a usable image" live in exactly one place.
+Pure functions with no Ray in them: the prepare and sampling stages run `check_images` inside Ray Data CPU
+map stages, and the sampling, training and serving stages call `load_image_bytes` + `decode_image` on the
+rows they read, so the rules for "a usable image" live in exactly one place.
 
 An `items` row holds its image in one of two ways (DESIGN.md section 3): encoded bytes in `image`, or a
 location in `image_path` (a local path or a pyarrow filesystem URI) read lazily. Bytes win when both are
@@ -15,11 +15,15 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
 from inbol_ray.data import io as dio
-from inbol_ray.schema import IMAGE, IMAGE_PATH
+from inbol_ray.schema import IMAGE, IMAGE_PATH, ITEMS, REASON
+
+CHECKED = ITEMS.append(pa.field(REASON, pa.string()))
+"""`check_images`' output: ITEMS + why the row is bad (null when good)."""
 
 
 def load_image_bytes(item: Mapping[str, Any], fs: pafs.FileSystem | None = None) -> bytes:
@@ -78,3 +82,32 @@ def decode_image(data: bytes) -> Image.Image:
     """
     with Image.open(io.BytesIO(data)) as img:
         return img.convert("RGB")
+
+
+def _check_row(row: dict[str, Any], storage: str, max_bytes: int, max_pixels: int) -> str:
+    """Load + validate one row's image in place; return the reason it is bad, or ''."""
+    field_name = IMAGE if row[IMAGE] is not None else IMAGE_PATH
+    try:
+        data = load_image_bytes(row)
+    except FileNotFoundError:
+        row[IMAGE] = None
+        return f"field '{IMAGE_PATH}': image file not found ({row[IMAGE_PATH]})"
+    except (OSError, ValueError) as exc:
+        row[IMAGE] = None
+        return f"field '{field_name}': cannot read image ({exc})"
+    ok, why = validate_image(data, max_bytes, max_pixels)
+    if not ok:
+        row[IMAGE] = None  # bad rows travel light: only their key and reason are kept
+        return f"field '{field_name}': {why}"
+    keep_bytes = storage == "bytes" or not row[IMAGE_PATH]
+    row[IMAGE] = data if keep_bytes else None
+    return ""
+
+
+def check_images(batch: pa.Table, storage: str, max_bytes: int, max_pixels: int) -> pa.Table:
+    """Ray Data UDF: ITEMS rows in, ITEMS rows + `reason` out (row order and count unchanged)."""
+    rows = batch.to_pylist()
+    reasons = [_check_row(row, storage, max_bytes, max_pixels) or None for row in rows]
+    for row, reason in zip(rows, reasons, strict=True):
+        row[REASON] = reason
+    return pa.Table.from_pylist(rows, schema=CHECKED)

@@ -6,8 +6,9 @@ Three steps, split by where they run:
    here; a file in the wrong format raises `DataFormatError` before any Ray work.
 3. `run_prepare` (Ray Data): a CPU `map_batches` stage opens every image (bytes in the row, or the file at
    `image_path`), validates it (decodable, within `data.max_image_bytes` / `data.max_image_pixels`), stores
-   bytes or keeps the path (`data.image_storage`), and tags bad rows with a reason. Good rows are written to
-   `<run_dir>/items/` (Parquet shards), bad rows plus the loaders' rows to `<run_dir>/quarantine/prepare.parquet`.
+   bytes or keeps the path (`data.image_storage`), and tags bad rows with a reason (`images.check_images`).
+   Good rows are written to the run layout's `items` (Parquet shards), bad rows plus the loaders' rows to
+   its `quarantine("prepare")`.
 
 Invariant, checked per data set after writing: rows read = rows in `items` + rows quarantined.
 With `image_storage: path`, rows whose format embeds images (MMMU, MMBench) keep their bytes: there is no
@@ -25,13 +26,12 @@ import pyarrow.compute as pc
 
 from inbol_ray.config import Config, DataConfig
 from inbol_ray.data import io as dio
-from inbol_ray.data.images import load_image_bytes, validate_image
+from inbol_ray.data.images import check_images
 from inbol_ray.data.loaders import items_table, load, spec_problems
-from inbol_ray.schema import DATASET, ID, IMAGE, IMAGE_PATH, ITEMS, REASON, ROW_KEY, SOURCE, conform
+from inbol_ray.run_layout import RunLayout
+from inbol_ray.schema import DATASET, ID, ITEMS, REASON, ROW_KEY, SOURCE, conform
 
 STAGE_NAME = "prepare"
-ITEMS_DIR = "items"
-_CHECKED = ITEMS.append(pa.field(REASON, pa.string()))  # ITEMS + why the row is bad (null when good)
 _BAD_COLUMNS = [ID, DATASET, SOURCE, REASON]
 
 
@@ -97,35 +97,6 @@ def read_sources(cfg: Config) -> Sources:
 # --- the Ray Data stage ---------------------------------------------------------------------------------
 
 
-def _check_row(row: dict[str, Any], storage: str, max_bytes: int, max_pixels: int) -> str:
-    """Load + validate one row's image in place; return the reason it is bad, or ''."""
-    field_name = IMAGE if row[IMAGE] is not None else IMAGE_PATH
-    try:
-        data = load_image_bytes(row)
-    except FileNotFoundError:
-        row[IMAGE] = None
-        return f"field '{IMAGE_PATH}': image file not found ({row[IMAGE_PATH]})"
-    except (OSError, ValueError) as exc:
-        row[IMAGE] = None
-        return f"field '{field_name}': cannot read image ({exc})"
-    ok, why = validate_image(data, max_bytes, max_pixels)
-    if not ok:
-        row[IMAGE] = None  # bad rows travel light: only their key and reason are kept
-        return f"field '{field_name}': {why}"
-    keep_bytes = storage == "bytes" or not row[IMAGE_PATH]
-    row[IMAGE] = data if keep_bytes else None
-    return ""
-
-
-def check_images(batch: pa.Table, storage: str, max_bytes: int, max_pixels: int) -> pa.Table:
-    """Ray Data UDF: ITEMS rows in, ITEMS rows + `reason` out (row order and count unchanged)."""
-    rows = batch.to_pylist()
-    reasons = [_check_row(row, storage, max_bytes, max_pixels) or None for row in rows]
-    for row, reason in zip(rows, reasons, strict=True):
-        row[REASON] = reason
-    return pa.Table.from_pylist(rows, schema=_CHECKED)
-
-
 def _good_rows(batch: pa.Table) -> pa.Table:
     mask = pc.is_null(batch[REASON])
     return batch.filter(mask).select(ITEMS.names).cast(ITEMS)
@@ -142,13 +113,15 @@ def _blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
 
 def run_prepare(
     cfg: Config,
+    layout: RunLayout,
     sources: Sources | None = None,
     *,
-    run_dir: str | None = None,
     batch_size: int = 16,
     rows_per_block: int = 256,
 ) -> PrepareResult:
-    """Run the stage (Ray must be initialised); overwrite `<run_dir>/items/` and the stage's quarantine.
+    """Run the stage (Ray must be initialised); overwrite `layout.items` and the stage's quarantine.
+
+    `sources`: already parsed input (default: `read_sources(cfg)`).
 
     `batch_size` is small because a batch holds its rows' encoded images (and one decoded image at a time);
     `rows_per_block` sets how many tasks the image stage fans out to. The checked data set is materialised
@@ -157,8 +130,7 @@ def run_prepare(
     import ray
 
     sources = sources if sources is not None else read_sources(cfg)
-    run_dir = dio.absolute(run_dir or cfg.run_dir)
-    items_uri = dio.join(run_dir, ITEMS_DIR)
+    items_uri = layout.items
     dio.remove(items_uri)
     bad: list[dict[str, Any]] = list(sources.quarantine)
     if sources.items.num_rows:
@@ -185,7 +157,7 @@ def run_prepare(
             bad.append({SOURCE: row[SOURCE], ROW_KEY: row[ID], REASON: row[REASON], DATASET: row[DATASET]})
     if not dio.exists(items_uri) or not dio.list_files(items_uri, suffix=".parquet"):
         dio.write_table(ITEMS.empty_table(), dio.join(items_uri, "empty.parquet"))
-    quarantine_uri = dio.write_quarantine(bad, run_dir, STAGE_NAME)
+    quarantine_uri = dio.write_quarantine(bad, layout.root, STAGE_NAME)  # at layout.quarantine(STAGE_NAME)
     counts = _counts(sources, bad, dio.read_table(items_uri, columns=[DATASET]))
     return PrepareResult(items_uri=items_uri, quarantine_uri=quarantine_uri, counts=counts)
 

@@ -19,32 +19,33 @@ Splits and data set names: `shapes_pretrain` (the base model's own training data
 rare names almost absent), `shapes_train` (InBoL's training items), `shapes_id_test` (same distribution, unseen images),
 `shapes_ood_paraphrase` (unseen question wordings), `shapes_ood_scene` (unseen scene statistics: more,
 smaller objects on another background), `shapes_unanswerable` (mismatched questions only).
+
+Scenes and their rendering live in `shapes_scene.py`; this module asks, answers and words questions about
+them and builds the splits.
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageDraw
 
 from inbol_ray import schema as S
 from inbol_ray.config import ShapesConfig
+from inbol_ray.data.shapes_scene import (
+    COLOURS,
+    ID_STYLE,
+    OOD_STYLE,
+    SHAPES,
+    Scene,
+    SceneStyle,
+    render,
+    sample_scene,
+)
 
 VERSION = "shapesworld-v1"
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (50, 80, 230),
-    "yellow": (235, 210, 40),
-    "purple": (150, 60, 200),
-    "cyan": (40, 210, 220),
-}
-SHAPES = ("circle", "square", "triangle", "diamond")
-GRID = 3  # objects sit in distinct cells of a GRID x GRID layout, so "left of" is never ambiguous
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Invented names: pronounceable, distinct, and never English words a grader could confuse.
 NAME_SYLLABLES = ("zor", "bli", "kav", "mep", "tru", "dax", "fen", "gow", "lum", "pry", "quo", "sib")
@@ -85,29 +86,6 @@ FAMILY_WEIGHTS = {"colour_of": 0.22, "shape_of": 0.18, "count": 0.15, "left_of":
 
 
 @dataclass(frozen=True)
-class Obj:
-    shape: str
-    colour: str
-    large: bool
-    cell: tuple[int, int]  # (row, col) in the grid
-
-
-@dataclass(frozen=True)
-class Scene:
-    objects: tuple[Obj, ...]
-    background: tuple[int, int, int]
-
-    def with_shape(self, shape: str) -> list[Obj]:
-        return [o for o in self.objects if o.shape == shape]
-
-    def with_colour(self, colour: str) -> list[Obj]:
-        return [o for o in self.objects if o.colour == colour]
-
-    def find(self, colour: str, shape: str) -> list[Obj]:
-        return [o for o in self.objects if o.colour == colour and o.shape == shape]
-
-
-@dataclass(frozen=True)
 class Question:
     """A question in structured form; its text is one wording of `family` with these slots filled."""
 
@@ -116,20 +94,6 @@ class Question:
     colour: str = ""
     shape2: str = ""
     colour2: str = ""
-
-
-@dataclass(frozen=True)
-class SceneStyle:
-    """Scene statistics of a split: OOD-scene changes these, never the question semantics."""
-
-    min_objects: int = 1
-    max_objects: int = 3  # few objects per scene: a tiny LM learns single lookups within minutes
-    large_fraction: float = 0.5
-    background: tuple[int, int, int] = (245, 245, 245)
-
-
-ID_STYLE = SceneStyle()
-OOD_STYLE = SceneStyle(min_objects=4, max_objects=6, large_fraction=0.0, background=(200, 200, 185))
 
 
 def invented_names(n_names: int, seed: int) -> dict[tuple[str, str], str]:
@@ -158,49 +122,6 @@ def rare_combos(names: dict[tuple[str, str], str], cfg: ShapesConfig) -> set[tup
     n_rare = int(round(len(keys) * cfg.rare_name_fraction))
     picked = rng.permutation(len(keys))[:n_rare]
     return {keys[i] for i in picked}
-
-
-# --- scenes and rendering -------------------------------------------------------------------------
-
-
-def sample_scene(rng: np.random.Generator, style: SceneStyle) -> Scene:
-    n = int(rng.integers(style.min_objects, style.max_objects + 1))
-    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
-    chosen = rng.choice(len(cells), size=n, replace=False)
-    colours, shapes = list(COLOURS), list(SHAPES)
-    objs = tuple(
-        Obj(
-            shape=shapes[int(rng.integers(len(shapes)))],
-            colour=colours[int(rng.integers(len(colours)))],
-            large=bool(rng.random() < style.large_fraction),
-            cell=cells[int(i)],
-        )
-        for i in chosen
-    )
-    return Scene(objects=objs, background=style.background)
-
-
-def render(scene: Scene, size: int) -> bytes:
-    """Draw the scene as PNG bytes at the model's input resolution (no resampling blur later)."""
-    img = Image.new("RGB", (size, size), scene.background)
-    draw = ImageDraw.Draw(img)
-    cell = size / GRID
-    for o in scene.objects:
-        cy, cx = (o.cell[0] + 0.5) * cell, (o.cell[1] + 0.5) * cell
-        r = cell * (0.42 if o.large else 0.30)
-        box = (cx - r, cy - r, cx + r, cy + r)
-        fill = COLOURS[o.colour]
-        if o.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif o.shape == "square":
-            draw.rectangle((cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85), fill=fill)
-        elif o.shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
-        else:  # diamond
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # --- questions: proposing, answering, proving unanswerable ---------------------------------------
@@ -394,18 +315,6 @@ def generate_items(cfg: ShapesConfig, image_size: int) -> pa.Table:
         rows[S.CATEGORY].append(it.category)
         rows[S.SOURCE].append(source)
     return pa.Table.from_pydict(rows, schema=S.ITEMS)
-
-
-def name_rarity(cfg: ShapesConfig) -> Callable[[str, str], str]:
-    """`common` / `rare` / `unnamed` for a colour-shape pair, to report knowledge accuracy by rarity."""
-    names = invented_names(cfg.n_names, cfg.seed)
-    rare = rare_combos(names, cfg)
-
-    def rarity(colour: str, shape: str) -> str:
-        key = (colour, shape)
-        return "unnamed" if key not in names else ("rare" if key in rare else "common")
-
-    return rarity
 
 
 def corpus(cfg: ShapesConfig) -> list[str]:

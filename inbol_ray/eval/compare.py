@@ -20,10 +20,9 @@ import numpy as np
 import pandas as pd
 
 from inbol_ray import schema as S
-from inbol_ray.config import EvalConfig
 from inbol_ray.data import io as dio
-from inbol_ray.eval.evaluate import PREDICTIONS_FILE
-from inbol_ray.eval.report import markdown_table, pct
+from inbol_ray.eval.report import markdown_table, method_order, pct
+from inbol_ray.run_layout import RunLayout
 
 METHOD_A, METHOD_B = "method_a", "method_b"
 S_TRUST_A, S_TRUST_B = "s_trust_a", "s_trust_b"
@@ -87,10 +86,9 @@ def compare_predictions(
     """
     if methods:
         pairs = dict(methods)
-    else:  # the paper's method order, then any others
+    else:  # the method table's order, then any others
         shared = set(pred_a[S.MODEL]) & set(pred_b[S.MODEL])
-        order = [m for m in EvalConfig().methods if m in shared] + sorted(shared - set(EvalConfig().methods))
-        pairs = {m: m for m in order}
+        pairs = {m: m for m in method_order(sorted(shared))}
     rows = []
     for method_a, method_b in pairs.items():
         a = pred_a[pred_a[S.MODEL] == method_a]
@@ -124,17 +122,24 @@ def compare_predictions(
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
+def as_layout(run: str | RunLayout) -> RunLayout:
+    return run if isinstance(run, RunLayout) else RunLayout(root=dio.absolute(run))
+
+
 def compare_runs(
-    run_a: str,
-    run_b: str,
+    run_a: str | RunLayout,
+    run_b: str | RunLayout,
     *,
     samples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
     methods: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """compare_predictions on two run directories' `predictions.parquet` (A may equal B with `methods`)."""
-    read = [dio.read_table(dio.join(dio.absolute(r), PREDICTIONS_FILE)).to_pandas() for r in (run_a, run_b)]
+    """compare_predictions on two run directories' predictions (A may equal B with `methods`).
+
+    `run_a`, `run_b`: run directories (local paths or URIs) or their `RunLayout`s.
+    """
+    read = [dio.read_table(as_layout(r).predictions).to_pandas() for r in (run_a, run_b)]
     return compare_predictions(read[0], read[1], samples=samples, seed=seed, level=level, methods=methods)
 
 

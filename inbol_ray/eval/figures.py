@@ -25,6 +25,7 @@ import pandas as pd  # noqa: E402
 from inbol_ray import schema as S  # noqa: E402
 from inbol_ray.data import io as dio  # noqa: E402
 from inbol_ray.metrics import ANSWERED_ACC, BIN_HI, BIN_LO, REFUSAL_RATE, boundary_curves  # noqa: E402
+from inbol_ray.run_layout import RunLayout  # noqa: E402
 
 GROUP = "group"
 N_ANSWERED = "n_answered"
@@ -142,8 +143,9 @@ def write_png(data: bytes, uri: str) -> None:
         out.write(data)
 
 
-def write_boundary_figures(table: pd.DataFrame, folder: str, methods: Sequence[str]) -> dict[str, str]:
-    """Both figures as PNGs in `folder`; returns {file name: URI}. Nothing is written for an empty table."""
+def write_boundary_figures(table: pd.DataFrame, layout: RunLayout, methods: Sequence[str]) -> dict[str, str]:
+    """Both figures as PNGs at `layout.figure(name)`; returns {file name: URI}. Nothing is written for an
+    empty table."""
     if table.empty:
         return {}
     specs = {
@@ -156,7 +158,7 @@ def write_boundary_figures(table: pd.DataFrame, folder: str, methods: Sequence[s
     }
     written = {}
     for name, (value, title, ylabel) in specs.items():
-        uri = dio.join(folder, name)
+        uri = layout.figure(name)
         write_png(plot_boundary(table, value, title=title, ylabel=ylabel, methods=methods), uri)
         written[name] = uri
     return written

@@ -7,6 +7,8 @@ Layout (DESIGN.md 1.3, the paper's section 4):
    boundary: no answer is right, so refusing is the only good response);
 4. the intrinsic boundary: refusal rate and accuracy among answered by the base model's confidence bin,
    as PNG figures (relative links) and the exact numbers beside them.
+Methods are listed, ordered and described by the method table (`inbol_ray.methods`); every location is
+the run layout's (`inbol_ray.run_layout`), so a run directory on object storage reads the same way.
 Tables group data sets by the `split` column of `items`, never by name, so real benchmarks and
 ShapesWorld read the same way. Numbers are percentages with two decimals, as in the paper; the best value
 of each s_trust column (and of each unanswerable refusal-rate column) is bold.
@@ -16,16 +18,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
 import pandas as pd
 
+from inbol_ray import methods as M
 from inbol_ray import schema as S
-from inbol_ray.config import EvalConfig
 from inbol_ray.data import io as dio
-from inbol_ray.eval.evaluate import METRICS_FILE, PREDICTIONS_FILE
 from inbol_ray.eval.figures import (
     ACCURACY_FIGURE,
     GROUP,
@@ -35,9 +36,8 @@ from inbol_ray.eval.figures import (
     write_boundary_figures,
 )
 from inbol_ray.metrics import ANSWERED_ACC, BIN_HI, BIN_LO, REFUSAL_RATE
+from inbol_ray.run_layout import RunLayout
 
-REPORT_FILE = "report.md"
-FIGURES_DIR = "figures"
 SPLIT_GROUPS = {"id_test": "in-domain", "ood_test": "out-of-domain"}
 """Which splits the boundary figures plot (answerable test items), and their panel titles."""
 
@@ -82,6 +82,18 @@ def short_names(datasets: Sequence[str]) -> dict[str, str]:
     prefix = os.path.commonprefix(list(datasets))
     prefix = prefix[: prefix.rfind("_") + 1] if "_" in prefix else ""
     return {d: d[len(prefix) :] or d for d in datasets}
+
+
+def method_order(names: Sequence[str]) -> list[str]:
+    """`names` in the method table's order (base, baselines, then the trained methods); unknown names last."""
+    known = [m for m in M.METHODS if m in names]
+    return known + sorted(set(names) - set(known))
+
+
+def methods_line(names: Sequence[str]) -> str:
+    """What each reported method is, from the method table's summaries."""
+    parts = [f"`{m}` ({M.METHODS[m].summary})" if m in M.METHODS else f"`{m}`" for m in names]
+    return "Methods: " + "; ".join(parts) + "."
 
 
 def _bold_best(cells: list[str], values: list[float]) -> list[str]:
@@ -195,14 +207,17 @@ def render_report(
     run_dir: str = "",
     note: str = "",
 ) -> str:
-    """The Markdown text (pure: no I/O). `splits`: data set -> split; `figures`: relative PNG links."""
+    """The Markdown text (pure: no I/O). `splits`: data set -> split; `figures`: relative PNG links.
+
+    Rows follow `methods` (the caller orders them, see `method_order`); evaluated methods not in
+    `methods` come last.
+    """
     order = [m for m in methods if m in set(metrics[S.METHOD])]
     order += sorted(set(metrics[S.METHOD]) - set(order))
     out = ["# InBoL evaluation report", ""]
     if run_dir:
-        out.append(
-            f"Run `{run_dir}`, written {time.strftime('%Y-%m-%d %H:%M')}. Methods: {', '.join(order)}."
-        )
+        out.append(f"Run `{run_dir}`, written {time.strftime('%Y-%m-%d %H:%M')}.")
+    out.append(methods_line(order))
     missing = [m for m in methods if m not in order]
     if missing:
         out.append(f"Not evaluated (no checkpoint or not run): {', '.join(missing)}.")
@@ -252,45 +267,44 @@ def read_item_keys(items_uri: str) -> pd.DataFrame:
     return dio.read_table(items_uri, columns=[S.ID, S.DATASET, S.SPLIT, S.ANSWERABLE]).to_pandas()
 
 
-def write_report(
-    run_dir: str,
-    *,
-    items_uri: str | None = None,
-    confidence_uri: str | None = None,
-    methods: Sequence[str] | None = None,
-    bins: int | Sequence[float] | None = None,
-) -> str:
-    """Write `<run_dir>/report.md` and `<run_dir>/figures/*.png` from the run's metrics and predictions.
+def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) -> str:
+    """Write the layout's `report.md` and figures from the run's metrics, predictions and base confidence.
 
-    `items_uri` defaults to `<run_dir>/items`; `confidence_uri` (a samples-layout table with id, conf) to
-    `<run_dir>/eval/base_confidence` when it exists; `methods` orders the rows (default: the paper's order
-    from EvalConfig); `bins`: confidence bins for the figures (default EvalConfig.conf_bins).
-    Returns the report's URI.
+    `cfg` (a `Config`): `eval.methods` are the rows (in the method table's order), `eval.conf_bins` the
+    confidence bins of the figures. The figures need the base model's confidence at
+    `layout.base_confidence`; without it the report says so and skips them. Returns the report's URI.
     """
-    from inbol_ray.eval.base_confidence import confidence_uri as default_confidence_uri
     from inbol_ray.eval.base_confidence import read_confidence
 
-    run_dir = dio.absolute(run_dir)
-    defaults = EvalConfig()
-    methods = list(methods or defaults.methods)
-    metrics = dio.read_table(dio.join(run_dir, METRICS_FILE)).to_pandas()
-    keys = read_item_keys(items_uri or dio.join(run_dir, "items"))
+    methods = method_order(cfg.eval.methods)
+    metrics = dio.read_table(layout.metrics).to_pandas()
+    keys = read_item_keys(layout.items)
     splits = keys.drop_duplicates(S.DATASET).set_index(S.DATASET)[S.SPLIT].to_dict()
-    conf_uri = confidence_uri or default_confidence_uri(run_dir)
+    conf_uri = layout.base_confidence
     boundary, links, note = None, [], ""
     if dio.exists(conf_uri):
-        predictions = dio.read_table(dio.join(run_dir, PREDICTIONS_FILE)).to_pandas()
+        predictions = dio.read_table(layout.predictions).to_pandas()
         # Only answerable items: an unanswerable one has conf 0 by definition, not by the model's doing.
         predictions = predictions[predictions[S.ID].isin(keys.loc[keys[S.ANSWERABLE], S.ID])]
         groups = {d: SPLIT_GROUPS[s] for d, s in splits.items() if s in SPLIT_GROUPS}
-        boundary = boundary_table(predictions, read_confidence(conf_uri), groups, bins or defaults.conf_bins)
-        written = write_boundary_figures(boundary, dio.join(run_dir, FIGURES_DIR), methods)
-        links = [f"{FIGURES_DIR}/{name}" for name in (REFUSAL_FIGURE, ACCURACY_FIGURE) if name in written]
+        boundary = boundary_table(predictions, read_confidence(conf_uri), groups, cfg.eval.conf_bins)
+        written = write_boundary_figures(boundary, layout, methods)
+        links = [
+            relative(layout, written[name]) for name in (REFUSAL_FIGURE, ACCURACY_FIGURE) if name in written
+        ]
     else:
         note = f"No base-model confidence table at `{conf_uri}`: figures skipped."
-    text = render_report(metrics, splits, methods, boundary, links, run_dir=run_dir, note=note)
-    uri = dio.join(run_dir, REPORT_FILE)
+        log(f"report: {note}")
+    text = render_report(metrics, splits, methods, boundary, links, run_dir=layout.root, note=note)
+    uri = layout.report
     fs, path = dio.resolve(uri)
     with fs.open_output_stream(path) as out:
         out.write(text.encode())
+    log(f"report: {uri}")
     return uri
+
+
+def relative(layout: RunLayout, uri: str) -> str:
+    """A location beside or under the report as the relative link the report writes (figures/x.png)."""
+    folder = dio.parent(layout.report) + "/"
+    return uri[len(folder) :] if uri.startswith(folder) else uri

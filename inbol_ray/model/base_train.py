@@ -9,18 +9,20 @@ answers everything. Single process: at this size a Ray Train launch would cost m
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import torch
 
 from inbol_ray import schema as S
+from inbol_ray.checkpoint import load_model, save_model, upload_dir
 from inbol_ray.config import BaseTrainConfig
+from inbol_ray.data import io as dio
 from inbol_ray.model.batching import encode_prompt_response, pixel_values
-from inbol_ray.checkpoint import load_model
 from inbol_ray.model.generation import generate_responses
 
 
@@ -33,18 +35,20 @@ def lr_at(step: int, cfg: BaseTrainConfig) -> float:
 
 
 def train_base(
-    init_dir: str | Path,
+    init_dir: str,
     items: pa.Table,
-    out_dir: str | Path,
+    out_dir: str,
     cfg: BaseTrainConfig,
     log: Callable[[str], None] = print,
-) -> Path:
-    """Train on the answerable rows of `items` (split `pretrain`) and save an HF checkpoint to `out_dir`."""
-    from inbol_ray.checkpoint import to_llava_hf_layout
+) -> str:
+    """Train on the answerable rows of `items` (split `pretrain`) and save an HF checkpoint to `out_dir`.
 
+    `init_dir`, `out_dir`: local paths or URIs (the run layout's `tiny_init` and `base_model`); returns
+    `out_dir`.
+    """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    model, processor = load_model(str(init_dir))
+    model, processor = load_model(init_dir)
     model.train()
     vision = model.model.vision_tower
     if cfg.vision_lr_scale == 0:
@@ -86,16 +90,18 @@ def train_base(
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
             log(f"  base training step {step + 1}/{cfg.steps} loss {ema:.3f} ({time.time() - t0:.0f}s)")
-    out = Path(out_dir)
     model.eval()
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    to_llava_hf_layout(out)
-    return out
+    fs, path = dio.resolve(out_dir)
+    if isinstance(fs, pafs.LocalFileSystem):
+        save_model(model, processor, path)
+    else:  # transformers writes local files only: save, then copy to the object store
+        with tempfile.TemporaryDirectory() as tmp:
+            upload_dir(save_model(model, processor, tmp), out_dir)
+    return out_dir
 
 
 def family_accuracy(
-    model_dir: str | Path,
+    model_dir: str,
     items: pa.Table,
     dataset: str,
     rare_names: set[str],
@@ -108,7 +114,7 @@ def family_accuracy(
     """
     from inbol_ray.grading import grade
 
-    model, processor = load_model(str(model_dir))
+    model, processor = load_model(model_dir)
     rows = items.filter(pa.compute.equal(items[S.DATASET], dataset)).to_pylist()
     hits: dict[str, list[bool]] = {}
     for start in range(0, len(rows), batch_size):

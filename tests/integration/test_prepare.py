@@ -21,7 +21,8 @@ import yaml
 from inbol_ray.config import Config, DataConfig, DatasetSpec, ShapesConfig
 from inbol_ray.data import io as dio
 from inbol_ray.data.images import decode_image
-from inbol_ray.data.prepare import read_sources, run_prepare
+from inbol_ray.data.prepare import PrepareResult, Sources, read_sources, run_prepare
+from inbol_ray.run_layout import RunLayout
 from inbol_ray.schema import (
     ANSWERABLE,
     ANSWERS,
@@ -94,8 +95,13 @@ def config(tmp_path: Path, specs: list[DatasetSpec], **data) -> Config:
     return Config(run_dir=str(tmp_path / "run"), data=DataConfig(source="files", datasets=specs, **data))
 
 
+def prepare(cfg: Config, sources: Sources | None = None, run_dir: str | None = None, **kw) -> PrepareResult:
+    """The stage as the pipeline runs it: paths from the run layout of `cfg` (or of `run_dir`)."""
+    return run_prepare(cfg, RunLayout.of(cfg, run_dir), sources, **kw)
+
+
 def test_every_format_through_ray_data(ray_local, tmp_path: Path) -> None:
-    result = run_prepare(config(tmp_path, ALL_SPECS), rows_per_block=8)
+    result = prepare(config(tmp_path, ALL_SPECS), rows_per_block=8)
     assert {k: (c["read"], c["items"], c["quarantined"]) for k, c in result.counts.items()} == EXPECTED
 
     items = conform(dio.read_table(result.items_uri), ITEMS, "items")
@@ -120,23 +126,25 @@ def test_every_format_through_ray_data(ray_local, tmp_path: Path) -> None:
         assert got[key].startswith(reason), (key, got[key])
     assert all(q[REASON] for q in quarantine)
 
-    again = run_prepare(config(tmp_path, ALL_SPECS), rows_per_block=8)  # rerun overwrites, never appends
+    again = prepare(config(tmp_path, ALL_SPECS), rows_per_block=8)  # rerun overwrites, never appends
     assert dio.read_table(again.items_uri).num_rows == items.num_rows
     assert dio.read_table(again.quarantine_uri).num_rows == len(quarantine)
+    layout = RunLayout.of(config(tmp_path, ALL_SPECS))
+    assert (again.items_uri, again.quarantine_uri) == (layout.items, layout.quarantine("prepare"))
 
 
 def test_path_storage_and_size_limits(ray_local, tmp_path: Path) -> None:
     """Path mode keeps file images lazy and embedded ones as bytes; limits quarantine what exceeds them."""
     specs = [ALL_SPECS[0], ALL_SPECS[7], ALL_SPECS[5]]
     cfg = config(tmp_path, specs, image_storage="path")
-    result = run_prepare(cfg)
+    result = prepare(cfg)
     rows = {r[ID]: r for r in dio.read_table(result.items_uri).to_pylist()}
     assert rows["vqav2:1001"][IMAGE] is None and Path(rows["vqav2:1001"][IMAGE_PATH]).is_file()
     assert rows["mmbench:0"][IMAGE] is not None and rows["mmbench:0"][IMAGE_PATH] is None
     assert result.counts["gqa"]["items"] == 2
 
     tiny = config(tmp_path, [ALL_SPECS[5]], max_image_pixels=100)  # fixture images are 16x16 = 256 pixels
-    limited = run_prepare(tiny, run_dir=str(tmp_path / "tiny"))
+    limited = prepare(tiny, run_dir=str(tmp_path / "tiny"))
     assert limited.counts["gqa"] == {"read": 3, "items": 0, "quarantined": 3}
     reasons = [q[REASON] for q in dio.read_table(limited.quarantine_uri).to_pylist()]
     assert sum("16x16 pixels > max_image_pixels 100" in r for r in reasons) == 2
@@ -156,7 +164,7 @@ def test_shapes_source(ray_local, tmp_path: Path, monkeypatch) -> None:
     fake.generate_items = generate_items
     monkeypatch.setitem(sys.modules, "inbol_ray.data.shapes", fake)
     cfg = Config(run_dir=str(tmp_path / "run"))
-    result = run_prepare(cfg, read_sources(cfg))
+    result = prepare(cfg, read_sources(cfg))
     assert calls == [cfg.model.image_size]
     assert result.counts == {
         "shapes_id_test": {"read": 1, "items": 1, "quarantined": 0},
@@ -172,7 +180,7 @@ def test_real_shapes_generator(ray_local, tmp_path: Path) -> None:
     names = {f.name for f in dataclasses.fields(ShapesConfig)}
     cfg = Config(run_dir=str(tmp_path / "run"))
     cfg.data.shapes = ShapesConfig(**{k: v for k, v in small.items() if k in names})
-    result = run_prepare(cfg, rows_per_block=16)
+    result = prepare(cfg, rows_per_block=16)
     expected = shapes.generate_items(cfg.data.shapes, cfg.model.image_size).num_rows
     assert sum(c["items"] for c in result.counts.values()) == expected
     assert all(c["quarantined"] == 0 for c in result.counts.values())

@@ -248,8 +248,8 @@ def test_adapter_checkpoint_is_merged_and_answers_like_the_peft_model(
     from peft import LoraConfig, get_peft_model
 
     from inbol_ray.checkpoint import load_model
-from inbol_ray.model.generation import generate_responses
-    from serve.app import RefusalAwareModel
+    from inbol_ray.model.generation import generate_responses
+    from serve.model import RefusalAwareModel
 
     model, processor = load_model(str(tiny_checkpoint))
     peft_model = get_peft_model(
@@ -269,7 +269,7 @@ from inbol_ray.model.generation import generate_responses
     cfg = load_config(None, ["eval.max_new_tokens=6"])
     served = RefusalAwareModel(str(out), cfg, base=str(tiny_checkpoint))
     try:
-        assert served.adapter == str(out / "adapter")
+        assert served.adapter == f"{out}/adapter"
 
         async def ask() -> list[dict]:
             return list(
@@ -279,7 +279,7 @@ from inbol_ray.model.generation import generate_responses
         answers = asyncio.run(ask())
         assert [a["answer"] for a in answers] == expected
         merged_dir = served._merged_dir
-        assert merged_dir is not None and (merged_dir / "config.json").is_file()
+        assert merged_dir is not None and Path(merged_dir, "config.json").is_file()
     finally:
         served.close()
-    assert not merged_dir.exists()  # the merged copy is temporary
+    assert not Path(merged_dir).exists()  # the merged copy is temporary

@@ -61,14 +61,16 @@ def documented(cls: type) -> set[str]:
     body = ast.parse(inspect.getsource(cls)).body[0].body
     names = set()
     for node, after in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-                if isinstance(after.value.value, str):
-                    names.add(node.target.id)
+        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        is_doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+        if is_field and is_doc and isinstance(after.value.value, str):
+            names.add(node.target.id)
     return names
 
 
-@pytest.mark.parametrize(("prefix", "cls", "name"), all_fields(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    ("prefix", "cls", "name"), all_fields(), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_every_field_has_help_text(prefix: str, cls: type, name: str) -> None:
     assert name in documented(cls), f"{prefix}{name}: add a docstring below the field saying what it does"
 

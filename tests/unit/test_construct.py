@@ -1,4 +1,4 @@
-"""Construction of IDK-IT / SFT-baseline / CA-DPO tables and of unanswerable items by mismatch."""
+"""Construction of IDK-IT / SFT-baseline / CA-DPO tables."""
 
 from __future__ import annotations
 
@@ -19,12 +19,6 @@ from inbol_ray.boundary.construct import (
     build_sft_baseline,
     merge_built,
     most_frequent,
-)
-from inbol_ray.boundary.mismatch import (
-    build_generated_unanswerable,
-    build_mismatch_items,
-    image_key,
-    make_referent_rule,
 )
 from inbol_ray.config import ConstructConfig
 from inbol_ray.refusal import REFUSAL_TEMPLATES, refusal_target
@@ -51,11 +45,10 @@ def _row(item_id: str, responses: list[str], correct: list[bool], refused: list[
         schema.CORRECT: correct,
         schema.REFUSED: refused,
         schema.CONF: conf,
-        schema.BUCKET: "known" if conf == 1 else "unknown" if conf == 0 else "mixed",
     }
     row.update(over)
     if not row[schema.ANSWERABLE]:
-        row[schema.CONF], row[schema.BUCKET] = 0.0, "unknown"
+        row[schema.CONF] = 0.0
     return row
 
 
@@ -207,10 +200,13 @@ def test_cadpo_multiple_choice_fallback_picks_a_wrong_non_refusal_option() -> No
     assert again.table[schema.RESP_INCORRECT].tolist() == built.table[schema.RESP_INCORRECT].tolist()
 
 
-def test_cadpo_recomputes_buckets_from_confidence_and_counts_changes() -> None:
+def test_cadpo_buckets_follow_confidence_under_the_construct_thresholds() -> None:
+    """Samples store conf only; the bucket comes from construct's thresholds, so moving one re-buckets."""
     frame = pd.DataFrame([_row("m", ["red", "red", "red", "blue"], [True, True, True, False], [False] * 4)])
+    assert schema.BUCKET not in frame.columns
+    assert build_cadpo_pairs(frame, ConstructConfig()).table[schema.BUCKET].tolist() == ["mixed"]
     built = build_cadpo_pairs(frame, ConstructConfig(tau_known=0.75))
-    assert built.table[schema.BUCKET].tolist() == ["known"] and built.counts["bucket_recomputed"] == 1
+    assert built.table[schema.BUCKET].tolist() == ["known"] and built.counts["bucket_known"] == 1
 
 
 def test_cadpo_quarantines_a_degenerate_pair() -> None:
@@ -238,100 +234,3 @@ def test_builders_accept_arrow_batches_and_merge_keeps_the_accounting() -> None:
 def test_built_refuses_broken_accounting() -> None:
     with pytest.raises(AssertionError, match="row accounting"):
         Built(table=pd.DataFrame({"a": [1]}), quarantine=pd.DataFrame(), counts={"input": 2})
-
-
-# --- unanswerable construction ---------------------------------------------------------------------
-
-
-def _items() -> pd.DataFrame:
-    def item(i: str, image: str, question: str, answers: list[str], **over: Any) -> dict:
-        row = {
-            schema.ID: i, schema.DATASET: "vqa", schema.SPLIT: "train", schema.IMAGE: None,
-            schema.IMAGE_PATH: image, schema.QUESTION: question, schema.ANSWERS: answers, schema.CHOICES: None,
-            schema.METRIC: "vqa_soft", schema.ANSWERABLE: True, schema.CATEGORY: "c", schema.SOURCE: "s",
-        }  # fmt: skip
-        row.update(over)
-        return row
-
-    return pd.DataFrame(
-        [
-            item("q1", "img/beach.jpg", "What color is the umbrella?", ["red"]),
-            item("q2", "img/beach.jpg", "Is it sunny?", ["yes"]),
-            item("q3", "img/kitchen.jpg", "What is on the stove?", ["pot"]),
-            item("q4", "img/kitchen.jpg", "How many chairs are there?", ["2"]),
-            item("q5", "img/street.jpg", "What brand is the umbrella?", ["totes"]),
-            item("q6", "img/park.jpg", "Which animal is shown?", ["dog"], choices=["dog", "cat"]),
-        ]
-    )
-
-
-def test_referent_rule_rejects_same_image_closed_questions_and_shared_referents() -> None:
-    items = _items()
-    rule = make_referent_rule(items)
-    rows = {r[schema.ID]: r for r in items.to_dict("records")}
-    assert rule(rows["q1"], rows["q3"])  # umbrella never mentioned about the kitchen
-    assert not rule(rows["q1"], rows["q2"])  # same image
-    assert not rule(rows["q1"], rows["q5"])  # the street image has an umbrella
-    assert not rule(rows["q2"], rows["q3"])  # yes/no: "no" answers it anywhere
-    assert not rule(rows["q4"], rows["q1"])  # counting: "0" answers it anywhere
-    assert not rule({**rows["q1"], schema.QUESTION: "What is this?"}, rows["q3"])  # names nothing
-
-
-def test_mismatch_items_are_unanswerable_rows_on_other_images() -> None:
-    items = _items()
-    built, counts = build_mismatch_items(items, n=10, is_unanswerable=make_referent_rule(items), seed=0)
-    assert list(built.columns) == schema.ITEMS.names
-    assert counts["eligible"] == 5 and counts["ineligible"] == 1  # the multiple-choice item
-    assert counts["tried"] == counts["built"] + counts["unpaired"]
-    assert counts["built"] == len(built) >= 1
-    assert not built[schema.ANSWERABLE].any() and all(len(a) == 0 for a in built[schema.ANSWERS])
-    by_question = dict(zip(items[schema.ID], items[schema.IMAGE_PATH], strict=True))
-    for row in built.to_dict("records"):
-        q_id, i_id = row[schema.ID].split("~on~")
-        assert row[schema.IMAGE_PATH] == by_question[i_id] != by_question[q_id]
-        assert row[schema.QUESTION] == items.set_index(schema.ID).loc[q_id, schema.QUESTION]
-    assert schema.conform(
-        pa.Table.from_pandas(built, preserve_index=False), schema.ITEMS, "t"
-    ).num_rows == len(built)
-    again, _ = build_mismatch_items(items, n=10, is_unanswerable=make_referent_rule(items), seed=0)
-    assert again[schema.ID].tolist() == built[schema.ID].tolist()
-
-
-def test_mismatch_uses_the_plugged_rule_and_stops_at_n() -> None:
-    calls: list[tuple[str, str]] = []
-
-    def never(question_row: dict, image_row: dict) -> bool:
-        calls.append((question_row[schema.ID], image_row[schema.ID]))
-        return False
-
-    built, counts = build_mismatch_items(_items(), n=3, is_unanswerable=never, seed=1, max_tries=4)
-    assert built.empty and counts["unpaired"] == counts["tried"] == 5
-    assert (
-        counts["rule_rejections"] == len(calls)
-        and counts["rule_rejections"] + counts.get("same_image_draws", 0) == 20
-    )
-    built, counts = build_mismatch_items(_items(), n=2, is_unanswerable=lambda q, i: True, seed=1)
-    assert len(built) == counts["built"] == 2
-
-
-def test_image_key_uses_path_or_bytes() -> None:
-    assert image_key({schema.IMAGE_PATH: "a.jpg", schema.IMAGE: b"x"}) == "a.jpg"
-    assert image_key({schema.IMAGE_PATH: None, schema.IMAGE: b"x"}) == image_key(
-        {schema.IMAGE_PATH: "", schema.IMAGE: b"x"}
-    )
-    assert image_key({schema.IMAGE_PATH: None, schema.IMAGE: b"x"}) != image_key(
-        {schema.IMAGE_PATH: None, schema.IMAGE: b"y"}
-    )
-
-
-def test_generated_unanswerable_hook_counts_gaps_and_vetoes() -> None:
-    images = _items().iloc[:3]
-    questions = ["What is the dragon holding?", None, "Is there a cat?"]
-    built, counts = build_generated_unanswerable(
-        images, lambda frame: questions, check=lambda row: not row[schema.QUESTION].startswith("Is")
-    )
-    assert counts == {"input": 3, "none_returned": 1, "rejected_by_check": 1, "built": 1}
-    assert built[schema.QUESTION].tolist() == ["What is the dragon holding?"]
-    assert built[schema.IMAGE_PATH].tolist() == ["img/beach.jpg"] and not built[schema.ANSWERABLE].any()
-    with pytest.raises(ValueError, match="generator returned"):
-        build_generated_unanswerable(images, lambda frame: ["x"])

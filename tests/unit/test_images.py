@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import io
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from inbol_ray.data.images import decode_image, load_image_bytes, validate_image
-from inbol_ray.schema import IMAGE, IMAGE_PATH
+from inbol_ray.data.images import CHECKED, check_images, decode_image, load_image_bytes, validate_image
+from inbol_ray.schema import ID, IMAGE, IMAGE_PATH, ITEMS, REASON
 
 BIG = 10**9
 
@@ -103,3 +104,25 @@ def test_load_errors(tmp_path) -> None:
         load_image_bytes({IMAGE: None, IMAGE_PATH: str(tmp_path / "missing.jpg")})
     with pytest.raises(ValueError, match="neither"):
         load_image_bytes({IMAGE: None, IMAGE_PATH: None})
+
+
+def test_check_images_tags_bad_rows_and_keeps_order(png: bytes, tmp_path) -> None:
+    """The Ray Data UDF of prepare and sampling: same rows in and out, a reason on each bad one."""
+    (tmp_path / "a.png").write_bytes(png)
+    base = {name: None for name in ITEMS.names}
+    rows = [
+        {**base, ID: "bytes", IMAGE: png},
+        {**base, ID: "file", IMAGE_PATH: str(tmp_path / "a.png")},
+        {**base, ID: "missing", IMAGE_PATH: str(tmp_path / "nope.png")},
+        {**base, ID: "garbage", IMAGE: b"not an image"},
+    ]
+    batch = pa.Table.from_pylist(rows, schema=ITEMS)
+    out = check_images(batch, "path", BIG, BIG)
+    assert out.schema == CHECKED and out.column(ID).to_pylist() == ["bytes", "file", "missing", "garbage"]
+    reasons = out.column(REASON).to_pylist()
+    assert reasons[:2] == [None, None]
+    assert "image file not found" in reasons[2] and "not a decodable image" in reasons[3]
+    images = out.column(IMAGE).to_pylist()
+    assert images[0] == png and images[1] is None  # path storage keeps the file lazy
+    assert check_images(batch, "bytes", BIG, BIG).column(IMAGE).to_pylist()[1] == png
+    assert check_images(batch, "bytes", BIG, 10).column(REASON).to_pylist()[0].startswith("field 'image'")

@@ -105,7 +105,10 @@ def test_stage_list_follows_the_method_table() -> None:
     assert by_name["train_cadpo"].inputs == ("reference", "train_idk_it")
     assert by_name["evaluate"].inputs == ("prepare", "base_model", "train_cadpo")
     base = load_config("configs/tiny.yaml", ["eval.methods=[base, dpo1]", "train.dpo_init=base"])
-    assert [s.name for s in P.stages(base) if s.name.startswith(("train", "ref"))] == ["reference", "train_dpo1"]
+    assert [s.name for s in P.stages(base) if s.name.startswith(("train", "ref"))] == [
+        "reference",
+        "train_dpo1",
+    ]
 
 
 def test_construct_settings_do_not_touch_the_sample_stage() -> None:

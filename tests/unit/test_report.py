@@ -17,10 +17,12 @@ import pytest
 from PIL import Image
 
 from inbol_ray import schema as S
+from inbol_ray.config import Config
 from inbol_ray.data import io as dio
 from inbol_ray.eval.figures import ACCURACY_FIGURE, GROUP, N_ANSWERED, REFUSAL_FIGURE, boundary_table
 from inbol_ray.eval.report import markdown_table, pct, render_report, write_report
 from inbol_ray.metrics import ANSWERED_ACC, REFUSAL_RATE, metrics_table
+from inbol_ray.run_layout import RunLayout
 
 SETS = {"alpha": "id_test", "beta": "ood_test", "gamma": "ood_test", "delta": "unanswerable_test"}
 METHODS = ["base", "refusal_prompt", "idk_it", "cadpo"]
@@ -62,6 +64,13 @@ def write_synthetic_run(run_dir: Path, n: int = 60, seed: int = 0) -> pd.DataFra
     return predictions
 
 
+def report_of(run_dir: Path, methods: list[str]) -> str:
+    """write_report as the pipeline calls it: the config's methods and bins, the run's layout."""
+    cfg = Config()
+    cfg.eval.methods = methods
+    return write_report(cfg, RunLayout.of(cfg, str(run_dir)), log=lambda line: None)
+
+
 def section(text: str, title: str) -> list[list[str]]:
     """Header and rows (cells, bold markers stripped) of the table under the heading `## {title}`."""
     body = text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
@@ -73,7 +82,7 @@ def section(text: str, title: str) -> list[list[str]]:
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame, str]:
     run_dir = tmp_path_factory.mktemp("synthetic_run")
     predictions = write_synthetic_run(run_dir)
-    report = write_report(str(run_dir), methods=METHODS + ["dpo1"])
+    report = report_of(run_dir, ["dpo1", *reversed(METHODS)])  # rows follow the method table, not this
     return run_dir, predictions, Path(report).read_text()
 
 
@@ -108,6 +117,7 @@ def test_tables_follow_the_split_column_and_equal_the_metrics(run) -> None:
     }
     assert "Not evaluated (no checkpoint or not run): dpo1." in text
     assert "Set: `alpha` (n=60)." in text
+    assert "`cadpo` (mixed: both pairs weighted by conf)" in text  # described by the method table
 
 
 def test_best_s_trust_is_bold_and_ties_of_everyone_are_not() -> None:
@@ -159,7 +169,7 @@ def test_boundary_numbers_equal_a_direct_count(run) -> None:
 def test_report_without_confidence_skips_figures(tmp_path: Path) -> None:
     write_synthetic_run(tmp_path, n=10)
     dio.remove(str(tmp_path / "eval"))
-    text = Path(write_report(str(tmp_path))).read_text()
+    text = Path(report_of(tmp_path, METHODS)).read_text()
     assert "No base-model confidence table" in text and "![" not in text
     assert not (tmp_path / "figures").exists()
 

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +21,14 @@ import yaml
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from inbol_ray.boundary.agreement import answer_agreement
+from inbol_ray.checkpoint import Resolved, resolve
 from inbol_ray.config import Config
 from serve import api
 from serve.api import ApiError, Limits, build_http_app, parse_answer_request, parse_chat_request
-from serve.app import (
-    BUILD_ARGS,
-    DEPLOYMENT_NAME,
-    INGRESS_NAME,
-    MicroBatcher,
-    answer_agreement,
-    bind_replica_grpc_to_node_ip,
-    build_app,
-    choose_engine,
-    ingress_capacity,
-    resolve_checkpoint,
-)
+from serve.app import BUILD_ARGS, DEPLOYMENT_NAME, INGRESS_NAME, build_app, ingress_capacity, model_name
 from serve.gradio_demo import badge_html, confidence_html, demo_examples
+from serve.model import MicroBatcher, bind_replica_grpc_to_node_ip, choose_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMITS = Limits(max_image_bytes=20_000, max_image_pixels=100 * 100, max_question_chars=200)
@@ -297,26 +290,32 @@ def test_choose_engine() -> None:
         choose_engine("onnx", gpu=False, vllm_installed=False)
 
 
-def test_resolve_checkpoint_layouts(tmp_path: Path) -> None:
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text("{}")
-    assert resolve_checkpoint(base) == (base, None)
+def test_checkpoint_layouts_serve_accepts(tmp_path: Path) -> None:
+    """What the model deployment loads: `inbol_ray.checkpoint.resolve` on every layout it is given."""
+    base = str(tmp_path / "base")
+    os.makedirs(base)
+    Path(base, "config.json").write_text("{}")
+    assert resolve(base) == Resolved(base, None)
 
     out = tmp_path / "cadpo"  # a training output: merged model + adapter/ -> the merged model wins
     (out / "adapter").mkdir(parents=True)
-    (out / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    (out / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
     (out / "config.json").write_text("{}")
-    assert resolve_checkpoint(out) == (out, None)
+    assert resolve(str(out)) == Resolved(str(out), None)
     (out / "config.json").unlink()  # LoRA without merge: base + adapter
-    assert resolve_checkpoint(out) == (base, out / "adapter")
-    assert resolve_checkpoint(out / "adapter", base=str(base)) == (base, out / "adapter")
+    assert resolve(str(out)) == Resolved(base, f"{out}/adapter")
+    assert resolve(f"{out}/adapter", base=base) == Resolved(base, f"{out}/adapter")
 
     (out / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/nope"}))
-    with pytest.raises(FileNotFoundError, match="pass its path as `base`"):
-        resolve_checkpoint(out)
-    with pytest.raises(FileNotFoundError, match="neither a HF model dir"):
-        resolve_checkpoint(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="pass its path as base"):
+        resolve(str(out))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        resolve(str(tmp_path / "empty"))
+
+
+def test_model_name_is_the_last_path_component() -> None:
+    assert model_name("/runs/tiny/models/cadpo") == "cadpo"
+    assert model_name("s3://bucket/runs/x/models/idk_it/") == "idk_it"
 
 
 def test_micro_batcher_batches_concurrent_calls_in_order() -> None:

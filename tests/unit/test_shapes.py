@@ -10,7 +10,7 @@ from PIL import Image
 
 from inbol_ray import schema as S
 from inbol_ray.config import ShapesConfig
-from inbol_ray.data import shapes
+from inbol_ray.data import shapes, shapes_scene
 
 SMALL = ShapesConfig(n_pretrain=300, n_train=300, n_id_test=60, n_ood_test=60, n_unanswerable_test=60)
 
@@ -61,11 +61,11 @@ def test_answers_are_correct_by_scene_graph_and_unanswerable_items_are_proved() 
 
 def test_answer_key_on_a_hand_built_scene() -> None:
     names = {("red", "circle"): "zorbli"}
-    scene = shapes.Scene(
+    scene = shapes_scene.Scene(
         objects=(
-            shapes.Obj("circle", "red", True, (0, 0)),
-            shapes.Obj("square", "blue", False, (1, 2)),
-            shapes.Obj("square", "green", False, (2, 1)),
+            shapes_scene.Obj("circle", "red", True, (0, 0)),
+            shapes_scene.Obj("square", "blue", False, (1, 2)),
+            shapes_scene.Obj("square", "green", False, (2, 1)),
         ),
         background=(255, 255, 255),
     )
@@ -85,10 +85,12 @@ def test_answer_key_on_a_hand_built_scene() -> None:
 
 
 def test_rendering_puts_each_object_in_its_cell_with_its_colour() -> None:
-    scene = shapes.Scene(objects=(shapes.Obj("square", "red", True, (1, 2)),), background=(245, 245, 245))
-    img = np.asarray(Image.open(io.BytesIO(shapes.render(scene, 48))).convert("RGB"))
+    scene = shapes_scene.Scene(
+        objects=(shapes_scene.Obj("square", "red", True, (1, 2)),), background=(245, 245, 245)
+    )
+    img = np.asarray(Image.open(io.BytesIO(shapes_scene.render(scene, 48))).convert("RGB"))
     assert img.shape == (48, 48, 3)
-    assert tuple(img[24, 40]) == shapes.COLOURS["red"]  # centre of row 1, column 2
+    assert tuple(img[24, 40]) == shapes_scene.COLOURS["red"]  # centre of row 1, column 2
     assert tuple(img[8, 8]) == (245, 245, 245)
 
 
@@ -112,7 +114,7 @@ def test_ood_splits_differ_from_id() -> None:
     para = [r[S.QUESTION] for r in rows if r[S.DATASET] == "shapes_ood_paraphrase"]
     assert not (set(para) & id_questions)
     scene_items = [it for it in shapes.generate(SMALL, 48) if it.dataset == "shapes_ood_scene"]
-    assert min(len(it.scene.objects) for it in scene_items) >= shapes.OOD_STYLE.min_objects
+    assert min(len(it.scene.objects) for it in scene_items) >= shapes_scene.OOD_STYLE.min_objects
 
 
 def test_corpus_covers_every_answer_word() -> None:

@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from inbol_ray.checkpoint import load_model
 from inbol_ray.config import ModelConfig, ShapesConfig
 from inbol_ray.data import shapes
 from inbol_ray.model.batching import encode_prompt_response
-from inbol_ray.checkpoint import load_model
 from inbol_ray.model.generation import generate_responses
 from inbol_ray.model.prompt import format_prompt
 from inbol_ray.model.tiny import build_tiny_checkpoint
