@@ -158,7 +158,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping; the norm is logged either way)."""
     cpus_per_worker: float = 1.0
-    """Ray Train workers' (and reference scorers') CPU reservation; torch threads = max(1, int(this))."""
+    """Ray Train workers' (and reference scorers') CPU reservation; torch threads = max(1, round(this))."""
     tensorboard: bool = False
     """Also write per-step scalars to `<model out dir>/tensorboard` (metrics.jsonl is always written)."""
 
