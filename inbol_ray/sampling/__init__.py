@@ -15,12 +15,25 @@ from collections.abc import Callable
 
 from inbol_ray.config import SamplingConfig
 from inbol_ray.sampling.base import Sampler, check_request, item_seed, item_seeds
-from inbol_ray.sampling.hf_engine import HFSampler
-from inbol_ray.sampling.vllm_engine import VLLMSampler
+
+
+# Engines are imported when one is built: importing this package (for `item_seeds`, say, in a light Ray
+# task) must not pull in torch, which costs seconds per fresh worker process on a small machine.
+def _transformers(model_dir: str, cfg: SamplingConfig, dtype: str) -> Sampler:
+    from inbol_ray.sampling.hf_engine import HFSampler
+
+    return HFSampler(model_dir, dtype=dtype)
+
+
+def _vllm(model_dir: str, cfg: SamplingConfig, dtype: str) -> Sampler:
+    from inbol_ray.sampling.vllm_engine import VLLMSampler
+
+    return VLLMSampler(model_dir, cfg, dtype=dtype)
+
 
 ENGINES: dict[str, Callable[[str, SamplingConfig, str], Sampler]] = {
-    "transformers": lambda model_dir, cfg, dtype: HFSampler(model_dir, dtype=dtype),
-    "vllm": lambda model_dir, cfg, dtype: VLLMSampler(model_dir, cfg, dtype=dtype),
+    "transformers": _transformers,
+    "vllm": _vllm,
 }
 
 
@@ -35,9 +48,7 @@ def build_sampler(
 
 __all__ = [
     "ENGINES",
-    "HFSampler",
     "Sampler",
-    "VLLMSampler",
     "build_sampler",
     "check_request",
     "item_seed",
