@@ -57,7 +57,8 @@ def _prepare(ctx: Context) -> dict[str, Any]:
 def _base_model(ctx: Context) -> dict[str, Any]:
     """Embedded default only: build the tiny checkpoint, train it briefly, report its boundary.
 
-    Built in a local folder and copied to the run (a no-op for a local run): transformers writes local files.
+    The builder writes local files: on object storage it builds in a temporary folder and copies it over
+    (`train_base` and the loaders read and write URIs themselves).
     """
     import tempfile
 
@@ -70,17 +71,15 @@ def _base_model(ctx: Context) -> dict[str, Any]:
     cfg, layout = ctx.cfg, ctx.layout
     items = dio.read_table(layout.items)
     with tempfile.TemporaryDirectory() as tmp:
-        local = not dio.is_uri(layout.root)
-        init = layout.tiny_init if local else f"{tmp}/init"
-        base = layout.base_model if local else f"{tmp}/base"
+        init = f"{tmp}/init" if dio.is_uri(layout.root) else layout.tiny_init
         build_tiny_checkpoint(init, cfg.model, cfg.data.shapes)
-        train_base(init, items, base, cfg.base_train, log=ctx.log)
-        names = invented_names(cfg.data.shapes.n_names, cfg.data.shapes.seed)
-        rare = {names[k] for k in rare_combos(names, cfg.data.shapes)}
-        acc = family_accuracy(base, items, "shapes_id_test", rare, max_new_tokens=cfg.eval.max_new_tokens)
-        if not local:
-            upload_dir(init, layout.tiny_init)
-            upload_dir(base, layout.base_model)
+        upload_dir(init, layout.tiny_init)  # a no-op when init already is the run's folder
+        train_base(init, items, layout.base_model, cfg.base_train, log=ctx.log)
+    names = invented_names(cfg.data.shapes.n_names, cfg.data.shapes.seed)
+    rare = {names[k] for k in rare_combos(names, cfg.data.shapes)}
+    acc = family_accuracy(
+        layout.base_model, items, "shapes_id_test", rare, max_new_tokens=cfg.eval.max_new_tokens
+    )
     ctx.log("  base model accuracy by question family on shapes_id_test (greedy):")
     for family, (n, a) in acc.items():
         ctx.log(f"    {family:<18} n={n:<4} acc={a:6.1%}")

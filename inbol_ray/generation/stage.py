@@ -220,6 +220,10 @@ def run_generation(
         )
     collector = ShardCollector(job.out_uri, plan, pending, OUTPUT_SCHEMAS[job.output], job.decoding.k)
     units = read_units(keys, plan.n_shards, set(pending), sc.batch_size)
+    # No more actors than batches: each one costs a process, imports and a model load (~10 s on 2 cores),
+    # and outputs do not depend on the actor count.
+    batches = -(-sum(plan.expected[s] for s in pending) // sc.batch_size)
+    actors = max(1, min(sc.num_actors, batches))
     if units:
         marker = os.environ.get(EXIT_ONCE_ENV, "") if exit_once_marker is None else exit_once_marker
         ds = (
@@ -242,7 +246,7 @@ def run_generation(
                 GenerateActor,
                 batch_format="pyarrow",
                 batch_size=sc.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
+                compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=sc.cpus_per_actor,
                 num_gpus=sc.gpus_per_actor or None,
                 fn_constructor_kwargs={

@@ -69,7 +69,8 @@ def run_reference_pass(
     """Score `layout.table("cadpo_pairs")` with the frozen reference (`layout.reference_model()`, the DPO
     methods' start model) and write it with ref_logp_* columns to `layout.reference_table()`; return counts.
 
-    The table is written once, whole, at the end, so a crash never leaves a half-written table. Runs on max(1, train.num_workers) actors (one GPU each when train.use_gpu).
+    The table is written once, whole, at the end, so a crash never leaves a half-written table. Runs on
+    max(1, train.num_workers) actors at most (one GPU each when train.use_gpu), one block per actor call.
     """
     from ray.data import ActorPoolStrategy
 
@@ -81,14 +82,15 @@ def run_reference_pass(
     )
     log(f"[reference] {pairs_uri} scored by {model} -> {out_uri}")
     tc = cfg.train
-    actors = max(1, tc.num_workers)
     import ray.data
 
     # Read in the driver and handed over as blocks: a Parquet listing task wants a whole CPU, which the
     # scorer actors may all hold on a small machine (2 x 0.9 CPUs on 2 cores) and never give back.
     pairs = dio.read_table(pairs_uri, columns=S.CADPO_PAIRS.names)
     n_in = pairs.num_rows
-    ds = ray.data.from_arrow(pairs)
+    rows = tc.batch_size * 4  # one actor call
+    ds = ray.data.from_arrow([pairs.slice(i, rows) for i in range(0, n_in, rows)] or [pairs])
+    actors = max(1, min(tc.num_workers, -(-n_in // rows)))  # no more actors than batches
     scored = ds.map_batches(
         ReferenceScorer,
         fn_constructor_kwargs={
@@ -99,7 +101,7 @@ def run_reference_pass(
             "threads": torch_threads(tc.cpus_per_worker),
         },
         batch_format="pyarrow",
-        batch_size=tc.batch_size * 4,
+        batch_size=rows,
         compute=ActorPoolStrategy(size=actors),
         num_cpus=tc.cpus_per_worker if not tc.use_gpu else 1,
         num_gpus=1 if tc.use_gpu else 0,
