@@ -151,9 +151,7 @@ def merged(location: str, cache: str, base: str | None = None, dtype: str = "flo
     with tempfile.TemporaryDirectory() as tmp:
         merge_adapter(local_dir(found.model_dir), local_dir(found.adapter_dir), dtype, tmp)
         upload_dir(tmp, cache)
-    fs, path = dio.resolve(marker)
-    with fs.open_output_stream(path) as out:
-        out.write(want.encode())
+    dio.write_bytes(marker, want.encode())
     return cache
 
 

@@ -86,11 +86,14 @@ def read_bytes(location: str) -> bytes:
 
 
 def write_bytes(location: str, data: bytes) -> str:
-    """Write a whole file (parent folders created); returns `location`."""
+    """Write a whole file atomically where the filesystem allows (temp name, then move), parent folders
+    created; returns `location`. Manifests, stamps and reports are read as "done" markers: never half."""
     fs, path = resolve(location)
     fs.create_dir(parent(path), recursive=True)
-    with fs.open_output_stream(path) as out:
+    tmp = f"{parent(path)}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
+    with fs.open_output_stream(tmp) as out:
         out.write(data)
+    fs.move(tmp, path)
     return location
 
 

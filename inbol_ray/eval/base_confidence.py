@@ -33,11 +33,6 @@ ANSWERABLE_SPLITS = ("id_test", "ood_test")
 extrinsic boundary, which the report's refusal-rate table covers; sampling them would be wasted."""
 
 
-def confidence_uri(run_dir: str) -> str:
-    """Where `compute_base_confidence` writes, and where the report looks by default."""
-    return RunLayout(dio.absolute(run_dir)).base_confidence
-
-
 def compute_base_confidence(cfg: Config, layout: RunLayout, *, log: Callable[[str], None] = print) -> str:
     """K graded samples from `layout.base_model` per answerable item of the in-domain and OOD evaluation
     sets (`cfg.eval.datasets` when set); returns the folder of `samples` shards. Ray must be initialised."""

@@ -136,13 +136,6 @@ def plot_boundary(
     return buffer.getvalue()
 
 
-def write_png(data: bytes, uri: str) -> None:
-    fs, path = dio.resolve(uri)
-    fs.create_dir(dio.parent(path), recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(data)
-
-
 def write_boundary_figures(table: pd.DataFrame, layout: RunLayout, methods: Sequence[str]) -> dict[str, str]:
     """Both figures as PNGs at `layout.figure(name)`; returns {file name: URI}. Nothing is written for an
     empty table."""
@@ -159,6 +152,6 @@ def write_boundary_figures(table: pd.DataFrame, layout: RunLayout, methods: Sequ
     written = {}
     for name, (value, title, ylabel) in specs.items():
         uri = layout.figure(name)
-        write_png(plot_boundary(table, value, title=title, ylabel=ylabel, methods=methods), uri)
+        dio.write_bytes(uri, plot_boundary(table, value, title=title, ylabel=ylabel, methods=methods))
         written[name] = uri
     return written

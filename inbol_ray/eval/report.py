@@ -296,10 +296,7 @@ def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) 
         note = f"No base-model confidence table at `{conf_uri}`: figures skipped."
         log(f"report: {note}")
     text = render_report(metrics, splits, methods, boundary, links, run_dir=layout.root, note=note)
-    uri = layout.report
-    fs, path = dio.resolve(uri)
-    with fs.open_output_stream(path) as out:
-        out.write(text.encode())
+    uri = dio.write_bytes(layout.report, text.encode())
     log(f"report: {uri}")
     return uri
 

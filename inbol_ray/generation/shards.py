@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import zlib
 from collections import Counter
 from collections.abc import Sequence
@@ -161,13 +160,7 @@ def _read_json(uri: str) -> dict[str, Any] | None:
 
 
 def _write_json(uri: str, body: dict[str, Any]) -> None:
-    """Temp name, then move: a reader never sees half a manifest."""
-    fs, path = dio.resolve(uri)
-    fs.create_dir(dio.parent(path), recursive=True)
-    tmp = f"{dio.parent(path)}/.tmp-{os.getpid()}-{path.rsplit('/', 1)[-1]}"
-    with fs.open_output_stream(tmp) as out:
-        out.write(json.dumps(body, indent=1).encode())
-    fs.move(tmp, path)
+    dio.write_bytes(uri, json.dumps(body, indent=1).encode())  # atomic: never half a manifest
 
 
 def finished_shards(out_uri: str, plan: Plan) -> dict[int, dict[str, Any]]:

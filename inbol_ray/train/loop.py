@@ -368,5 +368,5 @@ def _maybe_fail(spec: LoopSpec, step: int, rank: int, world: int) -> None:
         return
     if dio.exists(spec.fault_marker):
         return
-    sm.write_text(spec.fault_marker, f"worker {rank} raised after step {step}\n")
+    dio.write_bytes(spec.fault_marker, f"worker {rank} raised after step {step}\n".encode())
     raise RuntimeError(f"injected failure after step {step} (fault_marker {spec.fault_marker})")

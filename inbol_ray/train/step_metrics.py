@@ -12,7 +12,6 @@ import json
 import math
 import os
 import tempfile
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,17 +98,6 @@ class TensorBoardLog:
         upload_dir(self.local, self.uri)
 
 
-def write_text(location: str, text: str) -> None:
-    """Write a small text file at a local path or URI, whole or not at all (temp file, then move)."""
-    fs, path = dio.resolve(location)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as out:
-        out.write(text.encode())
-    fs.move(tmp, path)
-
-
 def write_jsonl(rows: Sequence[dict[str, Any]], location: str) -> None:
     """One JSON object per line (NaN -> null) at a local path or URI."""
-    write_text(location, "".join(json.dumps(to_json_row(r)) + "\n" for r in rows))
+    dio.write_bytes(location, "".join(json.dumps(to_json_row(r)) + "\n" for r in rows).encode())

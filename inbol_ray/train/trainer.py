@@ -44,7 +44,7 @@ from inbol_ray.run_layout import RunLayout
 from inbol_ray.train.loop import DATASET, STATE_FILE, LoopSpec, train_loop_per_worker
 from inbol_ray.train.objectives import objective_for
 from inbol_ray.train.reference import run_reference_pass
-from inbol_ray.train.step_metrics import write_jsonl, write_text
+from inbol_ray.train.step_metrics import write_jsonl
 
 
 @dataclass
@@ -227,7 +227,10 @@ def run_training(
         resumed_from=state["resumes"],
         probe=state.get("probe", {}),
     )
-    write_text(dio.join(out, "train_result.json"), json.dumps(dataclasses.asdict(res), indent=1, default=str))
+    dio.write_bytes(
+        dio.join(out, "train_result.json"),
+        json.dumps(dataclasses.asdict(res), indent=1, default=str).encode(),
+    )
     log(f"[train {method}] " + res.summary_line())
     return res
 
