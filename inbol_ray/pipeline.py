@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from inbol_ray import manifest
@@ -174,9 +174,17 @@ def stage_hashes(cfg: Config, all_stages: Sequence[Stage]) -> dict[str, str]:
     hashes: dict[str, str] = {}
     for stage in all_stages:
         hashes[stage.name] = manifest.fingerprint(
-            {s: getattr(cfg, s) for s in stage.sections}, {name: hashes[name] for name in stage.inputs}
+            {s: _hashed_section(cfg, s) for s in stage.sections}, {name: hashes[name] for name in stage.inputs}
         )
     return hashes
+
+
+def _hashed_section(cfg: Config, name: str) -> Any:
+    """A config section as stages see it. `train.method` only picks what `jobs.train` runs (each training
+    stage is named for its method), so it is left out: a model trained by `jobs.train method=sft` is the
+    pipeline's `train_sft` output, not one "made with another config"."""
+    section = getattr(cfg, name)
+    return replace(section, method="") if name == "train" else section
 
 
 def select(all_stages: Sequence[Stage], only: Sequence[str] = (), until: str = "") -> list[Stage]:

@@ -5,7 +5,8 @@
 Each method's answers come from the one generate-over-items stage (`inbol_ray.generation.stage`): a Ray
 Data pass over the evaluation items through an actor pool of the shared samplers (vLLM or transformers as
 `sampling.engine` says), greedy decoding, graded in the pipeline with each item's metric and the refusal
-detector. Answers do not depend on batch size or actor count (fixed batch shapes, see
+detector. With the transformers engine every method shares one pass (actors switch models between
+methods); a vLLM engine gets a pass per method. Answers do not depend on batch size or actor count (fixed batch shapes, see
 `inbol_ray.model.generation`).
 
 Where things are (`RunLayout`): a method is evaluated with `layout.eval_model(method)` (its trained model,
@@ -36,7 +37,7 @@ from inbol_ray.data import io as dio
 from inbol_ray.generation.actor import Decoding
 from inbol_ray.generation.grade import PREDICTIONS, grade_predictions
 from inbol_ray.generation.shards import Selection
-from inbol_ray.generation.stage import SHARD_ROWS, GenerationResult, Job, run_generation
+from inbol_ray.generation.stage import SHARD_ROWS, GenerationResult, Job, run_generations
 from inbol_ray.metrics import metrics_table
 from inbol_ray.run_layout import RunLayout
 
@@ -137,18 +138,26 @@ def run_evaluation(
     """
     selection = eval_selection(datasets or cfg.eval.datasets or None)
     result = EvalResult(layout.predictions, layout.metrics, pd.DataFrame())
-    tables = []
-    for method in methods or cfg.eval.methods:
+    chosen = list(methods or cfg.eval.methods)
+    jobs = []
+    for method in chosen:
         model_dir = checkpoint.merged(
             layout.eval_model(method), layout.merged(method), base=layout.base_model, dtype=cfg.model.dtype
         )
-        run = run_generation(cfg, eval_job(cfg, layout, method, model_dir, selection), log=log)
+        jobs.append(eval_job(cfg, layout, method, model_dir, selection))
+    # One pass for every method where the engine can switch models cheaply (transformers); vLLM engines
+    # get a pass each, so the actor that held one engine exits and frees its GPU memory before the next.
+    passes = [jobs] if cfg.sampling.engine == "transformers" else [[job] for job in jobs]
+    for batch in passes:
+        for job, run in zip(batch, run_generations(cfg, batch, log=log), strict=True):
+            result.runs[job.method] = run
+    tables = []
+    for method, run in result.runs.items():
         if run.items == 0:
             raise ValueError(f"no evaluation items in {layout.items} ({selection})")
         if selection.datasets and set(run.datasets) != set(selection.datasets):
             missing = sorted(set(selection.datasets) - set(run.datasets))
             raise ValueError(f"evaluation data set(s) not in items: {missing}")
-        result.runs[method] = run
         table = S.conform(dio.read_table(run.out_uri), S.PREDICTIONS, run.out_uri)
         tables.append(table)
         log(f"  {method}: {run.summary_line()}")

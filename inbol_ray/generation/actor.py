@@ -1,8 +1,13 @@
-"""The Ray Data callable class that holds one sampler: `ds.map_batches(GenerateActor, compute=ActorPoolStrategy)`.
+"""The Ray Data callable class that holds a sampler: `ds.map_batches(GenerateActor, compute=ActorPoolStrategy)`.
 
 Why a callable class: loading a model (or starting a vLLM engine) costs seconds to minutes, so each actor
-loads once in `__init__` and then serves many batches; Ray Data sizes the pool (`sampling.num_actors`) and
-gives each actor its CPUs/GPUs (`sampling.cpus_per_actor`, `sampling.gpus_per_actor`).
+loads once and then serves many batches; Ray Data sizes the pool (`sampling.num_actors`) and gives each
+actor its CPUs/GPUs (`sampling.cpus_per_actor`, `sampling.gpus_per_actor`).
+
+One pass may serve several jobs (`stage.run_generations`: every method of an evaluation over the same
+items). Each row names its job (`job` column); the actor holds one model at a time and loads the next when
+a row of another job arrives. Rows come job by job, so each actor loads each model about once: far cheaper
+than a new actor pool (processes, imports, model load) per job, and never more than one model in memory.
 
 Rows arrive already checked by the CPU stage: a row whose `reason` is set is passed through untouched (it
 will be quarantined), so the actor never decodes a bad image. Each item is generated with its own seed
@@ -14,7 +19,9 @@ cost its whole batch. If every item fails, the error is raised: that is a broken
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -29,6 +36,8 @@ from inbol_ray.sampling.base import item_seeds
 from inbol_ray.schema import ID, IMAGE, QUESTION, REASON, RESPONSES
 
 _MAX_REASON = 300
+JOB = "job"
+"""Pipeline-internal column: the index of the job (model + decoding) a row is generated for."""
 
 
 @dataclass(frozen=True)
@@ -54,36 +63,62 @@ class Decoding:
 
 
 class GenerateActor:
-    """Generate `decoding.k` responses per good row of a pyarrow batch; add `responses`, drop `image`."""
+    """Generate `decoding.k` responses per good row of a pyarrow batch; add `responses`, drop `image`.
+
+    `model_dirs[j]` and `decodings[j]` serve the rows whose `job` column is j.
+    """
 
     def __init__(
         self,
-        model_dir: str,
+        model_dirs: Sequence[str],
         sampling: SamplingConfig,
-        decoding: Decoding,
+        decodings: Sequence[Decoding],
         dtype: str = "float32",
         exit_once_marker: str = "",
     ) -> None:
         import torch
 
+        if len(model_dirs) != len(decodings) or not model_dirs:
+            raise ValueError(f"one decoding per model: {len(model_dirs)} models, {len(decodings)} decodings")
         # Each actor gets `cpus_per_actor` cores: two actors on two cores must not each start 2+ threads.
         torch.set_num_threads(max(1, int(sampling.cpus_per_actor)))
-        self.decoding = decoding
-        self.sampler = build_sampler(sampling.engine, checkpoint.local_dir(model_dir), sampling, dtype)
+        self.model_dirs, self.decodings = list(model_dirs), list(decodings)
+        self.sampling, self.dtype = sampling, dtype
+        self.loaded: int | None = None
+        self.sampler = None
+        self.loads = 0
+        self._load(0)  # the first model now: a broken engine fails at actor start, not mid-stream
         self.exit_once_marker = exit_once_marker
         """Fault-injection hook for tests of Ray Data's retries: when set and the file does not exist yet,
         the first call creates it and kills this actor's process mid-batch (the marker makes it happen once
         across restarts)."""
 
+    def _load(self, job: int) -> None:
+        if self.loaded == job:
+            return
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
+            gc.collect()
+        path = checkpoint.local_dir(self.model_dirs[job])
+        self.sampler = build_sampler(self.sampling.engine, path, self.sampling, self.dtype)
+        self.loaded, self.loads = job, self.loads + 1
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._maybe_exit()
         good = pc.is_null(batch[REASON]).to_pylist()
-        rows = [i for i, ok in enumerate(good) if ok]
+        jobs = batch[JOB].to_pylist() if JOB in batch.column_names else [0] * batch.num_rows
         responses: list[list[str]] = [[] for _ in good]
         reasons = batch[REASON].to_pylist()
-        if rows:
-            ids, images, questions = (batch[c].to_pylist() for c in (ID, IMAGE, QUESTION))
-            seeds = item_seeds(self.decoding.seed, ids)
+        ids, images, questions = (batch[c].to_pylist() for c in (ID, IMAGE, QUESTION))
+        # The loaded model's rows first: a batch spanning two jobs loads once, not twice.
+        order = sorted(set(jobs), key=lambda j: (j != self.loaded, j))
+        for job in order:
+            rows = [i for i, ok in enumerate(good) if ok and jobs[i] == job]
+            if not rows:
+                continue
+            self._load(job)
+            seeds = item_seeds(self.decodings[job].seed, ids)
             for i, out, why in self._generate_rows(rows, images, questions, seeds):
                 responses[i], reasons[i] = out, why
         out = batch.drop_columns([IMAGE, REASON])
@@ -91,7 +126,7 @@ class GenerateActor:
         return out.append_column(REASON, pa.array(reasons, type=pa.string()))
 
     def _generate(self, images: list[bytes], questions: list[str], seeds: list[int]) -> list[list[str]]:
-        d = self.decoding
+        d = self.decodings[self.loaded]
         return self.sampler.generate(
             [decode_image(b) for b in images],
             questions,

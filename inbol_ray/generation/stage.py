@@ -15,6 +15,10 @@ end the quarantine file is rebuilt from every shard's manifest and `items = done
 checked. Ray Data restarts an actor that dies and retries its batch; the collector keeps one row per id.
 Outputs depend on (seed, item id, model, decoding), never on actor count, batch size or shard size.
 
+`run_generations` runs several jobs over the same items in one pass (the evaluation: one job per method):
+rows carry a `job` column, the actors switch models between jobs, the driver routes each job's rows to its
+own shards. A job's outputs are the same whether it runs alone or shares a pass.
+
 Resources: the light stages request 0 CPUs, on purpose. On a small machine the actor pool may hold every
 CPU (2 actors x 1 CPU on 2 cores), and a light task asking for even 0.1 CPU would then wait forever; the
 light stages' concurrency is capped by their task pools instead. For the same reason the input is built
@@ -37,10 +41,11 @@ from inbol_ray import checkpoint
 from inbol_ray.config import Config, GradingConfig
 from inbol_ray.data import io as dio
 from inbol_ray.data.images import check_images
-from inbol_ray.generation.actor import Decoding, GenerateActor
+from inbol_ray.generation.actor import JOB, Decoding, GenerateActor
 from inbol_ray.generation.grade import OUTPUT_SCHEMAS, grade_batch, placeholders
 from inbol_ray.generation.shards import (  # noqa: F401  (Selection: re-exported for stage users)
     SHARD,
+    Plan,
     Selection,
     ShardCollector,
     finished_shards,
@@ -138,10 +143,14 @@ class GenerationResult:
 # --- Ray Data UDFs: pure functions of a pyarrow batch ----------------------------------------------------
 
 
-def check_units(units: pa.Table, **kwargs: Any) -> pa.Table:
-    """Read units -> selected rows of unfinished shards, validated, with `shard` and `reason` columns."""
-    tables = [read_unit(unit) for unit in units.to_pylist()]
-    return check_rows(pa.concat_tables(tables), **kwargs)
+def check_units(units: pa.Table, pending: list[list[int]], **kwargs: Any) -> pa.Table:
+    """Read units -> selected rows of the unit's job's unfinished shards, validated, with `shard`, `reason`
+    and `job` columns (`pending[j]`: job j's unfinished shards)."""
+    tables = []
+    for unit in units.to_pylist():
+        rows = check_rows(read_unit(unit), pending=pending[unit[JOB]], **kwargs)
+        tables.append(rows.append_column(JOB, pa.array([unit[JOB]] * rows.num_rows, type=pa.int32())))
+    return pa.concat_tables(tables)
 
 
 def check_rows(
@@ -161,18 +170,21 @@ def check_rows(
     return out.append_column(REASON, pa.array(reasons, type=pa.string()))
 
 
-def grade_rows(batch: pa.Table, output: str, grading: GradingConfig, method: str) -> pa.Table:
-    """Output columns + shard, source, reason; good rows graded, bad rows with placeholder values."""
+def grade_rows(batch: pa.Table, output: str, grading: GradingConfig, methods: list[str]) -> pa.Table:
+    """Output columns + shard, source, reason, job; good rows graded (as `methods[job]`), bad rows with
+    placeholder values."""
     schema = OUTPUT_SCHEMAS[output]
-    good = batch.filter(pc.is_null(batch[REASON]))
-    bad = batch.filter(pc.is_valid(batch[REASON]))
-    graded = grade_batch(good, output, grading, method) if good.num_rows else schema.empty_table()
-    extra = [SHARD, SOURCE, REASON]
+    extra = [SHARD, SOURCE, REASON, JOB]
     both = []
-    for part, rows in ((graded, good), (placeholders(bad, schema), bad)):
-        for name in extra:
-            part = part.append_column(name, rows[name])
-        both.append(part)
+    for job in sorted(set(batch[JOB].to_pylist())):
+        rows = batch.filter(pc.equal(batch[JOB], job))
+        good = rows.filter(pc.is_null(rows[REASON]))
+        bad = rows.filter(pc.is_valid(rows[REASON]))
+        graded = grade_batch(good, output, grading, methods[job]) if good.num_rows else schema.empty_table()
+        for part, source in ((graded, good), (placeholders(bad, schema), bad)):
+            for name in extra:
+                part = part.append_column(name, source[name])
+            both.append(part)
     return pa.concat_tables(both)
 
 
@@ -204,25 +216,75 @@ def run_generation(
     Finished shards of an earlier run with the same plan are kept; everything else is (re)done.
     `exit_once_marker` (default: env INBOL_SAMPLER_EXIT_ONCE) is the fault-injection hook of `GenerateActor`.
     """
+    return run_generations(cfg, [job], log=log, exit_once_marker=exit_once_marker)[0]
+
+
+@dataclass
+class _Pending:
+    """One job's share of a pass: its plan, what an earlier run finished, and where its rows go."""
+
+    job: Job
+    plan: Plan
+    done: dict[int, dict[str, Any]]
+    pending: list[int]
+    collector: ShardCollector
+
+
+def _shared(jobs: list[Job]) -> None:
+    """Jobs of one pass read the same rows in the same batches into the same kind of output."""
+    if not jobs:
+        raise ValueError("run_generations needs at least one job")
+    first = jobs[0]
+    for job in jobs[1:]:
+        for name in ("items_uri", "selection", "output", "shard_rows", "batch_size"):
+            if getattr(job, name) != getattr(first, name):
+                raise ValueError(
+                    f"jobs {first.stage} and {job.stage} differ in {name}: they need separate passes"
+                )
+    outs = [job.out_uri for job in jobs]
+    if len(set(outs)) != len(outs):
+        raise ValueError(f"jobs of one pass write to the same folder: {outs}")
+
+
+def run_generations(
+    cfg: Config, jobs: list[Job], *, log: Callable[[str], None] = print, exit_once_marker: str | None = None
+) -> list[GenerationResult]:
+    """Several jobs over the same items (e.g. every method of an evaluation) in one Ray Data pass.
+
+    One actor pool serves them all, loading each job's model in turn (`GenerateActor`): the pool, its
+    processes and imports are paid once, not once per job. Each job keeps its own plan, shards, resume and
+    quarantine, exactly as if it ran alone, so outputs do not depend on which jobs share a pass.
+    """
     import ray
 
     t0 = time.perf_counter()
-    keys = scan_items(job.items_uri, job.selection)
+    _shared(jobs)
+    first = jobs[0]
+    keys = scan_items(first.items_uri, first.selection)
     selected = [(item_id, ds) for rg in keys for _, item_id, ds in rg.selected]
     ids = [item_id for item_id, _ in selected]
-    plan = make_plan(ids, job.shard_rows, **depends_on(cfg, job))
-    done = finished_shards(job.out_uri, plan)
-    pending = sorted(set(plan.expected) - set(done))
-    sc = replace(cfg.sampling, batch_size=job.batch_size or cfg.sampling.batch_size)
-    if done:
-        log(
-            f"{job.stage}: {len(done)}/{len(plan.expected)} shards finished by an earlier run, {len(pending)} to do"
-        )
-    collector = ShardCollector(job.out_uri, plan, pending, OUTPUT_SCHEMAS[job.output], job.decoding.k)
-    units = read_units(keys, plan.n_shards, set(pending), sc.batch_size)
+    sc = replace(cfg.sampling, batch_size=first.batch_size or cfg.sampling.batch_size)
+    parts = []
+    for job in jobs:
+        plan = make_plan(ids, job.shard_rows, **depends_on(cfg, job))
+        done = finished_shards(job.out_uri, plan)
+        pending = sorted(set(plan.expected) - set(done))
+        if done:
+            log(
+                f"{job.stage}: {len(done)}/{len(plan.expected)} shards finished by an earlier run, {len(pending)} to do"
+            )
+        collector = ShardCollector(job.out_uri, plan, pending, OUTPUT_SCHEMAS[job.output], job.decoding.k)
+        parts.append(_Pending(job, plan, done, pending, collector))
+    n_shards = parts[0].plan.n_shards  # same ids and shard size: every job shards alike
+    # Job by job, so each actor meets each model about once (see GenerateActor).
+    units = [
+        {**unit, JOB: j}
+        for j, part in enumerate(parts)
+        for unit in read_units(keys, n_shards, set(part.pending), sc.batch_size)
+    ]
     # No more actors than batches: each one costs a process, imports and a model load (~10 s on 2 cores),
     # and outputs do not depend on the actor count.
-    batches = -(-sum(plan.expected[s] for s in pending) // sc.batch_size)
+    batches = sum(-(-sum(p.plan.expected[s] for s in p.pending) // sc.batch_size) for p in parts)
     actors = max(1, min(sc.num_actors, batches))
     if units:
         marker = os.environ.get(EXIT_ONCE_ENV, "") if exit_once_marker is None else exit_once_marker
@@ -235,9 +297,9 @@ def run_generation(
                 num_cpus=0,
                 compute=ray.data.TaskPoolStrategy(size=LIGHT_TASKS),
                 fn_kwargs={
-                    "selection": job.selection,
-                    "n_shards": plan.n_shards,
-                    "pending": pending,
+                    "selection": first.selection,
+                    "n_shards": n_shards,
+                    "pending": [p.pending for p in parts],
                     "max_bytes": cfg.data.max_image_bytes,
                     "max_pixels": cfg.data.max_image_pixels,
                 },
@@ -250,9 +312,9 @@ def run_generation(
                 num_cpus=sc.cpus_per_actor,
                 num_gpus=sc.gpus_per_actor or None,
                 fn_constructor_kwargs={
-                    "model_dir": job.model_dir,
+                    "model_dirs": [job.model_dir for job in jobs],
                     "sampling": sc,
-                    "decoding": job.decoding,
+                    "decodings": [job.decoding for job in jobs],
                     "dtype": cfg.model.dtype,
                     "exit_once_marker": marker,
                 },
@@ -263,15 +325,29 @@ def run_generation(
                 batch_size=None,
                 num_cpus=0,
                 compute=ray.data.TaskPoolStrategy(size=LIGHT_TASKS),
-                fn_kwargs={"output": job.output, "grading": cfg.grading, "method": job.method},
+                fn_kwargs={
+                    "output": first.output,
+                    "grading": cfg.grading,
+                    "methods": [j.method for j in jobs],
+                },
             )
         )
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            collector.add(batch)
+            for j in sorted(set(batch[JOB].to_pylist())):
+                parts[j].collector.add(batch.filter(pc.equal(batch[JOB], j)))
+    seconds = time.perf_counter() - t0
+    return [_finish(part, ids, selected, cfg.sampling.engine, seconds) for part in parts]
+
+
+def _finish(
+    part: _Pending, ids: list[str], selected: list[tuple[str, str]], engine: str, seconds: float
+) -> GenerationResult:
+    """Check that every row of the job arrived, write its quarantine, count."""
+    job, collector = part.job, part.collector
     missing = collector.missing()
     if missing:
         raise RuntimeError(f"{job.stage}: shards incomplete after the run (rows lost?): {missing}")
-    shards = {**done, **collector.written}
+    shards = {**part.done, **collector.written}
     bad = [row for body in shards.values() for row in body["quarantine"]]
     write_quarantine(bad, job.quarantine_uri, job.stage)
     n_done = sum(body["done"] for body in shards.values())
@@ -281,14 +357,14 @@ def run_generation(
         stage=job.stage,
         out_uri=job.out_uri,
         quarantine_uri=job.quarantine_uri,
-        engine=cfg.sampling.engine,
+        engine=engine,
         k=job.decoding.k,
         items=len(ids),
         done=n_done,
         quarantined=len(bad),
         shards=len(shards),
-        shards_reused=len(done),
-        seconds=time.perf_counter() - t0,
+        shards_reused=len(part.done),
+        seconds=seconds,
         new_outputs=sum(body["new_outputs"] for body in collector.written.values()),
         duplicates_dropped=collector.duplicates,
         datasets=sorted({ds for _, ds in selected}),

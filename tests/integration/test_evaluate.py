@@ -133,7 +133,8 @@ def test_rerun_reuses_every_shard(evaluated: Path) -> None:
 
 
 def test_greedy_answers_do_not_depend_on_batching(evaluated: Path, tmp_path: Path) -> None:
-    """The same method answered with one actor, batches of 3 and shards of 4 gives the same predictions."""
+    """The same method answered alone, with one actor, batches of 3 and shards of 4 gives the same
+    predictions as in the evaluation's shared pass (both methods, default batching)."""
     cfg = load_config(TINY_YAML, [*OVERRIDES, "eval.batch_size=3", "sampling.num_actors=1"])
     layout = layout_of(evaluated)
     job = dataclasses.replace(
@@ -146,6 +147,39 @@ def test_greedy_answers_do_not_depend_on_batching(evaluated: Path, tmp_path: Pat
     again = dio.read_table(result.out_uri).sort_by(S.ID)
     first = dio.read_table(layout.eval_shards(REFUSAL_PROMPT)).sort_by(S.ID)
     assert again.to_pylist() == first.to_pylist()
+
+
+def test_one_pass_over_two_models_equals_two_passes(evaluated: Path, tmp_path: Path) -> None:
+    """Jobs on different models sharing a pass (batches that span both, one actor switching models) give
+    each job exactly what it gets alone."""
+    from inbol_ray.checkpoint import load_model, save_model
+    from inbol_ray.generation.stage import run_generations
+
+    layout = layout_of(evaluated)
+    model, processor = load_model(layout.base_model)
+    with torch.no_grad():
+        for p in model.model.multi_modal_projector.parameters():
+            p.mul_(-1.5)  # another model: other answers
+    other = save_model(model, processor, str(tmp_path / "other"))
+    cfg = load_config(TINY_YAML, [*OVERRIDES, "eval.batch_size=3", "sampling.num_actors=1"])
+
+    def job(name: str, model_dir: str, out: str):
+        return dataclasses.replace(
+            eval_job(cfg, layout, name, model_dir, eval_selection(SETS), shard_rows=4),
+            out_uri=str(tmp_path / out),
+            quarantine_uri=str(tmp_path / f"{out}-quarantine.parquet"),
+        )
+
+    shared = run_generations(cfg, [job("base", layout.base_model, "a"), job("sft", other, "b")])
+    alone = [
+        run_generation(cfg, job("base", layout.base_model, "a1"), log=lambda _: None),
+        run_generation(cfg, job("sft", other, "b1"), log=lambda _: None),
+    ]
+    tables = [dio.read_table(r.out_uri).sort_by(S.ID).to_pylist() for r in (*shared, *alone)]
+    assert tables[0] == tables[2] and tables[1] == tables[3]
+    assert [r[S.RESPONSE] for r in tables[0]] != [r[S.RESPONSE] for r in tables[1]]
+    assert {r[S.MODEL] for r in tables[1]} == {"sft"}
+    assert [r.done for r in shared] == [10, 10]
 
 
 def test_adapter_only_checkpoint_is_merged_once(tiny_checkpoint: Path, tmp_path: Path) -> None:

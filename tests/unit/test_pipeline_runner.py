@@ -117,3 +117,13 @@ def test_construct_settings_do_not_touch_the_sample_stage() -> None:
     ha, hb = P.stage_hashes(a, P.stages(a)), P.stage_hashes(b, P.stages(b))
     assert ha["sample"] == hb["sample"] and ha["construct"] != hb["construct"]
     assert ha["train_cadpo"] != hb["train_cadpo"]
+
+
+def test_a_model_trained_by_the_train_job_is_the_pipelines_training_stage() -> None:
+    """`jobs.train method=sft` sets train.method; the pipeline must still accept its output."""
+    a = load_config("configs/tiny.yaml")
+    b = load_config("configs/tiny.yaml", ["train.method=sft"])
+    c = load_config("configs/tiny.yaml", ["train.lr=0.1"])
+    ha, hb, hc = (P.stage_hashes(x, P.stages(x)) for x in (a, b, c))
+    assert ha == hb
+    assert ha["train_sft"] != hc["train_sft"] and ha["sample"] == hc["sample"]
