@@ -174,7 +174,8 @@ def stage_hashes(cfg: Config, all_stages: Sequence[Stage]) -> dict[str, str]:
     hashes: dict[str, str] = {}
     for stage in all_stages:
         hashes[stage.name] = manifest.fingerprint(
-            {s: _hashed_section(cfg, s) for s in stage.sections}, {name: hashes[name] for name in stage.inputs}
+            {s: _hashed_section(cfg, s) for s in stage.sections},
+            {name: hashes[name] for name in stage.inputs},
         )
     return hashes
 
@@ -215,6 +216,42 @@ def stale_inputs(cfg: Config, layout: RunLayout, chosen: Sequence[Stage]) -> lis
     return sorted(set(problems))
 
 
+def _in_dependency_order(
+    todo: Sequence[Stage], run_one: Callable[[Stage], dict[str, Any]], concurrent: int
+) -> list[tuple[Stage, dict[str, Any]]]:
+    """Run `todo` (in stage order) with up to `concurrent` at once, each as soon as every input it takes
+    from `todo` has finished. The first failure stops new starts; running stages finish, then it raises."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    waiting, finished, out = list(todo), set(), []
+    names = {s.name for s in todo}
+    with ThreadPoolExecutor(max_workers=concurrent, thread_name_prefix="stage") as pool:
+        running: dict[Any, Stage] = {}
+        error: BaseException | None = None
+        while waiting or running:
+            while error is None and len(running) < concurrent:
+                ready = next(
+                    (s for s in waiting if all(i in finished or i not in names for i in s.inputs)), None
+                )
+                if ready is None:
+                    break
+                waiting.remove(ready)
+                running[pool.submit(run_one, ready)] = ready
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage = running.pop(future)
+                if future.exception() is not None:
+                    error = error or future.exception()
+                else:
+                    finished.add(stage.name)
+                    out.append((stage, future.result()))
+        if error is not None:
+            raise error
+    return out
+
+
 def run_pipeline(
     cfg: Config,
     layout: RunLayout,
@@ -224,7 +261,8 @@ def run_pipeline(
     log: Callable[[str], None] = print,
     extras: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run the selected stages in order (Ray must be initialised), skipping those already done."""
+    """Run the selected stages (Ray must be initialised), skipping those already done: in stage order, or
+    with `ray.concurrent_stages` > 1 up to that many at once, each when its inputs are finished."""
     all_stages = stages(cfg)
     chosen = select(all_stages, only, until)
     problems = stale_inputs(cfg, layout, chosen)
@@ -234,20 +272,30 @@ def run_pipeline(
     ctx = Context(cfg=cfg, layout=layout, log=log, extras=extras or {})
     results: dict[str, dict[str, Any]] = {}
     t_start = time.time()
-    for i, stage in enumerate(chosen, 1):
-        head = f"[{i}/{len(chosen)}] {stage.name}"
+    heads = {stage.name: f"[{i}/{len(chosen)}] {stage.name}" for i, stage in enumerate(chosen, 1)}
+    todo = []
+    for stage in chosen:
         uri = layout.manifest(stage.name)
         if manifest.is_done(uri, hashes[stage.name]):
-            log(f"{head}: up to date, skipped")
+            log(f"{heads[stage.name]}: up to date, skipped")
             results[stage.name] = manifest.read_manifest(uri)["counts"]
-            continue
-        log(f"{head}: running")
+        else:
+            todo.append(stage)
+
+    def run_one(stage: Stage) -> dict[str, Any]:
+        log(f"{heads[stage.name]}: running")
         t0 = time.time()
+        uri = layout.manifest(stage.name)
         manifest.clear_manifest(uri)
         counts = stage.run(ctx)
         manifest.write_manifest(
             uri, stage.name, hashes[stage.name], counts, seconds=round(time.time() - t0, 1)
         )
+        log(f"{heads[stage.name]}: done in {time.time() - t0:.0f}s (total {time.time() - t_start:.0f}s)")
+        return counts
+
+    # Local-mode trainings run torch in this process (global threads and seeds): one stage at a time.
+    concurrent = cfg.ray.concurrent_stages if cfg.train.num_workers > 0 else 1
+    for stage, counts in _in_dependency_order(todo, run_one, concurrent):
         results[stage.name] = counts
-        log(f"{head}: done in {time.time() - t0:.0f}s (total {time.time() - t_start:.0f}s)")
     return results

@@ -268,6 +268,14 @@ class RayConfig:
     """CPUs of a local Ray (explicit: Ray would otherwise take every core it sees)."""
     temp_dir: str = ""
     """Ray's session folder for a local Ray (empty: Ray's default)."""
+    concurrent_stages: int = 1
+    """Stages the pipeline runs at once when neither needs the other's output (sft beside idk_it, the DPO
+    methods beside each other). Each asks Ray for its own resources (a training: train.num_workers x
+    cpus_per_worker), so what does not fit waits. Never changes an output."""
+
+    def __post_init__(self) -> None:
+        at_least("ray.num_cpus", self.num_cpus, 1)
+        at_least("ray.concurrent_stages", self.concurrent_stages, 1)
 
 
 @dataclass

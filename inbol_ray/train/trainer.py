@@ -134,6 +134,9 @@ def _trainer(spec: LoopSpec, table_uri: str, storage: str, name: str):
         )
     )
     fs, storage_path = dio.resolve(storage)
+    # Ray Train polls its workers every 2 s by default, so a finished run is noticed up to 2 s late and its
+    # teardown took ~5 s here; 0.5 s costs nothing measurable and cut that to ~1 s. A user's value wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},

@@ -127,3 +127,65 @@ def test_a_model_trained_by_the_train_job_is_the_pipelines_training_stage() -> N
     ha, hb, hc = (P.stage_hashes(x, P.stages(x)) for x in (a, b, c))
     assert ha == hb
     assert ha["train_sft"] != hc["train_sft"] and ha["sample"] == hc["sample"]
+
+
+def _diamond(calls: list[str], started: dict, fail_at: str | None = None) -> list[P.Stage]:
+    """a -> (b, c) -> d; b and c each wait until the other has started (so they must overlap)."""
+    import threading
+
+    for name in ("b", "c"):
+        started.setdefault(name, threading.Event())
+
+    def make(name: str, partner: str | None = None):
+        def run(ctx: P.Context) -> dict:
+            if partner:
+                started[name].set()
+                assert started[partner].wait(timeout=20), f"{name} ran without {partner} alongside"
+            if name == fail_at:
+                raise RuntimeError(f"{name} crashed")
+            calls.append(name)
+            return {}
+
+        return run
+
+    return [
+        P.Stage("a", ("data",), make("a")),
+        P.Stage("b", ("train",), make("b", "c"), ("a",)),
+        P.Stage("c", ("eval",), make("c", "b"), ("a",)),
+        P.Stage("d", ("sampling",), make("d"), ("b", "c")),
+    ]
+
+
+def test_independent_stages_run_concurrently_in_dependency_order(tmp_path: Path, monkeypatch) -> None:
+    calls: list[str] = []
+    cfg = load_config(None, ["ray.concurrent_stages=2", "train.num_workers=1"])
+    monkeypatch.setattr(P, "stages", lambda c: _diamond(calls, {}))
+    P.run_pipeline(cfg, _layout(tmp_path), log=lambda s: None)
+    assert calls[0] == "a" and sorted(calls[1:3]) == ["b", "c"] and calls[3] == "d"
+
+
+def test_a_failed_concurrent_stage_lets_the_other_finish_and_starts_nothing_after(
+    tmp_path: Path, monkeypatch
+) -> None:
+    calls: list[str] = []
+    layout = _layout(tmp_path)
+    cfg = load_config(None, ["ray.concurrent_stages=2", "train.num_workers=1"])
+    monkeypatch.setattr(P, "stages", lambda c: _diamond(calls, {}, fail_at="c"))
+    with pytest.raises(RuntimeError, match="c crashed"):
+        P.run_pipeline(cfg, layout, log=lambda s: None)
+    assert sorted(calls) == ["a", "b"]  # b finished, d never started
+    assert manifest.read_manifest(layout.manifest("b")) is not None
+    assert manifest.read_manifest(layout.manifest("c")) is None
+
+
+def test_local_mode_trainings_never_overlap(tmp_path: Path, monkeypatch) -> None:
+    """train.num_workers=0 runs torch in the driver: the pipeline then runs one stage at a time."""
+    import threading
+
+    started = {"b": threading.Event(), "c": threading.Event()}
+    started["c"].set()  # b would wait for c forever if c had to start alongside; c waits for b: b is first
+    cfg = load_config(None, ["ray.concurrent_stages=2", "train.num_workers=0"])
+    calls: list[str] = []
+    monkeypatch.setattr(P, "stages", lambda c: _diamond(calls, started))
+    P.run_pipeline(cfg, _layout(tmp_path), log=lambda s: None)
+    assert calls == ["a", "b", "c", "d"]
