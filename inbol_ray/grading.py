@@ -224,18 +224,21 @@ def _gold_indices(answers: Sequence[str], choices: Sequence[str] | None) -> set[
     return gold
 
 
-def is_refusal_response(response: str, choices: Sequence[str] | None = None) -> bool:
+def is_refusal_response(
+    response: str, choices: Sequence[str] | None = None, *, question: str | None = None
+) -> bool:
     """A refusal in free text, or - in multiple choice - picking an option that is itself a refusal.
 
     BeyondVisQA offers "Sorry, I can't help with it" as an option: answering "E" then refuses even though
-    the letter alone looks like an answer.
+    the letter alone looks like an answer. `question`, when known, lets the detector read an absence as the
+    answer to a counting question ("there are no dogs" = 0) rather than as a refusal.
     """
-    if is_refusal(response):
+    if is_refusal(response, question=question):
         return True
     if not choices:
         return False
     index = choice_index(response, choices)
-    return index is not None and is_refusal(choices[index])
+    return index is not None and is_refusal(choices[index], question=question)
 
 
 # --- metrics ----------------------------------------------------------------------------------------
@@ -275,14 +278,16 @@ def grade(
     choices: Sequence[str] | None = None,
     *,
     correct_at: float = 0.5,
+    question: str | None = None,
 ) -> bool:
     """Whether a response is correct under the item's metric; refusals are never correct.
 
     `correct_at` is the vqa_soft threshold (config `grading.vqa_correct_at`); other metrics ignore it.
+    `question` is the item's question, passed to the refusal detector (see `is_refusal_response`).
     """
     grader = GRADERS.get(metric)
     if grader is None:
         raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(GRADERS)}")
-    if is_refusal_response(response, choices):
+    if is_refusal_response(response, choices, question=question):
         return False
     return grader(response, answers, choices, correct_at)

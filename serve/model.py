@@ -165,7 +165,7 @@ class RefusalAwareModel:
             raise ValueError(f"mode must be answer or confidence, got {mode!r}")
         if mode == "answer":
             greedy = await self._greedy(image, question)
-            return {"answer": greedy, "refused": is_refusal(greedy)}
+            return {"answer": greedy, "refused": is_refusal(greedy, question=question)}
         s = self.cfg.sampling
         greedy, samples = await asyncio.gather(
             self._greedy(image, question),
@@ -176,7 +176,7 @@ class RefusalAwareModel:
         samples = samples[0]
         return {
             "answer": greedy,
-            "refused": is_refusal(greedy),
+            "refused": is_refusal(greedy, question=question),
             "confidence": answer_agreement(greedy, samples),
             "samples": samples,
         }
@@ -195,7 +195,7 @@ class RefusalAwareModel:
             text = await self._greedy(image, question)
         else:
             text = (await self._generate([image], [question], 1, temperature, top_p, tokens))[0][0]
-        return {"answer": text, "refused": is_refusal(text)}
+        return {"answer": text, "refused": is_refusal(text, question=question)}
 
     async def info(self) -> dict[str, Any]:
         """What `/readyz` reports: the replica is up and which model and engine it serves."""

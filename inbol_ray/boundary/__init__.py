@@ -69,8 +69,10 @@ def as_frame(batch: pd.DataFrame | pa.Table) -> pd.DataFrame:
 def grade_samples_batch(batch: pd.DataFrame | pa.Table, grading_cfg: Any) -> pd.DataFrame:
     """Grade the K responses of each item and derive conf: one `samples` row per item.
 
-    Needs columns id, responses, answers, choices, metric, answerable; returns exactly schema.SAMPLES'
-    columns, with list columns as object columns of Python lists (what Ray Data's map_batches expects).
+    Needs columns id, responses, answers, choices, metric, answerable, and uses question when the batch has
+    it (the generation stage carries it), so that the refusal detector reads "there are no dogs" as the
+    answer 0 to "how many dogs?"; returns exactly schema.SAMPLES' columns, with list columns as object
+    columns of Python lists (what Ray Data's map_batches expects).
     Unanswerable items get correct all False and conf 0; refusals are still detected there because CA-DPO
     needs to know which samples were hallucinated answers. No bucket: buckets depend on construct's
     thresholds and are computed there (`bucket_of`), so changing a threshold never invalidates samples.
@@ -78,6 +80,7 @@ def grade_samples_batch(batch: pd.DataFrame | pa.Table, grading_cfg: Any) -> pd.
     frame = as_frame(batch)
     correct_at = float(grading_cfg.vqa_correct_at)
     out: dict[str, list] = {name: [] for name in schema.SAMPLES.names}
+    questions = frame[schema.QUESTION] if schema.QUESTION in frame.columns else [None] * len(frame)
     rows = zip(
         frame[schema.ID],
         frame[schema.RESPONSES],
@@ -85,15 +88,19 @@ def grade_samples_batch(batch: pd.DataFrame | pa.Table, grading_cfg: Any) -> pd.
         frame[schema.CHOICES],
         frame[schema.METRIC],
         frame[schema.ANSWERABLE],
+        questions,
         strict=True,
     )
-    for item_id, responses, answers, choices, metric, answerable in rows:
+    for item_id, responses, answers, choices, metric, answerable, question in rows:
         responses_l = [str(r) for r in as_list(responses)]
         answers_l = [str(a) for a in as_list(answers)]
         choices_l = [str(c) for c in as_list(choices)] or None
-        refused = [is_refusal_response(r, choices_l) for r in responses_l]
+        q = question if isinstance(question, str) and question else None
+        refused = [is_refusal_response(r, choices_l, question=q) for r in responses_l]
         if answerable:
-            correct = [grade(r, answers_l, metric, choices_l, correct_at=correct_at) for r in responses_l]
+            correct = [
+                grade(r, answers_l, metric, choices_l, correct_at=correct_at, question=q) for r in responses_l
+            ]
         else:
             correct = [False] * len(responses_l)
         conf = confidence(correct, refused, bool(answerable))

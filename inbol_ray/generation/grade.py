@@ -17,9 +17,10 @@ OUTPUT_SCHEMAS = {SAMPLES: S.SAMPLES, PREDICTIONS: S.PREDICTIONS}
 def grade_predictions(batch: pd.DataFrame | pa.Table, method: str, correct_at: float) -> pd.DataFrame:
     """Greedy responses graded against their items: one `predictions` row per item (schema.PREDICTIONS).
 
-    Needs columns id, dataset, responses (one each), answers, choices, metric, answerable. Unanswerable
-    items are never correct; a refusal is detected with `is_refusal_response`, so picking a multiple-choice
-    option that is itself a refusal (BeyondVisQA) counts as refusing.
+    Needs columns id, dataset, responses (one each), answers, choices, metric, answerable; question is
+    optional. Unanswerable items are never correct; a refusal is detected with `is_refusal_response`, so
+    picking a multiple-choice option that is itself a refusal (BeyondVisQA) counts as refusing, and with
+    the question "there are no dogs" answers "how many dogs?" (0) instead of refusing.
     """
     frame = as_frame(batch)
     rows: dict[str, list] = {name: [] for name in S.PREDICTIONS.names}
@@ -28,14 +29,17 @@ def grade_predictions(batch: pd.DataFrame | pa.Table, method: str, correct_at: f
         choices = [str(c) for c in as_list(item[S.CHOICES])] or None
         answers = [str(a) for a in as_list(item[S.ANSWERS])]
         answerable = bool(item[S.ANSWERABLE])
+        question = item.get(S.QUESTION)
+        question = question if isinstance(question, str) and question else None
         rows[S.MODEL].append(method)
         rows[S.DATASET].append(item[S.DATASET])
         rows[S.ID].append(item[S.ID])
         rows[S.RESPONSE].append(response)
         rows[S.CORRECT].append(
-            answerable and grade(response, answers, item[S.METRIC], choices, correct_at=correct_at)
+            answerable
+            and grade(response, answers, item[S.METRIC], choices, correct_at=correct_at, question=question)
         )
-        rows[S.REFUSED].append(is_refusal_response(response, choices))
+        rows[S.REFUSED].append(is_refusal_response(response, choices, question=question))
     return pd.DataFrame(rows, columns=S.PREDICTIONS.names)
 
 

@@ -56,6 +56,7 @@ from inbol_ray.generation.shards import (  # noqa: F401  (Selection: re-exported
     shard_of,
     write_quarantine,
 )
+from inbol_ray.refusal import REFUSAL_DETECTOR_VERSION
 from inbol_ray.schema import (
     ANSWERABLE,
     ANSWERS,
@@ -202,7 +203,7 @@ def depends_on(cfg: Config, job: Job) -> dict[str, Any]:
         "engine": [cfg.sampling.engine, cfg.sampling.max_model_len, PAD_MULTIPLE, ROWS_PER_FORWARD],
         "model": [dio.absolute(job.model_dir), checkpoint.stamp(job.model_dir)],
         "dtype": cfg.model.dtype,
-        "grading": cfg.grading,
+        "grading": [cfg.grading, REFUSAL_DETECTOR_VERSION],
         "limits": [cfg.data.max_image_bytes, cfg.data.max_image_pixels],
         "selection": job.selection,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -231,6 +232,49 @@ def test_picking_a_refusal_option_is_a_refusal_and_never_correct() -> None:
     assert is_refusal_response("Sorry, I can't help with it", choices)
     assert not is_refusal_response("B", choices)
     assert not grade("E", ["E"], "mc_letter", choices)
+
+
+COUNT_CHOICES = ["3", "There are no dogs in the image", "5"]
+
+
+def test_the_question_reaches_the_refusal_detector() -> None:
+    absent, counting = "There are no dogs in the image.", "How many dogs are there?"
+    assert is_refusal_response(absent)
+    assert is_refusal_response(absent, question="What color is the dog?")
+    assert not is_refusal_response(absent, question=counting)
+    # the option picked is read against the question too
+    assert is_refusal_response("B", COUNT_CHOICES)
+    assert not is_refusal_response("B", COUNT_CHOICES, question=counting)
+    assert not grade("B", ["B"], "mc_letter", COUNT_CHOICES)
+    assert grade("B", ["B"], "mc_letter", COUNT_CHOICES, question=counting)
+
+
+def test_both_grading_call_sites_pass_the_items_question() -> None:
+    from inbol_ray.boundary import grade_samples_batch
+    from inbol_ray.config import GradingConfig
+    from inbol_ray.generation.grade import grade_predictions
+
+    absent = "There are no dogs in the image."
+    batch = pd.DataFrame(
+        {
+            schema.ID: ["count", "color"],
+            schema.DATASET: ["d", "d"],
+            schema.QUESTION: ["How many dogs are there?", "What color is the dog?"],
+            schema.RESPONSES: [[absent], [absent]],
+            schema.ANSWERS: [["0"], ["brown"]],
+            schema.CHOICES: [None, None],
+            schema.METRIC: ["exact", "exact"],
+            schema.ANSWERABLE: [True, True],
+        }
+    )
+    samples = grade_samples_batch(batch, GradingConfig())
+    assert samples[schema.REFUSED].tolist() == [[False], [True]]
+    predictions = grade_predictions(batch, "base", 0.5)
+    assert predictions[schema.REFUSED].tolist() == [False, True]
+    # callers without a question column keep the question-free reading
+    no_question = batch.drop(columns=[schema.QUESTION])
+    assert grade_samples_batch(no_question, GradingConfig())[schema.REFUSED].tolist() == [[True], [True]]
+    assert grade_predictions(no_question, "base", 0.5)[schema.REFUSED].tolist() == [True, True]
 
 
 def test_unknown_metric_is_rejected() -> None:
