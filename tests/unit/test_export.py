@@ -1,0 +1,173 @@
+"""ShapesWorld exported in the published formats reads back through the project's own loaders unchanged.
+
+The round trip goes through the prepare stage's own entry point (`read_sources` on the 7B config with
+`/data` replaced by the export folder, so the test also proves the layout matches that config) and its image
+check, then compares every loaded item with the ShapesWorld item it came from: question (minus the prompt
+decoration each format's loader adds), answers (VQA-normalised), choices, answerable, decoded pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inbol_ray import schema as S
+from inbol_ray.config import DatasetSpec, ShapesConfig, load_config
+from inbol_ray.data import shapes
+from inbol_ray.data.export import LAYOUT, MANIFEST, export_shapes
+from inbol_ray.data.export.questions import HINTS, question_family
+from inbol_ray.data.images import check_images, decode_image, load_image_bytes
+from inbol_ray.data.loaders import load
+from inbol_ray.data.prepare import input_problems, read_sources
+from inbol_ray.grading import grade, is_refusal_response, normalize_answer
+from inbol_ray.refusal import is_refusal
+from jobs import export_shapes as export_job
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ShapesConfig(n_pretrain=20, n_train=80, n_id_test=16, n_ood_test=12, n_unanswerable_test=12)
+LETTERS = "ABCDEFGHIJ"
+VQA_STYLE = {"vqav2", "vqav2_val", "aokvqa", "vizwiz"}  # ten annotator answers
+MULTIPLE_CHOICE = {"scienceqa", "mmmu", "mmbench"}
+PROMPT_PREFIX = {"scienceqa": "Context: ", "mmbench": "Hint: "}  # the loaders prepend the hint
+
+
+def shapes_specs(out: Path) -> list[DatasetSpec]:
+    """The 7B config's data sets with /data replaced by the export folder, plus the one extra file."""
+    cfg = load_config(ROOT / "configs" / "llava-1.5-7b.yaml")
+    specs = [
+        dataclasses.replace(
+            s, path=s.path.replace("/data", str(out), 1), images=s.images.replace("/data", str(out), 1)
+        )
+        for s in cfg.data.datasets
+    ]
+    fmt, split, path, _ = LAYOUT["unanswerable_train"]
+    return [*specs, DatasetSpec(name="unanswerable_train", format=fmt, split=split, path=str(out / path))]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    items = shapes.generate_items(SMALL, 48)
+    out = tmp_path_factory.mktemp("shapes_export")
+    manifest = export_shapes(items, str(out))
+    cfg = load_config(ROOT / "configs" / "llava-1.5-7b.yaml")
+    cfg.data.datasets = shapes_specs(out)
+    return items, out, manifest, cfg
+
+
+def originals(items) -> dict[str, dict]:
+    return {row[S.ID]: row for row in items.to_pylist()}
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(decode_image(data))
+
+
+def test_every_config_path_finds_its_file(exported) -> None:
+    _, out, manifest, cfg = exported
+    assert input_problems(cfg.data) == []
+    for spec in cfg.data.datasets:
+        entry = manifest["datasets"][spec.name]
+        assert (entry["format"], entry["split"], entry["path"]) == (spec.format, spec.split, spec.path)
+        assert entry["images"] == (spec.images if spec.images else "")
+    assert json.loads((out / MANIFEST).read_text())["files"] == manifest["files"]
+
+
+def test_round_trip_through_the_prepare_entry_point(exported) -> None:
+    items, _, manifest, cfg = exported
+    sources = read_sources(cfg)
+    assert sources.quarantine == []
+    checked = check_images(sources.items, storage="bytes", max_bytes=10**7, max_pixels=10**7)
+    assert checked[S.REASON].null_count == checked.num_rows  # every image file decodes
+    by_id = originals(items)
+    seen: list[str] = []
+    for item in checked.to_pylist():
+        name, key = item[S.ID].split(":", 1)
+        orig = by_id[manifest["datasets"][name]["ids"][key]]
+        seen.append(orig[S.ID])
+        where = f"{item[S.ID]} <- {orig[S.ID]}"
+        question = item[S.QUESTION]
+        if name in PROMPT_PREFIX:
+            assert (
+                question
+                == f"{PROMPT_PREFIX[name]}{HINTS[question_family(orig[S.QUESTION])]}\n{orig[S.QUESTION]}"
+            )
+        elif name == "mmmu":
+            assert question == f"<image 1> {orig[S.QUESTION]}", where
+        else:
+            assert question == orig[S.QUESTION], where
+        assert item[S.ANSWERABLE] == orig[S.ANSWERABLE], where
+        assert np.array_equal(pixels(item[S.IMAGE]), pixels(orig[S.IMAGE])), where
+        answers, choices = item[S.ANSWERS], item[S.CHOICES]
+        if name in MULTIPLE_CHOICE:
+            (letter,) = answers
+            assert choices[LETTERS.index(letter)] == orig[S.ANSWERS][0], where
+            assert len(set(choices)) == len(choices) >= 2 and choices.count(orig[S.ANSWERS][0]) == 1, where
+        elif not orig[S.ANSWERABLE]:
+            if name == "vizwiz":
+                assert answers == ["unanswerable"] * 10 and choices is None, where
+            elif name == "beyondvisqa":
+                assert answers == [] and is_refusal(choices[-1]), where
+                assert not any(is_refusal(c) for c in choices[:-1]), where
+                assert is_refusal_response(LETTERS[len(choices) - 1], choices), where
+            else:
+                assert answers == [] and choices is None, where
+        else:
+            assert choices is None, where
+            assert {normalize_answer(a) for a in answers} == {normalize_answer(orig[S.ANSWERS][0])}, where
+            assert len(answers) == (10 if name in VQA_STYLE else 1), where
+        if orig[S.ANSWERABLE]:  # the gold answer scores under the loaded item's own metric
+            assert grade(orig[S.ANSWERS][0], answers, item[S.METRIC], choices), where
+    exported_ids = [i for i, r in by_id.items() if r[S.DATASET] != "shapes_pretrain"]
+    assert sorted(seen) == sorted(exported_ids)  # each exported item exactly once, nothing else
+    counts = Counter(i.split(":")[0] for i in checked[S.ID].to_pylist())
+    assert counts == {name: entry["rows"] for name, entry in manifest["datasets"].items() if entry["rows"]}
+
+
+def test_every_data_set_and_split_is_filled(exported) -> None:
+    items, _, manifest, _ = exported
+    rows = {name: entry["rows"] for name, entry in manifest["datasets"].items()}
+    assert all(n > 0 for n in rows.values()), rows
+    by_id = originals(items)
+    vizwiz = [by_id[i] for i in manifest["datasets"]["vizwiz"]["ids"].values()]
+    assert {r[S.ANSWERABLE] for r in vizwiz} == {True, False}  # VizWiz mixes both, as the real set does
+    assert manifest["datasets"]["gqa"]["from"] == ["shapes_ood_scene"]
+    assert manifest["datasets"]["aokvqa"]["from"] == ["shapes_ood_paraphrase"]
+
+
+def test_aokvqa_file_also_holds_the_multiple_choice_task(exported) -> None:
+    items, out, manifest, cfg = exported
+    spec = next(s for s in cfg.data.datasets if s.name == "aokvqa")
+    parsed = load(dataclasses.replace(spec, format="aokvqa_mc"))
+    assert parsed.quarantine == [] and len(parsed.items) == manifest["datasets"]["aokvqa"]["rows"]
+    by_id = originals(items)
+    for item in parsed.items:
+        orig = by_id[manifest["datasets"]["aokvqa"]["ids"][item[S.ID].split(":", 1)[1]]]
+        assert item[S.CHOICES][LETTERS.index(item[S.ANSWERS][0])] == orig[S.ANSWERS][0]
+        assert np.array_equal(pixels(load_image_bytes(item)), pixels(orig[S.IMAGE]))
+
+
+def test_export_is_deterministic(exported, tmp_path: Path) -> None:
+    items, out, _, _ = exported
+    export_shapes(items, str(tmp_path))
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
+    assert files == sorted(
+        p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+    assert all((out / f).read_bytes() == (tmp_path / f).read_bytes() for f in files)
+
+
+def test_cli_exports_the_configured_shapes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sizes = [
+        f"data.shapes.{k}=4"
+        for k in ("n_pretrain", "n_train", "n_id_test", "n_ood_test", "n_unanswerable_test")
+    ]
+    code = export_job.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path), *sizes])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "vqav2/v2_OpenEnded_mscoco_val2014_questions.json" in printed
+    assert (tmp_path / "vizwiz" / "val.json").exists() and (tmp_path / MANIFEST).exists()
