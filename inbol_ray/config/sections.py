@@ -161,9 +161,35 @@ class TrainConfig:
     """Ray Train workers' (and reference scorers') CPU reservation; torch threads = max(1, round(this))."""
     tensorboard: bool = False
     """Also write per-step scalars to `<model out dir>/tensorboard` (metrics.jsonl is always written)."""
+    warmup_ratio: float = 0.0
+    """Share of each method's steps that ramp the rate linearly up from 0 (HF's ceil(ratio x steps)):
+    large-model fine-tuning recipes warm up so Adam's early, poorly estimated steps stay small."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warmup: keep the peak rate, or decay it to 0 by a half cosine over the remaining steps (HF's
+    get_cosine_schedule_with_warmup, LLaVA-1.5's recipe). The rate is a pure function of the step, so a
+    resumed run continues on the same curve (inbol_ray.train.schedule)."""
+    gradient_checkpointing: bool = False
+    """Recompute the LM's layer activations in the backward instead of keeping them: what lets a 7B/13B
+    LLaVA (~600 tokens per item) train a useful micro-batch on one GPU, for ~30% more compute."""
+    fp32_master_weights: bool = True
+    """Full fine-tuning with model.dtype bfloat16/float16 keeps the trained weights in float32 (the policy
+    loads in float32, CUDA runs forward/backward under bf16 autocast, the export is cast to model.dtype):
+    an update below half the spacing of bf16 numbers around a weight (2^-8 ~ 0.004 for a weight near 1;
+    lr 1e-5 x a unit Adam step is 400 times smaller) rounds away, so pure bf16 training silently stops
+    learning. Setting it false with full fine-tuning in half precision is refused at load (there is no
+    pure half-precision path); LoRA adapters are float32 either way (peft upcasts them)."""
+    reference_batch_size: int = 0
+    """Items per forward of the reference log-prob pass (0 = train.batch_size, as before this field): the
+    pass keeps no activations for a backward, so it can take more items than a training micro-batch, but
+    a whole optimizer step's rows in one forward is too much for a 7B model on one GPU."""
 
     def __post_init__(self) -> None:
         at_least("train.num_workers", self.num_workers, 0)
+        at_least("train.reference_batch_size", self.reference_batch_size, 0)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr_schedule not in ("constant", "cosine"):  # the loader checks Literals; code may not
+            raise ConfigError(f"train.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         for name in (
             "epochs",
             "grad_accum",
@@ -278,6 +304,17 @@ class RayConfig:
         at_least("ray.concurrent_stages", self.concurrent_stages, 1)
 
 
+def check_training_precision(model_dtype: str, train: TrainConfig) -> None:
+    """Refuse full fine-tuning with half-precision weights (see TrainConfig.fp32_master_weights): a
+    cross-section check, run when a Config loads and again by the trainer before Ray starts, since a
+    config changed in code after loading skips the first."""
+    if model_dtype in ("bfloat16", "float16") and not train.lora and not train.fp32_master_weights:
+        raise ConfigError(
+            f"train.fp32_master_weights=false with full fine-tuning (train.lora=false) in "
+            f"model.dtype={model_dtype} would round most updates away: keep it true, or use LoRA"
+        )
+
+
 @dataclass
 class Config:
     """A whole run: one section per stage family."""
@@ -304,6 +341,9 @@ class Config:
     """Serving."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Ray connection."""
+
+    def __post_init__(self) -> None:
+        check_training_precision(self.model.dtype, self.train)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

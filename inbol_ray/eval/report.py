@@ -5,7 +5,9 @@ Layout (DESIGN.md 1.3, the paper's section 4):
 2. out-of-domain table: Acc / RefR / s_trust per OOD set (split `ood_test`) and their average s_trust;
 3. unanswerable table: refusal rate per unanswerable set (split `unanswerable_test`, the extrinsic
    boundary: no answer is right, so refusing is the only good response);
-4. the intrinsic boundary: refusal rate and accuracy among answered by the base model's confidence bin,
+4. the training recipe of every trained method (objective, beta, sft_weight, the rate it used, schedule,
+   epochs, LoRA or full fine-tuning, start model), so a table is never read apart from how it was made;
+5. the intrinsic boundary: refusal rate and accuracy among answered by the base model's confidence bin,
    as PNG figures (relative links) and the exact numbers beside them.
 Methods are listed, ordered and described by the method table (`inbol_ray.methods`); every location is
 the run layout's (`inbol_ray.run_layout`), so a run directory on object storage reads the same way.
@@ -37,14 +39,16 @@ from inbol_ray.eval.figures import (
 )
 from inbol_ray.metrics import ANSWERED_ACC, BIN_HI, BIN_LO, REFUSAL_RATE
 from inbol_ray.run_layout import RunLayout
+from inbol_ray.train import schedule
 
 SPLIT_GROUPS = {"id_test": "in-domain", "ood_test": "out-of-domain"}
 """Which splits the boundary figures plot (answerable test items), and their panel titles."""
 
 HOW_TO_READ = """\
 **How to read.** Every response scores +1 if correct, 0 if it is a refusal, -1 if wrong. *Acc* is the
-share of items answered correctly, *RefR* the share refused, and **s_trust = 2·Acc + RefR − 100** is the
-average score ×100: from −100 (always wrong) through 0 (always refuses) to 100 (always right). Refusing
+share of items answered correctly, *RefR* the share refused, and **s_trust = 2·Acc + RefR − 100** (all
+three in %; 2·Acc + RefR − 1 as fractions) is the average score ×100: from −100 (always wrong) through 0
+(always refuses) to 100 (always right). Refusing
 raises s_trust exactly when the refused answers would have been wrong, so a method that learned where
 its knowledge ends gains s_trust even if its Acc drops. All numbers are percentages; **bold** marks the
 best method per column. Differences of a point or two on a few hundred items can be noise: compare
@@ -173,6 +177,76 @@ def bins_table(boundary: pd.DataFrame, group: str, methods: Sequence[str]) -> st
     return markdown_table(header, rows)
 
 
+def short_float(value: float) -> str:
+    """A rate as a recipe writes it: 2e-4, 5e-6, 2.5e-5 (no padded exponent, no trailing zeros)."""
+    mantissa, exponent = f"{value:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def recipe_table(cfg, trained: Sequence[str]) -> str:
+    """One row per trained method: how it was trained, read from `cfg` (a `Config`) and the method table.
+
+    The rate is the one the method used (`train.dpo_lr` for the DPO family when set); beta and sft_weight
+    only mean something for the DPO objective, so SFT rows show "–" there.
+    """
+    train, dash = cfg.train, "–"
+    weights = f"LoRA r={train.lora_r}, α={train.lora_alpha}" if train.lora else "full fine-tuning"
+    if schedule.master_dtype(train, cfg.model.dtype) != cfg.model.dtype:
+        weights += " (fp32 master weights)"
+    weights += " + projector" if train.train_projector else ""
+    epochs = f"{train.max_steps} steps (max_steps)" if train.max_steps else str(train.epochs)
+    rows = []
+    for name in trained:
+        method = M.method(name)
+        dpo = method.objective == "dpo"
+        objective = f"{'DPO' if dpo else 'SFT'} ({method.summary})"
+        if dpo and train.sft_weight > 0:
+            objective += f" + {train.sft_weight:g}·NLL(chosen)"
+        start = M.start_method(name, train.dpo_init) or "base"
+        rows.append(
+            [
+                name,
+                objective,
+                f"{train.beta:g}" if dpo else dash,
+                f"{train.sft_weight:g}" if dpo else dash,
+                short_float(schedule.method_lr(train, name)),
+                schedule.describe(train),
+                epochs,
+                weights,
+                start + (" (also the reference)" if dpo else ""),
+            ]
+        )
+    header = ["Method", "Objective", "beta", "sft_weight", "lr", "Schedule", "Epochs", "Weights", "Start"]
+    return markdown_table(header, rows, numeric_from=len(header))
+
+
+def recipe_section(cfg, trained: Sequence[str]) -> list[str]:
+    """The "Training recipe" section's lines (nothing when no method was trained); with sft_weight > 0 a
+    note that the DPO losses are not the paper's, since a reader comparing with the paper must know."""
+    if not trained:
+        return []
+    train = cfg.train
+    lines = [
+        "## Training recipe",
+        "",
+        recipe_table(cfg, trained),
+        "",
+        f"From the run's config: lr is the schedule's peak (`train.lr` for SFT objectives, `train.dpo_lr` for "
+        f"the DPO family when set), batch {train.batch_size} rows per step, max grad norm "
+        f"{train.max_grad_norm:g}, model dtype {cfg.model.dtype}. `base` is the model InBoL starts from; "
+        "a DPO method's frozen reference is its start model.",
+        "",
+    ]
+    if train.sft_weight > 0 and any(M.method(m).objective == "dpo" for m in trained):
+        lines += [
+            f"**Not the paper's loss:** sft_weight = {train.sft_weight:g} adds {train.sft_weight:g} × the "
+            "NLL of the chosen response (per token, weighted like its pair) to every DPO loss above, a "
+            "departure from the paper: its CA-DPO loss is the DPO term alone (sft_weight = 0).",
+            "",
+        ]
+    return lines
+
+
 @dataclass(frozen=True)
 class Section:
     split: str
@@ -206,8 +280,10 @@ def render_report(
     *,
     run_dir: str = "",
     note: str = "",
+    recipe: Sequence[str] = (),
 ) -> str:
-    """The Markdown text (pure: no I/O). `splits`: data set -> split; `figures`: relative PNG links.
+    """The Markdown text (pure: no I/O). `splits`: data set -> split; `figures`: relative PNG links;
+    `recipe`: the training-recipe section's lines (`recipe_section`), placed after the result tables.
 
     Rows follow `methods` (the caller orders them, see `method_order`); evaluated methods not in
     `methods` come last.
@@ -240,6 +316,7 @@ def render_report(
     if other:
         out += ["## Other sets", "", split_table(metrics, other, order, TRUST_COLUMNS, False), ""]
         out += [sets_line(metrics, other), ""]
+    out += list(recipe)
     out += ["## Intrinsic boundary", ""]
     if boundary is None or boundary.empty:
         out += [note or "No base-model confidence for the test items: figures skipped.", ""]
@@ -271,7 +348,8 @@ def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) 
     """Write the layout's `report.md` and figures from the run's metrics, predictions and base confidence.
 
     `cfg` (a `Config`): `eval.methods` are the rows (in the method table's order), `eval.conf_bins` the
-    confidence bins of the figures. The figures need the base model's confidence at
+    confidence bins of the figures, `train` (and `model.dtype`) the recipe printed for every method the
+    pipeline trains for them (`methods.training_order`). The figures need the base model's confidence at
     `layout.base_confidence`; without it the report says so and skips them. Returns the report's URI.
     """
     from inbol_ray.eval.base_confidence import read_confidence
@@ -295,7 +373,10 @@ def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) 
     else:
         note = f"No base-model confidence table at `{conf_uri}`: figures skipped."
         log(f"report: {note}")
-    text = render_report(metrics, splits, methods, boundary, links, run_dir=layout.root, note=note)
+    recipe = recipe_section(cfg, M.training_order(cfg.eval.methods, cfg.train.dpo_init))
+    text = render_report(
+        metrics, splits, methods, boundary, links, run_dir=layout.root, note=note, recipe=recipe
+    )
     uri = dio.write_bytes(layout.report, text.encode())
     log(f"report: {uri}")
     return uri

@@ -7,8 +7,9 @@ setup → (restore) → steps → final checkpoint. What makes it exact under fa
   epoch's permutation (the tail shorter than a batch is dropped), worker r takes every world-th of them and
   splits its share into grad_accum micro-batches. A resumed run recomputes the same schedule and starts at
   the checkpoint's step, so nothing is skipped or repeated; the torch RNG is reseeded per step (LoRA
-  dropout) for the same reason.
-- A checkpoint holds the trainable tensors, the optimizer state and the metric history up to its step.
+  dropout) and the learning rate is a pure function of the step (schedule.py) for the same reason.
+- A checkpoint holds the trainable tensors, the optimizer state and the metric history up to its step
+  (loop_checkpoint.py).
 Reports happen only at checkpoints (each costs ~1 s), never per step.
 """
 
@@ -16,12 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,24 +27,31 @@ import ray.train
 import torch
 from torch import nn
 
-from inbol_ray.checkpoint import load_for_training, load_processor
+from inbol_ray.checkpoint import load_processor
 from inbol_ray.config import TrainConfig
 from inbol_ray.data import io as dio
 from inbol_ray.train import step_metrics as sm
 from inbol_ray.train.data import DPO_KINDS, EncodedTable, encode_table, make_batch, sort_by_id
+from inbol_ray.train.loop_checkpoint import (
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    gather_state,
+    is_fsdp,
+    load_optimizer,
+    report_checkpoint,
+    restored_checkpoint,
+)
 from inbol_ray.train.lora import (
+    enable_gradient_checkpointing,
+    load_policy,
     load_trainable_state,
-    prepare_policy,
     read_trainable,
-    save_trainable,
-    trainable_state,
 )
 from inbol_ray.train.objectives import StepNorm, objective_for, step_means
+from inbol_ray.train.schedule import master_dtype, step_lr
 from inbol_ray.train.shared_prefix import ResponseScorer, per_response
 
 DATASET = "train"
-STATE_FILE = "state.json"
-OPTIMIZER_FILE = "optimizer.pt"
 PROBE_ROWS = 4
 
 
@@ -118,12 +122,6 @@ def _read_table() -> pa.Table:
     return sort_by_id(pa.concat_tables(batches))
 
 
-def _is_fsdp(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return isinstance(module, FullyShardedDataParallel)
-
-
 def wrap_model(scorer: ResponseScorer, cfg: TrainConfig, world: int) -> nn.Module:
     """DDP (default) or FSDP through Ray's prepare_model; FSDP on CPU is wrapped here because Ray's
     prepare_model refuses FSDP without CUDA, and every distributed path needs a CPU test (DESIGN.md 5.5)."""
@@ -142,92 +140,6 @@ def wrap_model(scorer: ResponseScorer, cfg: TrainConfig, world: int) -> nn.Modul
         )
     # The vision tower is frozen, so every trainable parameter is used: no find_unused_parameters scan.
     return rtt.prepare_model(scorer, parallel_strategy="ddp")
-
-
-# --- checkpoints ----------------------------------------------------------------------------------
-
-
-def _latest_local(root: str) -> Path | None:
-    if not root or not Path(root).is_dir():
-        return None
-    done = sorted(p for p in Path(root).glob("checkpoint_[0-9]*") if (p / STATE_FILE).exists())
-    return done[-1] if done else None
-
-
-@contextlib.contextmanager
-def _restored_checkpoint(spec: LoopSpec) -> Iterator[Path | None]:
-    """The checkpoint to resume from, as a local directory for the duration of the block (or None)."""
-    if spec.local_checkpoint_dir:
-        yield _latest_local(spec.local_checkpoint_dir)
-        return
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        yield None
-        return
-    with ckpt.as_directory() as directory:
-        yield Path(directory)
-
-
-def _gather_state(scorer: nn.Module, policy: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Full trainable tensors and optimizer state on rank 0 (FSDP gathers its shards; collective)."""
-    if not _is_fsdp(scorer):
-        return trainable_state(policy), opt.state_dict()
-    from torch.distributed.fsdp import (
-        FullOptimStateDictConfig,
-        FullStateDictConfig,
-        StateDictType,
-    )
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    names = [n for n, p in policy.named_parameters() if p.requires_grad]
-    # offload_to_cpu only for GPU models: on a CPU model FSDP's full-state-dict hook segfaults with it
-    # (torch 2.13, seen here), and the tensors are on the CPU already.
-    offload = next(scorer.parameters()).is_cuda
-    with FSDP.state_dict_type(
-        scorer,
-        StateDictType.FULL_STATE_DICT,
-        FullStateDictConfig(offload_to_cpu=offload, rank0_only=True),
-        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=True),
-    ):
-        full = scorer.state_dict()
-        optim = FSDP.optim_state_dict(scorer, opt)
-    return {n: full[f"model.{n}"].contiguous() for n in names if f"model.{n}" in full}, optim
-
-
-def _load_optimizer(scorer: nn.Module, opt: torch.optim.Optimizer, saved: dict) -> None:
-    if _is_fsdp(scorer):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        saved = FSDP.optim_state_dict_to_load(scorer, opt, saved)
-    opt.load_state_dict(saved)
-
-
-def _write_checkpoint(directory: Path, trainable: dict, optim: dict, state: dict) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    save_trainable(trainable, directory)
-    torch.save(optim, directory / OPTIMIZER_FILE)
-    (directory / STATE_FILE).write_text(json.dumps(state))  # last: its presence marks a complete checkpoint
-
-
-def _report(spec: LoopSpec, rank: int, step: int, metrics: dict, payload: tuple | None) -> None:
-    """Write the checkpoint (rank 0) and report it; every worker calls this (ray.train.report is collective)."""
-    name = f"checkpoint_{step:06d}"
-    from ray.train import Checkpoint
-
-    if spec.local_checkpoint_dir:
-        directory = Path(spec.local_checkpoint_dir) / name
-        _write_checkpoint(directory, *payload)
-        old = sorted(p for p in Path(spec.local_checkpoint_dir).glob("checkpoint_[0-9]*") if p != directory)
-        for stale in old[: max(0, len(old) + 1 - spec.train.num_to_keep)]:
-            shutil.rmtree(stale, ignore_errors=True)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
-        return
-    with tempfile.TemporaryDirectory(prefix="inbol_ckpt_") as tmp:
-        checkpoint = None
-        if rank == 0:
-            _write_checkpoint(Path(tmp), *payload)
-            checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -274,9 +186,12 @@ def _train(spec: LoopSpec) -> None:
     n_rows, total = len(enc), total_steps(len(enc), cfg)
 
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: same init in every worker and in local mode
-    policy = prepare_policy(load_for_training(spec.base_model_dir, spec.model_dtype), cfg)
+    policy = load_policy(spec.base_model_dir, spec.model_dtype, cfg)
+    dtype = getattr(torch, master_dtype(cfg, spec.model_dtype))  # of the weights, so of the pixels too
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     start_step, history, resumes, saved_optim = 0, [], [], None
-    with _restored_checkpoint(spec) as restored:
+    with restored_checkpoint(spec.local_checkpoint_dir) as restored:
         if restored is not None:
             state = json.loads((restored / STATE_FILE).read_text())
             load_trainable_state(policy, read_trainable(restored))
@@ -288,7 +203,7 @@ def _train(spec: LoopSpec) -> None:
     scorer = wrap_model(ResponseScorer(policy, cfg.logprob_chunk_size), cfg, world)
     opt = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr)
     if saved_optim is not None:
-        _load_optimizer(scorer, opt, saved_optim)
+        load_optimizer(scorer, opt, saved_optim)
     scorer.train()
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -305,10 +220,13 @@ def _train(spec: LoopSpec) -> None:
         rows = step_rows(n_rows, cfg, step)
         norm = StepNorm(rows=len(rows), response_tokens=enc.response_tokens(rows), world_size=world)
         micros = micro_batches(rows, rank, world, cfg.grad_accum)
+        lr = step_lr(cfg, step, total)
+        for group in opt.param_groups:
+            group["lr"] = lr
         sums: dict[str, float] = {"tokens": 0.0}
         for i, micro in enumerate(micros):
             packed, values = make_batch(enc, micro, processor)
-            packed = packed.to(device, pixel_dtype=getattr(torch, spec.model_dtype))
+            packed = packed.to(device, pixel_dtype=dtype)
             sync = i == len(micros) - 1 or not hasattr(scorer, "no_sync")
             with contextlib.nullcontext() if sync else scorer.no_sync(), autocast:
                 token_logps = scorer(packed)
@@ -317,7 +235,7 @@ def _train(spec: LoopSpec) -> None:
             sm.add_sums(sums, part)
             sums["tokens"] += packed.num_tokens
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        if _is_fsdp(scorer):
+        if is_fsdp(scorer):
             grad_norm = scorer.clip_grad_norm_(max_norm)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
@@ -331,7 +249,7 @@ def _train(spec: LoopSpec) -> None:
             "epoch": step // steps_per_epoch(n_rows, min(cfg.batch_size, n_rows)),
             **step_means(totals),
             "grad_norm": float(grad_norm),
-            "lr": cfg.lr,
+            "lr": lr,
             "tokens_per_s": totals["tokens"] / seconds,
             "step_s": seconds,
             "rows": len(rows),
@@ -345,13 +263,13 @@ def _train(spec: LoopSpec) -> None:
                 print(sm.progress_line(spec.method, row, total), flush=True)
         last = step + 1 == total
         if last or (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0):
-            trainable_tensors, optim = _gather_state(scorer, policy, opt)
+            trainable_tensors, optim = gather_state(scorer, policy, opt)
             state = {"step": step + 1, "total_steps": total, "history": history, "resumes": resumes}
             if last:
-                state["probe"] = _probe(scorer, enc, processor, device, getattr(torch, spec.model_dtype))
+                state["probe"] = _probe(scorer, enc, processor, device, dtype)
             payload = (trainable_tensors, optim, state) if rank == 0 else None
             metrics = {k: v for k, v in sm.to_json_row(row).items() if k != "ids"}
-            _report(spec, rank, step + 1, metrics, payload)
+            report_checkpoint(spec.local_checkpoint_dir, cfg.num_to_keep, rank, step + 1, metrics, payload)
         _maybe_fail(spec, step + 1, rank, world)
     if start_step >= total and rank == 0:
         print(

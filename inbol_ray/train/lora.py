@@ -8,6 +8,10 @@ DDP run without `find_unused_parameters` (CLIP's post_layernorm is not used by L
 
 Checkpoints hold only the trainable tensors (`trainable_state`): for LoRA that is a few MB against the
 model's GB, and the base weights are the reference anyway.
+
+Precision: full fine-tuning in bfloat16/float16 loads the policy in float32 (`master_dtype`), because
+half-precision weights lose every update smaller than their rounding step; the export casts back to
+`model.dtype`, so what leaves a run is the same size and type as what came in.
 """
 
 from __future__ import annotations
@@ -20,10 +24,39 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from inbol_ray.config import TrainConfig
+from inbol_ray.train.schedule import master_dtype
 
 PROJECTOR = "multi_modal_projector"
 VISION_TOWER = "vision_tower"
 TRAINABLE_FILE = "trainable.safetensors"
+
+
+def load_policy(model_dir: str, model_dtype: str, cfg: TrainConfig) -> nn.Module:
+    """The start model in its training dtype with `prepare_policy` applied: the same policy in the workers
+    and in the export, so checkpointed tensors fit both."""
+    from inbol_ray.checkpoint import load_for_training
+
+    return prepare_policy(load_for_training(model_dir, master_dtype(cfg, model_dtype)), cfg)
+
+
+def enable_gradient_checkpointing(policy: nn.Module) -> None:
+    """Checkpoint the LM's decoder layers (non-reentrant) and stop it building a KV cache in training.
+
+    Only the training loop calls this, on its own copy: the export rebuilds the policy without it, so the
+    saved config keeps `use_cache` on for generation. Only the LM: the vision tower is frozen, so there is
+    nothing of it to keep for a backward. Non-reentrant checkpointing gets gradients to LoRA adapters
+    inside a checkpointed layer although the layer's input (frozen embeddings) does not require grad;
+    `gradient_checkpointing_enable` also registers transformers' `enable_input_require_grads` hook on the
+    embeddings (what peft relies on in reentrant mode), so it is not added a second time here.
+    """
+    from inbol_ray.train.response_logprobs import causal_lm
+
+    lm = causal_lm(policy)
+    lm.model.language_model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    for config in (lm.config, lm.config.get_text_config()):
+        config.use_cache = False
 
 
 def prepare_policy(model: nn.Module, cfg: TrainConfig) -> nn.Module:
@@ -86,9 +119,14 @@ def read_trainable(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(directory, TRAINABLE_FILE))
 
 
-def export_model(policy: nn.Module, processor, out_dir: str, merge: bool) -> tuple[str | None, str | None]:
+def export_model(
+    policy: nn.Module, processor, out_dir: str, merge: bool, dtype: str | None = None
+) -> tuple[str | None, str | None]:
     """Save the adapter (LoRA) and/or a full llava-hf checkpoint into the *local* `out_dir`; return
     (model_dir, adapter_dir), None for what was not written.
+
+    `dtype`: the full checkpoint's dtype (model.dtype), when the policy trained in another one (float32
+    master weights); the adapter keeps its own.
 
     The full checkpoint goes to `out_dir` itself, so `<run_dir>/models/<method>` loads like the base model
     (from_pretrained, vLLM); the adapter to `out_dir/adapter`. Merging modifies `policy`, so call this last.
@@ -104,4 +142,6 @@ def export_model(policy: nn.Module, processor, out_dir: str, merge: bool) -> tup
         if not merge:
             return None, adapter_dir
         policy = policy.merge_and_unload()
+    if dtype is not None:
+        policy = policy.to(getattr(torch, dtype))
     return save_model(policy, processor, out_dir), adapter_dir

@@ -70,7 +70,8 @@ def run_reference_pass(
     methods' start model) and write it with ref_logp_* columns to `layout.reference_table()`; return counts.
 
     The table is written once, whole, at the end, so a crash never leaves a half-written table. Runs on
-    max(1, train.num_workers) actors at most (one GPU each when train.use_gpu), one block per actor call.
+    max(1, train.num_workers) actors at most (one GPU each when train.use_gpu), one block per actor call,
+    `train.reference_batch_size` items per forward (the memory knob of a large model's pass).
     """
     from ray.data import ActorPoolStrategy
 
@@ -88,7 +89,8 @@ def run_reference_pass(
     # scorer actors may all hold on a small machine (2 x 0.9 CPUs on 2 cores) and never give back.
     pairs = dio.read_table(pairs_uri, columns=S.CADPO_PAIRS.names)
     n_in = pairs.num_rows
-    rows = tc.batch_size * 4  # one actor call
+    micro = tc.reference_batch_size or tc.batch_size  # items per forward
+    rows = max(tc.batch_size, micro) * 4  # one actor call (as before when micro is batch_size)
     ds = ray.data.from_arrow([pairs.slice(i, rows) for i in range(0, n_in, rows)] or [pairs])
     actors = max(1, min(tc.num_workers, -(-n_in // rows)))  # no more actors than batches
     scored = ds.map_batches(
@@ -97,7 +99,7 @@ def run_reference_pass(
             "model_dir": model,
             "dtype": cfg.model.dtype,
             "chunk_size": tc.logprob_chunk_size,
-            "micro_batch": tc.batch_size,
+            "micro_batch": micro,
             "threads": torch_threads(tc.cpus_per_worker),
         },
         batch_format="pyarrow",

@@ -38,12 +38,15 @@ from inbol_ray import methods as M
 from inbol_ray import schema as S
 from inbol_ray.checkpoint import ADAPTER_SUBDIR, upload_dir
 from inbol_ray.config import Config, ModelConfig, TrainConfig
+from inbol_ray.config.sections import check_training_precision
 from inbol_ray.data import io as dio
 from inbol_ray.manifest import fingerprint
 from inbol_ray.run_layout import RunLayout
-from inbol_ray.train.loop import DATASET, STATE_FILE, LoopSpec, train_loop_per_worker
+from inbol_ray.train.loop import DATASET, LoopSpec, train_loop_per_worker
+from inbol_ray.train.loop_checkpoint import STATE_FILE, latest_local
 from inbol_ray.train.objectives import objective_for
 from inbol_ray.train.reference import run_reference_pass
+from inbol_ray.train.schedule import master_dtype, method_lr
 from inbol_ray.train.step_metrics import write_jsonl
 
 
@@ -113,9 +116,8 @@ def _check_table(table_uri: str, method: str) -> None:
 
 
 def learning_rate(train: TrainConfig, method: str) -> float:
-    """`train.dpo_lr` for the DPO objective when set, else `train.lr`."""
-    dpo = M.method(method).objective == "dpo"
-    return train.dpo_lr if dpo and train.dpo_lr > 0 else train.lr
+    """`train.dpo_lr` for the DPO objective when set, else `train.lr` (the peak of the schedule)."""
+    return method_lr(train, method)
 
 
 def _trainer(spec: LoopSpec, table_uri: str, storage: str, name: str):
@@ -174,6 +176,7 @@ def run_training(
     import ray
 
     objective_for(method)  # a clear error for an unknown or untrained method
+    check_training_precision(cfg.model.dtype, cfg.train)  # again: cfg may have changed since it loaded
     if not ray.is_initialized():
         raise RuntimeError("run_training needs a running Ray (inbol_ray.runtime.init_ray)")
     t0 = time.time()
@@ -203,9 +206,7 @@ def run_training(
     if checkpoint is None:  # local mode rerun of a finished run: nothing was reported this time
         from ray.train import Checkpoint
 
-        from inbol_ray.train.loop import _latest_local
-
-        latest = _latest_local(spec.local_checkpoint_dir)
+        latest = latest_local(spec.local_checkpoint_dir)
         if latest is None:
             raise RuntimeError(f"training {method} produced no checkpoint")
         checkpoint = Checkpoint.from_directory(str(latest))
@@ -243,15 +244,17 @@ def _export(
 ) -> tuple[str | None, str | None]:
     """Rebuild the policy from the start model and the checkpoint's trainable tensors, save adapter/merged
     model under `out` (in place when local, else through a local temporary folder); return their URIs."""
-    from inbol_ray.checkpoint import load_for_training, load_processor
-    from inbol_ray.train.lora import export_model, load_trainable_state, prepare_policy, read_trainable
+    from inbol_ray.checkpoint import load_processor
+    from inbol_ray.train.lora import export_model, load_policy, load_trainable_state, read_trainable
 
-    policy = prepare_policy(load_for_training(start_model, dtype), train)
+    policy = load_policy(start_model, dtype, train)  # float32 master weights when the loop had them
+    cast = dtype if master_dtype(train, dtype) != dtype else None  # back to model.dtype for the export
     load_trainable_state(policy, read_trainable(checkpoint_dir))
     fs, out_path = dio.resolve(out)
     local = isinstance(fs, pafs.LocalFileSystem)
     with contextlib.nullcontext(out_path) if local else tempfile.TemporaryDirectory() as export_dir:
-        model_dir, adapter_dir = export_model(policy, load_processor(start_model), export_dir, train.merge)
+        processor = load_processor(start_model)
+        model_dir, adapter_dir = export_model(policy, processor, export_dir, train.merge, dtype=cast)
         if not local:
             upload_dir(export_dir, out)
     return (out if model_dir else None), (dio.join(out, ADAPTER_SUBDIR) if adapter_dir else None)

@@ -20,7 +20,14 @@ from inbol_ray import schema as S
 from inbol_ray.config import Config
 from inbol_ray.data import io as dio
 from inbol_ray.eval.figures import ACCURACY_FIGURE, GROUP, N_ANSWERED, REFUSAL_FIGURE, boundary_table
-from inbol_ray.eval.report import markdown_table, pct, render_report, write_report
+from inbol_ray.eval.report import (
+    HOW_TO_READ,
+    markdown_table,
+    pct,
+    recipe_section,
+    render_report,
+    write_report,
+)
 from inbol_ray.metrics import ANSWERED_ACC, REFUSAL_RATE, metrics_table
 from inbol_ray.run_layout import RunLayout
 
@@ -179,3 +186,58 @@ def test_markdown_tables_are_aligned() -> None:
     lines = table.splitlines()
     assert len({len(line) for line in lines}) == 1
     assert re.fullmatch(r"\|-+\|-+:\|", lines[1])
+
+
+def test_recipe_lists_every_trained_method_with_the_rate_it_used(run) -> None:
+    """Default config: `dpo1` and `cadpo` are reported, so `idk_it` (their start model) is trained too."""
+    _, _, text = run
+    recipe = section(text, "Training recipe")
+    assert recipe[0] == [
+        "Method", "Objective", "beta", "sft_weight", "lr", "Schedule", "Epochs", "Weights", "Start",
+    ]  # fmt: skip
+    rows = {r[0]: r for r in recipe[1:]}
+    assert list(rows) == ["idk_it", "dpo1", "cadpo"]  # training order; base/refusal_prompt are not trained
+    train = Config().train
+    assert rows["idk_it"][1].startswith("SFT (") and rows["idk_it"][2:4] == ["–", "–"]
+    assert rows["cadpo"][1] == "DPO (mixed: both pairs weighted by conf)"
+    assert rows["cadpo"][2:4] == [f"{train.beta:g}", f"{train.sft_weight:g}"]
+    assert rows["cadpo"][4] == rows["idk_it"][4] == "1e-3"  # dpo_lr 0: every method uses lr
+    assert rows["cadpo"][5] == "constant" and rows["cadpo"][6] == "1"
+    assert rows["cadpo"][7] == "LoRA r=16, α=32"
+    assert rows["idk_it"][8] == "base" and rows["cadpo"][8] == "idk_it (also the reference)"
+    assert "Not the paper's loss" not in text  # sft_weight 0: the paper's loss
+    # the recipe sits with the result tables, before the boundary figures
+    assert text.index("## Training recipe") < text.index("## Intrinsic boundary")
+
+
+def test_recipe_shows_per_method_rates_schedule_and_full_fine_tuning() -> None:
+    cfg = Config()
+    cfg.model.dtype = "bfloat16"
+    cfg.train.lora, cfg.train.lr, cfg.train.dpo_lr = False, 2e-4, 5e-6
+    cfg.train.warmup_ratio, cfg.train.lr_schedule, cfg.train.max_steps = 0.03, "cosine", 40
+    cfg.train.dpo_init = "base"
+    text = "\n".join(recipe_section(cfg, ["sft", "dpo2"]))
+    rows = {r[0]: r for r in section(text, "Training recipe")[1:]}
+    assert rows["sft"][4] == "2e-4" and rows["dpo2"][4] == "5e-6"
+    assert rows["dpo2"][5] == "cosine, warmup 3%" and rows["dpo2"][6] == "40 steps (max_steps)"
+    assert rows["sft"][7] == "full fine-tuning (fp32 master weights)"
+    assert rows["dpo2"][8] == "base (also the reference)"
+    assert recipe_section(cfg, []) == []  # nothing trained: no section
+
+
+def test_recipe_says_when_the_loss_departs_from_the_paper() -> None:
+    cfg = Config()
+    cfg.train.sft_weight = 0.5
+    text = "\n".join(recipe_section(cfg, ["idk_it", "cadpo"]))
+    rows = {r[0]: r for r in section(text, "Training recipe")[1:]}
+    assert rows["cadpo"][1].endswith("+ 0.5·NLL(chosen)") and rows["cadpo"][3] == "0.5"
+    assert rows["idk_it"][3] == "–"
+    assert "**Not the paper's loss:** sft_weight = 0.5 adds 0.5 × the NLL of the chosen response" in text
+    assert "departure from the paper" in text
+    sft_only = "\n".join(recipe_section(cfg, ["sft"]))
+    assert "Not the paper's loss" not in sft_only  # no DPO method: nothing departs
+
+
+def test_s_trust_formula_names_its_units() -> None:
+    text = " ".join(HOW_TO_READ.split())
+    assert "s_trust = 2·Acc + RefR − 100** (all three in %; 2·Acc + RefR − 1 as fractions)" in text
