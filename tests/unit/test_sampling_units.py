@@ -112,7 +112,22 @@ def test_read_units_cover_exactly_the_pending_rows() -> None:
     keys = [RowGroupKeys("f.parquet", 0, 40, [(i, item, "d") for i, item in enumerate(ids) if i % 2 == 0])]
     pending = {0}
     units = read_units(keys, 3, pending, 5)
-    covered = {i for u in units for i in range(u["start"], u["start"] + u["length"])}
+    slices = [piece for u in units for piece in u["slices"]]
+    covered = {i for p in slices for i in range(p["start"], p["start"] + p["length"])}
     wanted = {i for i, item in enumerate(ids) if i % 2 == 0 and shard_of(item, 3) in pending}
     assert wanted and wanted <= covered
-    assert all(any(u["start"] <= i < u["start"] + u["length"] for i in wanted) for u in units)
+    assert all(any(p["start"] <= i < p["start"] + p["length"] for i in wanted) for p in slices)
+
+
+def test_small_row_groups_are_gathered_into_batch_sized_units() -> None:
+    """Prepare writes row groups of a few rows: one unit per row group would be one Ray task per few rows."""
+    keys = [
+        RowGroupKeys(f"f{f}.parquet", rg, 4, [(i, f"id-{f}-{rg}-{i}", "d") for i in range(4)])
+        for f in range(5)
+        for rg in range(4)
+    ]  # 80 rows in 20 row groups of 4
+    units = read_units(keys, 1, {0}, 16)
+    assert len(units) == 5
+    assert all(len(u["slices"]) == 4 for u in units)
+    pieces = [(p["uri"], p["row_group"]) for u in units for p in u["slices"]]
+    assert len(pieces) == len(set(pieces)) == 20
