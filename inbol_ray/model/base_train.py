@@ -54,6 +54,9 @@ def train_base(
     if cfg.vision_lr_scale == 0:
         vision.requires_grad_(False)
     train = items.filter(pa.compute.and_(pa.compute.equal(items[S.SPLIT], "pretrain"), items[S.ANSWERABLE]))
+    # By id: the order `items` reads back in follows how prepare's Ray Data tasks cut it into files, which
+    # varied between runs (1536 of 9500 positions), and the seeded data order is a permutation of rows.
+    train = train.sort_by(S.ID)
     if train.num_rows == 0:
         raise ValueError("base training: no answerable rows with split 'pretrain' in items")
     questions = train[S.QUESTION].to_pylist()

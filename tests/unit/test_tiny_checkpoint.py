@@ -152,3 +152,25 @@ def test_training_labels_cover_response_and_eos_only(tiny_checkpoint: Path, tiny
         assert kept[-1] == tok.eos_token_id
         assert tok.decode(kept[:-1]).strip() == ["circle", "I don't know."][row]
         assert batch["attention_mask"][row].sum() == (batch["input_ids"][row] != tok.pad_token_id).sum()
+
+
+def test_base_training_does_not_depend_on_the_row_order_of_items(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Prepare's files come back in a run-dependent row order; the base model must not."""
+    import dataclasses
+
+    import numpy as np
+
+    from inbol_ray.config import BaseTrainConfig
+    from inbol_ray.model.base_train import train_base
+
+    small = dataclasses.replace(ShapesConfig(), n_pretrain=48, n_train=0, n_id_test=0, n_ood_test=0)
+    small = dataclasses.replace(small, n_unanswerable_test=0)
+    items = shapes.generate_items(small, ModelConfig().image_size)
+    shuffled = items.take(np.random.default_rng(1).permutation(items.num_rows))
+    cfg = BaseTrainConfig(steps=3, batch_size=8, warmup_steps=1)
+    a = train_base(str(tiny_checkpoint), items, str(tmp_path / "a"), cfg, log=lambda _: None)
+    b = train_base(str(tiny_checkpoint), shuffled, str(tmp_path / "b"), cfg, log=lambda _: None)
+    wa, wb = load_model(a)[0].state_dict(), load_model(b)[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
