@@ -6,8 +6,8 @@ Each method's answers come from the one generate-over-items stage (`inbol_ray.ge
 Data pass over the evaluation items through an actor pool of the shared samplers (vLLM or transformers as
 `sampling.engine` says), greedy decoding, graded in the pipeline with each item's metric and the refusal
 detector. With the transformers engine every method shares one pass (actors switch models between
-methods); a vLLM engine gets a pass per method. Answers do not depend on batch size or actor count (fixed batch shapes, see
-`inbol_ray.model.generation`).
+methods); a vLLM engine gets a pass per method. Answers do not depend on batch size or actor count
+(fixed batch shapes, see `inbol_ray.model.generation`).
 
 Where things are (`RunLayout`): a method is evaluated with `layout.eval_model(method)` (its trained model,
 or the base for the untrained baselines); an adapter-only checkpoint is merged once into

@@ -86,7 +86,6 @@ class GenerateActor:
         self.sampling, self.dtype = sampling, dtype
         self.loaded: int | None = None
         self.sampler = None
-        self.loads = 0
         self._load(0)  # the first model now: a broken engine fails at actor start, not mid-stream
         self.exit_once_marker = exit_once_marker
         """Fault-injection hook for tests of Ray Data's retries: when set and the file does not exist yet,
@@ -102,7 +101,7 @@ class GenerateActor:
             gc.collect()
         path = checkpoint.local_dir(self.model_dirs[job])
         self.sampler = build_sampler(self.sampling.engine, path, self.sampling, self.dtype)
-        self.loaded, self.loads = job, self.loads + 1
+        self.loaded = job
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._maybe_exit()

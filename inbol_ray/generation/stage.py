@@ -76,9 +76,9 @@ SHARD_ROWS = 1024
 EXIT_ONCE_ENV = "INBOL_SAMPLER_EXIT_ONCE"
 """Test hook: a marker path; the first actor call that finds it missing creates it and kills its actor."""
 LIGHT_TASKS = 2
+"""Concurrent read/check and grade tasks: they are light next to generation (see the module docstring)."""
 GRADE_BATCHES = 4
 """Actor batches per grading task: one task per actor batch cost ~20 s of 60 in a 3000-answer pass here."""
-"""Concurrent read/check and grade tasks: they are light next to generation (see the module docstring)."""
 
 _CARRIED = [ID, DATASET, SOURCE, QUESTION, IMAGE, ANSWERS, CHOICES, METRIC, ANSWERABLE]
 

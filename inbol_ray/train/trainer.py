@@ -115,11 +115,6 @@ def _check_table(table_uri: str, method: str) -> None:
         raise ValueError(f"{method}: table {table_uri} lacks column(s) {missing}{hint}")
 
 
-def learning_rate(train: TrainConfig, method: str) -> float:
-    """`train.dpo_lr` for the DPO objective when set, else `train.lr` (the peak of the schedule)."""
-    return method_lr(train, method)
-
-
 def _trainer(spec: LoopSpec, table_uri: str, storage: str, name: str):
     import ray.data
     import ray.train
@@ -183,7 +178,7 @@ def run_training(
     table_uri, start_model = layout.training_table(method), layout.start_model(method)
     out, storage = layout.model(method), layout.train_storage(method)
     _check_table(table_uri, method)
-    train = dataclasses.replace(cfg.train, method=method, lr=learning_rate(cfg.train, method))
+    train = dataclasses.replace(cfg.train, method=method, lr=method_lr(cfg.train, method))
     name = run_name(train, cfg.model, table_uri, start_model)
     spec = LoopSpec(
         train=train,
@@ -262,7 +257,6 @@ def _export(
 
 __all__ = [
     "TrainResult",
-    "learning_rate",
     "needs_reference",
     "run_name",
     "run_reference_pass",
