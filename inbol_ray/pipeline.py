@@ -72,7 +72,7 @@ def _base_model(ctx: Context) -> dict[str, Any]:
     items = dio.read_table(layout.items)
     with tempfile.TemporaryDirectory() as tmp:
         init = f"{tmp}/init" if dio.is_uri(layout.root) else layout.tiny_init
-        build_tiny_checkpoint(init, cfg.model, cfg.data.shapes)
+        build_tiny_checkpoint(init, cfg.model, cfg.data.shapes, cfg.prompt)
         upload_dir(init, layout.tiny_init)  # a no-op when init already is the run's folder
         train_base(init, items, layout.base_model, cfg.base_train, log=ctx.log)
     names = invented_names(cfg.data.shapes.n_names, cfg.data.shapes.seed)
@@ -142,9 +142,9 @@ def stages(cfg: Config) -> list[Stage]:
     base = ("base_model",) if cfg.model.build_tiny else ("prepare",)
     out = [Stage("prepare", ("data",), _prepare)]
     if cfg.model.build_tiny:
-        out.append(Stage("base_model", ("model", "base_train"), _base_model, ("prepare",)))
+        out.append(Stage("base_model", ("model", "base_train", "prompt"), _base_model, ("prepare",)))
     out += [
-        Stage("sample", ("model", "sampling", "grading"), _sample, ("prepare", *base)),
+        Stage("sample", ("model", "sampling", "grading", "prompt"), _sample, ("prepare", *base)),
         Stage("construct", ("construct",), _construct, ("prepare", "sample")),
     ]
     trained = M.training_order(cfg.eval.methods, cfg.train.dpo_init)
@@ -161,7 +161,10 @@ def stages(cfg: Config) -> list[Stage]:
     evaluated = tuple(f"train_{m}" for m in trained if m in cfg.eval.methods)
     out += [
         Stage(
-            "evaluate", ("model", "sampling", "grading", "eval"), _evaluate, ("prepare", *base, *evaluated)
+            "evaluate",
+            ("model", "sampling", "grading", "prompt", "eval"),
+            _evaluate,
+            ("prepare", *base, *evaluated),
         ),
         Stage("report", ("sampling", "grading", "eval"), _report, ("evaluate",)),
     ]

@@ -33,7 +33,7 @@ BUCKET = "bucket"  # known | mixed | unknown (unanswerable items are "unknown" w
 BUCKETS = ("known", "mixed", "unknown")
 
 # --- constructed training tables ------------------------------------------------------------------
-PROMPT = "prompt"  # the user question as the model sees it (without the chat template)
+PROMPT = "prompt"  # rendered user text (model.prompt.render_prompt): what the model saw, minus chat format
 TARGET = "target"
 TARGET_KIND = "target_kind"  # answer | refusal
 TARGET_KINDS = ("answer", "refusal")
@@ -81,6 +81,7 @@ ITEMS = pa.schema(
 SAMPLES = pa.schema(
     [
         pa.field(ID, pa.string(), nullable=False),
+        pa.field(PROMPT, pa.string()),  # null only in tables older than the prompt renderer
         pa.field(RESPONSES, _str_list, nullable=False),
         pa.field(CORRECT, _bool_list, nullable=False),
         pa.field(REFUSED, _bool_list, nullable=False),
@@ -126,6 +127,7 @@ PREDICTIONS = pa.schema(
         pa.field(MODEL, pa.string(), nullable=False),
         pa.field(DATASET, pa.string(), nullable=False),
         pa.field(ID, pa.string(), nullable=False),
+        pa.field(PROMPT, pa.string()),
         pa.field(RESPONSE, pa.string(), nullable=False),
         pa.field(CORRECT, pa.bool_(), nullable=False),
         pa.field(REFUSED, pa.bool_(), nullable=False),

@@ -27,6 +27,7 @@ from inbol_ray import checkpoint as ckpt
 from inbol_ray.boundary.agreement import answer_agreement
 from inbol_ray.config import Config
 from inbol_ray.data.images import decode_image
+from inbol_ray.model.prompt import render_prompt
 from inbol_ray.refusal import is_refusal
 from inbol_ray.runtime import quiet_env
 from inbol_ray.sampling import Sampler, build_sampler
@@ -224,12 +225,11 @@ class RefusalAwareModel:
                 raise RuntimeError("model is closed")
             return self.sampler.generate(
                 [decode_image(b) for b in images],
-                questions,
+                [render_prompt(q, None, self.cfg.prompt) for q in questions],  # as sampled and evaluated
                 k=k,
                 temperature=temperature,
                 top_p=top_p,
                 max_new_tokens=tokens,
-                instruction=self.cfg.eval.answer_instruction or None,
             )
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)

@@ -70,7 +70,7 @@ def grade_samples_batch(batch: pd.DataFrame | pa.Table, grading_cfg: Any) -> pd.
     """Grade the K responses of each item and derive conf: one `samples` row per item.
 
     Needs columns id, responses, answers, choices, metric, answerable, and uses question when the batch has
-    it (the generation stage carries it), so that the refusal detector reads "there are no dogs" as the
+    it (the generation stage carries it, with the rendered `prompt` that is copied through), so that the refusal detector reads "there are no dogs" as the
     answer 0 to "how many dogs?"; returns exactly schema.SAMPLES' columns, with list columns as object
     columns of Python lists (what Ray Data's map_batches expects).
     Unanswerable items get correct all False and conf 0; refusals are still detected there because CA-DPO
@@ -81,6 +81,7 @@ def grade_samples_batch(batch: pd.DataFrame | pa.Table, grading_cfg: Any) -> pd.
     correct_at = float(grading_cfg.vqa_correct_at)
     out: dict[str, list] = {name: [] for name in schema.SAMPLES.names}
     questions = frame[schema.QUESTION] if schema.QUESTION in frame.columns else [None] * len(frame)
+    prompts = frame[schema.PROMPT] if schema.PROMPT in frame.columns else [None] * len(frame)
     rows = zip(
         frame[schema.ID],
         frame[schema.RESPONSES],
@@ -89,9 +90,10 @@ def grade_samples_batch(batch: pd.DataFrame | pa.Table, grading_cfg: Any) -> pd.
         frame[schema.METRIC],
         frame[schema.ANSWERABLE],
         questions,
+        prompts,
         strict=True,
     )
-    for item_id, responses, answers, choices, metric, answerable, question in rows:
+    for item_id, responses, answers, choices, metric, answerable, question, prompt in rows:
         responses_l = [str(r) for r in as_list(responses)]
         answers_l = [str(a) for a in as_list(answers)]
         choices_l = [str(c) for c in as_list(choices)] or None
@@ -105,6 +107,7 @@ def grade_samples_batch(batch: pd.DataFrame | pa.Table, grading_cfg: Any) -> pd.
             correct = [False] * len(responses_l)
         conf = confidence(correct, refused, bool(answerable))
         out[schema.ID].append(str(item_id))
+        out[schema.PROMPT].append(prompt if isinstance(prompt, str) else None)
         out[schema.RESPONSES].append(responses_l)
         out[schema.CORRECT].append(correct)
         out[schema.REFUSED].append(refused)

@@ -151,8 +151,15 @@ def _row_bucket(row: Row, cfg: Any, counts: Counter[str]) -> tuple[float, str]:
 # --- builders -------------------------------------------------------------------------------------
 
 
-def _question(row: Row) -> str:
-    return str(row[schema.QUESTION])
+def _prompt(row: Row) -> str:
+    """The prompt the samples were drawn with: training shows the model byte-for-byte the same text."""
+    prompt = row.get(schema.PROMPT)
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(
+            f"construct: row {row.get(schema.ID)!r} has no '{schema.PROMPT}' (samples from before the prompt "
+            "renderer: rerun the sample stage)"
+        )
+    return prompt
 
 
 class _Collector:
@@ -214,17 +221,17 @@ def _build_sft(frame: pd.DataFrame, cfg: Any, stage: str, intrinsic: bool, promp
     return out.built(len(frame))
 
 
-def build_idk_it(rows: pd.DataFrame | pa.Table, cfg: Any, *, prompt_fn: PromptFn = _question) -> Built:
+def build_idk_it(rows: pd.DataFrame | pa.Table, cfg: Any, *, prompt_fn: PromptFn = _prompt) -> Built:
     """IDK-IT: refuse when the item is unanswerable or conf < tau_idk, else answer with the gold answer."""
     return _build_sft(as_frame(rows), cfg, "construct/idk_it", True, prompt_fn)
 
 
-def build_sft_baseline(rows: pd.DataFrame | pa.Table, cfg: Any, *, prompt_fn: PromptFn = _question) -> Built:
+def build_sft_baseline(rows: pd.DataFrame | pa.Table, cfg: Any, *, prompt_fn: PromptFn = _prompt) -> Built:
     """SFT baseline: refusals only for unanswerable items (the extrinsic boundary), gold answers otherwise."""
     return _build_sft(as_frame(rows), cfg, "construct/sft_baseline", False, prompt_fn)
 
 
-def build_cadpo_pairs(rows: pd.DataFrame | pa.Table, cfg: Any, *, prompt_fn: PromptFn = _question) -> Built:
+def build_cadpo_pairs(rows: pd.DataFrame | pa.Table, cfg: Any, *, prompt_fn: PromptFn = _prompt) -> Built:
     """CA-DPO triples: known rows carry correct + refusal, mixed all three, unknown incorrect + refusal."""
     frame = as_frame(rows)
     out = _Collector("construct/cadpo_pairs", schema.CADPO_PAIRS.names)

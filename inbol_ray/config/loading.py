@@ -88,12 +88,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigKeyError(f"{key}: unsupported field type {_type_name(tp)}")
 
 
+MOVED = {
+    "eval.answer_instruction": "prompt.short_answer (and prompt.multiple_choice for options)",
+    "eval.refusal_instruction": "prompt.refusal_clause (only the clause: the instruction comes first)",
+}
+"""Keys that moved: the error names the new home instead of only listing the section's keys."""
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
             dotted = f"{prefix}.{key}" if prefix else key
+            if dotted in MOVED:
+                raise ConfigKeyError(f"config key '{dotted}' moved to {MOVED[dotted]}")
             raise ConfigKeyError(f"unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
     kwargs = {}
     for key, value in data.items():

@@ -215,6 +215,32 @@ class TrainConfig:
 
 
 @dataclass
+class PromptConfig:
+    """The instructions of the one prompt renderer (`inbol_ray.model.prompt.render_prompt`).
+
+    Every stage that talks to the model (base training, sampling, construction, training, the reference
+    pass, evaluation, Serve, the demo) renders an item with these, so the confidence that decides a
+    training target is measured on exactly the prompt that is later evaluated and served. Defaults are
+    LLaVA-1.5's own evaluation prompts (its `model_vqa_loader` / `model_vqa_mmbench` scripts).
+    """
+
+    short_answer: str = "Answer the question using a single word or phrase."
+    """Ends every open question (LLaVA-1.5 answers in sentences without it, which VQA grading scores wrong)."""
+    multiple_choice: str = "Answer with the option's letter from the given choices directly."
+    """Ends every multiple-choice question, after its options (one per line as `A. <option>`)."""
+    refusal_clause: str = "If you are not sure, answer: I don't know."
+    """The `refusal_prompt` baseline's only change: this clause after the instruction."""
+
+    def __post_init__(self) -> None:
+        for name in ("short_answer", "multiple_choice", "refusal_clause"):
+            value = getattr(self, name)
+            if value != value.strip() or "\n" in value:
+                raise ConfigError(f"prompt.{name} must be one line without surrounding spaces, got {value!r}")
+        if not self.refusal_clause:
+            raise ConfigError("prompt.refusal_clause is empty: the refusal_prompt baseline would equal base")
+
+
+@dataclass
 class EvalConfig:
     """Which methods are trained and evaluated, on which sets, with which prompts."""
 
@@ -222,15 +248,6 @@ class EvalConfig:
     """Eval set names (empty: every non-train split in `items`)."""
     methods: list[str] = field(default_factory=lambda: list(M.METHODS))
     """Methods to evaluate (inbol_ray.methods); the pipeline trains exactly what these need."""
-    refusal_instruction: str = (
-        "Answer the question using a single word or phrase. If you are not sure, answer: I don't know."
-    )
-    """The `refusal_prompt` baseline's instruction (appended after the question, replacing
-    `answer_instruction`): the base model, asked to refuse when unsure."""
-    answer_instruction: str = ""
-    """Instruction appended after the question for every other method ("" = the question alone, as
-    the tiny model was trained). LLaVA-1.5 evaluates short answers with "Answer the question using a
-    single word or phrase."; the refusal baseline then differs from `base` only by its refusal clause."""
     max_new_tokens: int = 8
     """Longest greedy answer, in tokens."""
     batch_size: int = 64
@@ -335,6 +352,8 @@ class Config:
     """Training tables from confidences."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """The instructions every prompt is rendered with."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation and the report."""
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -17,8 +17,9 @@ unchanged, so changing one checkpoint re-evaluates only that method. Then `layou
 method name, dataset, id, response, correct, refused) and `layout.metrics` (method, dataset, n, acc,
 refr, s_trust as fractions; reports show x100) are rewritten from every method's shards.
 
-The method table says which method gets `cfg.eval.refusal_instruction` (`Method.refusal_prompt`); every
-other method gets `cfg.eval.answer_instruction` (empty by default: the question alone).
+Every method sees the prompt sampling and training saw (`model.prompt.render_prompt` under `cfg.prompt`:
+the question, its options, LLaVA-1.5's instruction); the method table says which method adds the refusal
+clause (`Method.refusal_prompt`), and that clause is its only difference from `base`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import pyarrow as pa
 from inbol_ray import checkpoint
 from inbol_ray import methods as M
 from inbol_ray import schema as S
-from inbol_ray.config import Config, EvalConfig
+from inbol_ray.config import Config
 from inbol_ray.data import io as dio
 from inbol_ray.generation.actor import Decoding
 from inbol_ray.generation.grade import PREDICTIONS, grade_predictions
@@ -48,15 +49,14 @@ __all__ = [
     "EvalResult",
     "eval_job",
     "grade_predictions",
-    "method_instruction",
+    "method_refuses",
     "run_evaluation",
 ]
 
 
-def method_instruction(method: str, eval_cfg: EvalConfig) -> str | None:
+def method_refuses(method: str) -> bool:
     """The refusal-prompt baseline asks the base model to refuse when unsure; nothing else changes."""
-    text = eval_cfg.refusal_instruction if M.method(method).refusal_prompt else eval_cfg.answer_instruction
-    return text or None
+    return M.method(method).refusal_prompt
 
 
 def eval_selection(datasets: Sequence[str] | None) -> Selection:
@@ -74,16 +74,14 @@ def eval_job(
     selection: Selection,
     shard_rows: int = SHARD_ROWS,
 ) -> Job:
-    """Greedy answers of `method` (with its instruction) graded into predictions under its shard folder."""
+    """Greedy answers of `method` (its prompt variant) graded into predictions under its shard folder."""
     return Job(
         stage=f"evaluate_{method}",
         items_uri=layout.items,
         out_uri=layout.eval_shards(method),
         quarantine_uri=layout.quarantine(f"evaluate_{method}"),
         model_dir=model_dir,
-        decoding=Decoding.greedy(
-            cfg.eval.max_new_tokens, method_instruction(method, cfg.eval), cfg.sampling.seed
-        ),
+        decoding=Decoding.greedy(cfg.eval.max_new_tokens, method_refuses(method), cfg.sampling.seed),
         output=PREDICTIONS,
         selection=selection,
         method=method,

@@ -33,7 +33,7 @@ from inbol_ray.data import io as dio
 from inbol_ray.data.images import decode_image
 from inbol_ray.sampling import build_sampler
 from inbol_ray.sampling.base import item_seeds
-from inbol_ray.schema import ID, IMAGE, QUESTION, REASON, RESPONSES
+from inbol_ray.schema import ID, IMAGE, PROMPT, REASON, RESPONSES
 
 _MAX_REASON = 300
 JOB = "job"
@@ -42,24 +42,25 @@ JOB = "job"
 
 @dataclass(frozen=True)
 class Decoding:
-    """How to answer: K samples at a temperature (confidence) or greedy with an optional instruction."""
+    """How to answer: K samples at a temperature (confidence) or greedy; `refusal` renders the prompt with
+    the refusal-prompt baseline's clause (`prompt.render_prompt`)."""
 
     k: int = 1
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 8
     seed: int = 0
-    instruction: str | None = None
+    refusal: bool = False
 
     @classmethod
     def sampled(cls, sampling: SamplingConfig) -> Decoding:
-        """The confidence sampling of `sampling` (the bare question, as for training)."""
+        """The confidence sampling of `sampling` (the prompt training and evaluation use)."""
         s = sampling
         return cls(s.k, s.temperature, s.top_p, s.max_new_tokens, s.seed)
 
     @classmethod
-    def greedy(cls, max_new_tokens: int, instruction: str | None = None, seed: int = 0) -> Decoding:
-        return cls(1, 0.0, 1.0, max_new_tokens, seed, instruction or None)
+    def greedy(cls, max_new_tokens: int, refusal: bool = False, seed: int = 0) -> Decoding:
+        return cls(1, 0.0, 1.0, max_new_tokens, seed, refusal)
 
 
 class GenerateActor:
@@ -109,7 +110,7 @@ class GenerateActor:
         jobs = batch[JOB].to_pylist() if JOB in batch.column_names else [0] * batch.num_rows
         responses: list[list[str]] = [[] for _ in good]
         reasons = batch[REASON].to_pylist()
-        ids, images, questions = (batch[c].to_pylist() for c in (ID, IMAGE, QUESTION))
+        ids, images, prompts = (batch[c].to_pylist() for c in (ID, IMAGE, PROMPT))
         # The loaded model's rows first: a batch spanning two jobs loads once, not twice.
         order = sorted(set(jobs), key=lambda j: (j != self.loaded, j))
         for job in order:
@@ -118,39 +119,38 @@ class GenerateActor:
                 continue
             self._load(job)
             seeds = item_seeds(self.decodings[job].seed, ids)
-            for i, out, why in self._generate_rows(rows, images, questions, seeds):
+            for i, out, why in self._generate_rows(rows, images, prompts, seeds):
                 responses[i], reasons[i] = out, why
         out = batch.drop_columns([IMAGE, REASON])
         out = out.append_column(RESPONSES, pa.array(responses, type=pa.list_(pa.string())))
         return out.append_column(REASON, pa.array(reasons, type=pa.string()))
 
-    def _generate(self, images: list[bytes], questions: list[str], seeds: list[int]) -> list[list[str]]:
+    def _generate(self, images: list[bytes], prompts: list[str], seeds: list[int]) -> list[list[str]]:
         d = self.decodings[self.loaded]
         return self.sampler.generate(
             [decode_image(b) for b in images],
-            questions,
+            prompts,
             k=d.k,
             temperature=d.temperature,
             top_p=d.top_p,
             max_new_tokens=d.max_new_tokens,
             seeds=seeds,
-            instruction=d.instruction,
         )
 
     def _generate_rows(
-        self, rows: list[int], images: list[bytes], questions: list[str], seeds: list[int]
+        self, rows: list[int], images: list[bytes], prompts: list[str], seeds: list[int]
     ) -> list[tuple[int, list[str], str | None]]:
         """(row, responses, reason) for each good row: one engine call, item by item only if it fails."""
         try:
             outs = self._generate(
-                [images[i] for i in rows], [questions[i] for i in rows], [seeds[i] for i in rows]
+                [images[i] for i in rows], [prompts[i] for i in rows], [seeds[i] for i in rows]
             )
             return [(i, out, None) for i, out in zip(rows, outs, strict=True)]
         except Exception as batch_error:
             results = []
             for i in rows:
                 try:
-                    (out,) = self._generate([images[i]], [questions[i]], [seeds[i]])
+                    (out,) = self._generate([images[i]], [prompts[i]], [seeds[i]])
                     results.append((i, out, None))
                 except Exception as exc:
                     results.append((i, [], f"generation failed: {type(exc).__name__}: {exc}"[:_MAX_REASON]))

@@ -18,7 +18,7 @@ def grade_predictions(batch: pd.DataFrame | pa.Table, method: str, correct_at: f
     """Greedy responses graded against their items: one `predictions` row per item (schema.PREDICTIONS).
 
     Needs columns id, dataset, responses (one each), answers, choices, metric, answerable; question is
-    optional. Unanswerable items are never correct; a refusal is detected with `is_refusal_response`, so
+    optional, and so is the rendered prompt (copied into the `prompt` column). Unanswerable items are never correct; a refusal is detected with `is_refusal_response`, so
     picking a multiple-choice option that is itself a refusal (BeyondVisQA) counts as refusing, and with
     the question "there are no dogs" answers "how many dogs?" (0) instead of refusing.
     """
@@ -34,6 +34,8 @@ def grade_predictions(batch: pd.DataFrame | pa.Table, method: str, correct_at: f
         rows[S.MODEL].append(method)
         rows[S.DATASET].append(item[S.DATASET])
         rows[S.ID].append(item[S.ID])
+        prompt = item.get(S.PROMPT)
+        rows[S.PROMPT].append(prompt if isinstance(prompt, str) else None)
         rows[S.RESPONSE].append(response)
         rows[S.CORRECT].append(
             answerable

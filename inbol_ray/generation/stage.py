@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from inbol_ray import checkpoint
-from inbol_ray.config import Config, GradingConfig
+from inbol_ray.config import Config, GradingConfig, PromptConfig
 from inbol_ray.data import io as dio
 from inbol_ray.data.images import check_images
 from inbol_ray.generation.actor import JOB, Decoding, GenerateActor
@@ -56,6 +56,7 @@ from inbol_ray.generation.shards import (  # noqa: F401  (Selection: re-exported
     shard_of,
     write_quarantine,
 )
+from inbol_ray.model.prompt import render_prompt
 from inbol_ray.refusal import REFUSAL_DETECTOR_VERSION
 from inbol_ray.schema import (
     ANSWERABLE,
@@ -66,6 +67,7 @@ from inbol_ray.schema import (
     IMAGE,
     ITEMS,
     METRIC,
+    PROMPT,
     QUESTION,
     REASON,
     SOURCE,
@@ -81,6 +83,7 @@ GRADE_BATCHES = 4
 """Actor batches per grading task: one task per actor batch cost ~20 s of 60 in a 3000-answer pass here."""
 
 _CARRIED = [ID, DATASET, SOURCE, QUESTION, IMAGE, ANSWERS, CHOICES, METRIC, ANSWERABLE]
+"""Item columns the rows carry to the actors and graders (plus the rendered `prompt`)."""
 
 
 @dataclass(frozen=True)
@@ -146,30 +149,45 @@ class GenerationResult:
 # --- Ray Data UDFs: pure functions of a pyarrow batch ----------------------------------------------------
 
 
-def check_units(units: pa.Table, pending: list[list[int]], **kwargs: Any) -> pa.Table:
-    """Read units -> selected rows of the unit's job's unfinished shards, validated, with `shard`, `reason`
-    and `job` columns (`pending[j]`: job j's unfinished shards)."""
+def check_units(units: pa.Table, pending: list[list[int]], refusal: list[bool], **kwargs: Any) -> pa.Table:
+    """Read units -> selected rows of the unit's job's unfinished shards, validated and rendered, with
+    `prompt`, `shard`, `reason` and `job` columns (`pending[j]`: job j's unfinished shards; `refusal[j]`:
+    job j renders with the refusal clause)."""
     tables = []
     for unit in units.to_pylist():
-        rows = check_rows(read_unit(unit), pending=pending[unit[JOB]], **kwargs)
+        job = unit[JOB]
+        rows = check_rows(read_unit(unit), pending=pending[job], refusal=refusal[job], **kwargs)
         tables.append(rows.append_column(JOB, pa.array([unit[JOB]] * rows.num_rows, type=pa.int32())))
     return pa.concat_tables(tables)
 
 
 def check_rows(
-    batch: pa.Table, selection: Selection, n_shards: int, pending: list[int], max_bytes: int, max_pixels: int
+    batch: pa.Table,
+    selection: Selection,
+    n_shards: int,
+    pending: list[int],
+    max_bytes: int,
+    max_pixels: int,
+    prompt: PromptConfig | None = None,
+    refusal: bool = False,
 ) -> pa.Table:
-    """Keep selected rows of unfinished shards; validate image and question; add `shard` and `reason`."""
+    """Keep selected rows of unfinished shards; validate image and question; add the rendered `prompt`
+    (the one renderer, `render_prompt`), `shard` and `reason`."""
     batch = batch.filter(selection.mask(batch))
     shards = pa.array([shard_of(i, n_shards) for i in batch[ID].to_pylist()], type=pa.int32())
     keep = pc.is_in(shards, value_set=pa.array(pending, type=pa.int32()))
     batch, shards = batch.filter(keep), shards.filter(keep)
     checked = check_images(batch.select(ITEMS.names).cast(ITEMS), "bytes", max_bytes, max_pixels)
     reasons = checked[REASON].to_pylist()
-    for i, question in enumerate(checked[QUESTION].to_pylist()):
+    prompts: list[str] = []
+    for i, (question, choices) in enumerate(
+        zip(checked[QUESTION].to_pylist(), checked[CHOICES].to_pylist(), strict=True)
+    ):
         if reasons[i] is None and not (question or "").strip():
             reasons[i] = f"field '{QUESTION}': empty question"
-    out = checked.select(_CARRIED).append_column(SHARD, shards)
+        prompts.append(render_prompt(question or "", choices, prompt, refusal=refusal))
+    out = checked.select(_CARRIED).append_column(PROMPT, pa.array(prompts, type=pa.string()))
+    out = out.append_column(SHARD, shards)
     return out.append_column(REASON, pa.array(reasons, type=pa.string()))
 
 
@@ -202,6 +220,7 @@ def depends_on(cfg: Config, job: Job) -> dict[str, Any]:
         "stage": job.output,
         "method": job.method,
         "decoding": job.decoding,
+        "prompt": cfg.prompt,
         "engine": [cfg.sampling.engine, cfg.sampling.max_model_len, PAD_MULTIPLE, ROWS_PER_FORWARD],
         "model": [dio.absolute(job.model_dir), checkpoint.stamp(job.model_dir)],
         "dtype": cfg.model.dtype,
@@ -303,6 +322,8 @@ def run_generations(
                     "selection": first.selection,
                     "n_shards": n_shards,
                     "pending": [p.pending for p in parts],
+                    "refusal": [p.job.decoding.refusal for p in parts],
+                    "prompt": cfg.prompt,
                     "max_bytes": cfg.data.max_image_bytes,
                     "max_pixels": cfg.data.max_image_pixels,
                 },

@@ -31,9 +31,10 @@ def pixel_values(processor, images: Sequence[bytes | Image.Image]) -> torch.Tens
     ]
 
 
-def encode_prompts(processor, questions: Sequence[str], instruction: str | None = None) -> list[list[int]]:
-    """Prompt token ids with the image placeholder already expanded to the model's image-token count."""
-    texts = [format_prompt(q, instruction) for q in questions]
+def encode_prompts(processor, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of rendered prompts (`prompt.render_prompt`), chat format applied, with the image
+    placeholder already expanded to the model's image-token count."""
+    texts = [format_prompt(p) for p in prompts]
     tok = processor.tokenizer
     n_image = _image_tokens(processor)
     expanded = [t.replace(processor.image_token, processor.image_token * n_image) for t in texts]
@@ -49,9 +50,8 @@ def _image_tokens(processor) -> int:
 def encode_prompt_response(
     processor,
     images: Sequence[bytes | Image.Image] | torch.Tensor,
-    questions: Sequence[str],
+    prompts: Sequence[str],
     responses: Sequence[str],
-    instruction: str | None = None,
     add_eos: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, pixel_values, labels, response_mask [B, T].
@@ -60,12 +60,12 @@ def encode_prompt_response(
     with position ids taken from the attention mask, so training and inference see the same positions.
     `images` may be precomputed pixel values (a [B, 3, H, W] tensor) to skip image preprocessing.
     """
-    if not (len(images) == len(questions) == len(responses)):
+    if not (len(images) == len(prompts) == len(responses)):
         raise ValueError(
-            f"batch sizes differ: {len(images)} images, {len(questions)} questions, {len(responses)} responses"
+            f"batch sizes differ: {len(images)} images, {len(prompts)} prompts, {len(responses)} responses"
         )
     tok = processor.tokenizer
-    prompt_ids = encode_prompts(processor, questions, instruction)
+    prompt_ids = encode_prompts(processor, prompts)
     resp_ids = tok([format_response(r) for r in responses], add_special_tokens=False)["input_ids"]
     rows, masks = [], []
     for p, r in zip(prompt_ids, resp_ids, strict=True):

@@ -69,18 +69,17 @@ def generate_responses(
     model,
     processor,
     images: Sequence[bytes | Image.Image],
-    questions: Sequence[str],
+    prompts: Sequence[str],
     *,
     k: int = 1,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
     max_new_tokens: int = 8,
-    instruction: str | None = None,
     seeds: Sequence[int] | None = None,
     seed: int | None = None,
 ) -> list[list[str]]:
-    """K responses per (image, question); greedy when `do_sample` is False (then K must be 1).
+    """K responses per (image, rendered prompt); greedy when `do_sample` is False (then K must be 1).
 
     `seeds`: one per item (see `inbol_ray.sampling.item_seed`); sample j of item i depends only on
     (seeds[i], j), never on the batch. `seed` (when `seeds` is None) seeds items by position instead.
@@ -88,19 +87,19 @@ def generate_responses(
     """
     if not do_sample and k != 1:
         raise ValueError("greedy decoding gives one response per prompt; use do_sample=True for k > 1")
-    if not questions:
+    if not prompts:
         return []
     if seeds is None and seed is not None:
-        seeds = [stream_seed(seed, -1 - i) for i in range(len(questions))]
-    if seeds is not None and len(seeds) != len(questions):
-        raise ValueError(f"{len(seeds)} seeds for {len(questions)} questions")
+        seeds = [stream_seed(seed, -1 - i) for i in range(len(prompts))]
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     tok = processor.tokenizer
-    rows = encode_prompts(processor, questions, instruction)
+    rows = encode_prompts(processor, prompts)
     pixels = pixel_values(processor, images).to(model.device, dtype=model.dtype)
     by_width: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
         by_width.setdefault(padded_width(len(row)), []).append(i)
-    texts: list[list[str]] = [[] for _ in questions]
+    texts: list[list[str]] = [[] for _ in prompts]
     for width, members in sorted(by_width.items()):
         for start in range(0, len(members), ROWS_PER_FORWARD):
             chunk = members[start : start + ROWS_PER_FORWARD]
@@ -122,13 +121,12 @@ def generate_responses(
 def encode_batch(
     processor,
     images: Sequence[bytes | Image.Image],
-    questions: Sequence[str],
-    instruction: str | None,
+    prompts: Sequence[str],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids, their attention mask and the pixel values, on the model's device."""
-    rows = encode_prompts(processor, questions, instruction)
+    rows = encode_prompts(processor, prompts)
     ids, mask = _left_pad(rows, processor.tokenizer.pad_token_id)
     return ids.to(device), mask.to(device), pixel_values(processor, images).to(device, dtype=dtype)
 

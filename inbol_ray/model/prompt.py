@@ -1,4 +1,9 @@
-"""LLaVA-1.5 conversation format, written once so the HF and vLLM engines see identical prompts.
+"""The one prompt renderer and LLaVA-1.5's conversation format, written once for every stage and engine.
+
+`render_prompt` turns an item (question, options) into the user text under `cfg.prompt`'s instructions;
+`format_prompt` wraps that text in the chat format. Base training, sampling, construction, training, the
+reference pass, evaluation, Serve and the demo all go through these two, so one item is byte-identical
+wherever it is shown to the model, and the rendered text is stored in each table's `prompt` column.
 
 llava-hf checkpoints format a turn as `USER: <image>\n{question} ASSISTANT:`; the answer follows after
 one space and ends with the EOS token. The chat template shipped with the tiny checkpoint renders the
@@ -6,6 +11,10 @@ same string (a test checks they agree), so a user's LLaVA-1.5-7B and our tiny mo
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+from inbol_ray.config.sections import PromptConfig
 
 IMAGE_TOKEN = "<image>"
 
@@ -23,16 +32,42 @@ CHAT_TEMPLATE = (
 )
 
 
-def format_prompt(question: str, instruction: str | None = None) -> str:
-    """The generation prompt for one image and one question (optionally with an instruction).
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+"""Option letters: choice i of an item is shown as `LETTERS[i]. <option>` and graded by that letter."""
 
-    The instruction goes after the question, as LLaVA-1.5's own "Answer the question using a single
-    word or phrase." does, so the refusal-prompt baseline changes nothing else in the prompt.
+
+def render_prompt(
+    question: str,
+    choices: Sequence[str] | None = None,
+    prompt: PromptConfig | None = None,
+    *,
+    refusal: bool = False,
+) -> str:
+    """The user text of one item as every stage shows it to the model (the `prompt` column).
+
+    LLaVA-1.5's conventions: an open question ends with the short-answer instruction; a multiple-choice
+    question lists its options one per line as `A. <option>` and ends with the letter instruction (its
+    MMBench/ScienceQA scripts). A hint or context is already the question's first line (the loaders put
+    it there), so it reads as context before the question. `refusal`: the refusal-prompt baseline adds
+    its clause after the instruction and changes nothing else.
     """
-    text = question.strip()
-    if instruction:
-        text = f"{text}\n{instruction.strip()}"
-    return f"USER: {IMAGE_TOKEN}\n{text} ASSISTANT:"
+    cfg = prompt if prompt is not None else PromptConfig()
+    choices = [] if choices is None else list(choices)  # Arrow lists, numpy arrays (pandas) or None
+    lines = [question.strip()]
+    if choices:
+        if len(choices) > len(LETTERS):
+            raise ValueError(f"{len(choices)} options: at most {len(LETTERS)} can be lettered")
+        lines += [f"{LETTERS[i]}. {str(option).strip()}" for i, option in enumerate(choices)]
+    instruction = cfg.multiple_choice if choices else cfg.short_answer
+    tail = " ".join(part for part in (instruction, cfg.refusal_clause if refusal else "") if part)
+    if tail:
+        lines.append(tail)
+    return "\n".join(lines)
+
+
+def format_prompt(prompt: str) -> str:
+    """The generation prompt (chat template applied) for one image and a rendered user text."""
+    return f"USER: {IMAGE_TOKEN}\n{prompt} ASSISTANT:"
 
 
 def format_response(answer: str) -> str:

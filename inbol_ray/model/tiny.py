@@ -28,9 +28,9 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from inbol_ray.checkpoint import to_llava_hf_layout
-from inbol_ray.config import ConfigError, ModelConfig, ShapesConfig, load_config
+from inbol_ray.config import ConfigError, ModelConfig, PromptConfig, ShapesConfig, load_config
 from inbol_ray.data import shapes
-from inbol_ray.model.prompt import CHAT_TEMPLATE, IMAGE_TOKEN, format_prompt, format_response
+from inbol_ray.model.prompt import CHAT_TEMPLATE, IMAGE_TOKEN, format_prompt, format_response, render_prompt
 from inbol_ray.refusal import REFUSAL_TEMPLATES
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
@@ -41,13 +41,16 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def tokenizer_corpus(shapes_cfg: ShapesConfig, extra: list[str]) -> list[str]:
-    """ShapesWorld text, prompts as the model sees them, and refusals, so no answer splits oddly."""
-    lines = shapes.corpus(shapes_cfg) + list(REFUSAL_TEMPLATES) + extra
+def tokenizer_corpus(shapes_cfg: ShapesConfig, prompt: PromptConfig) -> list[str]:
+    """ShapesWorld text, prompts as the model sees them (rendered with `prompt`'s instructions, so each
+    instruction merges into a few tokens), and refusals, so no answer splits oddly."""
+    lines = shapes.corpus(shapes_cfg) + list(REFUSAL_TEMPLATES)
+    instructions = [prompt.short_answer, prompt.multiple_choice, prompt.refusal_clause]
     # Short lines are the answers: repeat them as responses so BPE merges each into one token, which
     # keeps answers to one or two generated tokens.
     answers = [format_response(line) for line in lines if len(line.split()) == 1] * 20
-    return [format_prompt(line) + format_response(line) for line in lines] + lines + answers
+    rendered = [format_prompt(render_prompt(line, None, prompt)) + format_response(line) for line in lines]
+    return rendered + lines + [i for i in instructions if i] + answers
 
 
 def train_tokenizer(lines: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -147,15 +150,16 @@ def build_processor(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> Lla
 
 
 def build_tiny_checkpoint(
-    out_dir: str | Path, cfg: ModelConfig, shapes_cfg: ShapesConfig | None = None
+    out_dir: str | Path,
+    cfg: ModelConfig,
+    shapes_cfg: ShapesConfig | None = None,
+    prompt: PromptConfig | None = None,
 ) -> Path:
     """Write the checkpoint to `out_dir` (deterministic in `cfg.seed`) and return the path."""
     out = Path(out_dir)
     shapes_cfg = shapes_cfg or ShapesConfig()
-    from inbol_ray.config import EvalConfig  # the refusal instruction is part of the model's text world
-
-    extra = [EvalConfig().refusal_instruction]
-    tokenizer = _with_bos(train_tokenizer(tokenizer_corpus(shapes_cfg, extra), cfg.vocab_size))
+    corpus = tokenizer_corpus(shapes_cfg, prompt or PromptConfig())
+    tokenizer = _with_bos(train_tokenizer(corpus, cfg.vocab_size))
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(model_config(cfg, tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None
-    path = build_tiny_checkpoint(args.out, cfg.model, cfg.data.shapes)
+    path = build_tiny_checkpoint(args.out, cfg.model, cfg.data.shapes, cfg.prompt)
     n = sum(p.numel() for p in LlavaForConditionalGeneration.from_pretrained(path).parameters())
     print(f"tiny LLaVA checkpoint written to {path} ({n / 1e6:.2f}M parameters)")
 

@@ -1,9 +1,10 @@
 """Sampling: one `Sampler` interface over two engines (vLLM, transformers), a Ray Data actor, the stage.
 
     sampler = build_sampler("vllm", model_dir, cfg.sampling, dtype=cfg.model.dtype)
-    sampler.generate(images, questions, k=10, temperature=1.0, top_p=0.9, max_new_tokens=8,
+    prompts = [render_prompt(q, choices, cfg.prompt) for q, choices in ...]  # inbol_ray.model.prompt
+    sampler.generate(images, prompts, k=10, temperature=1.0, top_p=0.9, max_new_tokens=8,
                      seeds=item_seeds(cfg.sampling.seed, ids))
-    sampler.generate(images, questions, max_new_tokens=8, instruction=refusal_instruction)  # greedy
+    sampler.generate(images, prompts, max_new_tokens=8)  # greedy
 
 `run_sampling` (in `inbol_ray.sampling.stage`) is the confidence-sampling stage: `items` -> `samples`, a thin
 user of the generic generate-over-items stage in `inbol_ray.generation`.

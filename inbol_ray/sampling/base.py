@@ -1,8 +1,8 @@
-"""The one interface every generation engine offers: images + questions in, K responses per item out.
+"""The one interface every generation engine offers: images + rendered prompts in, K responses per item out.
 
 Why one interface: confidence sampling (K samples at temperature T), the refusal-prompt baseline and every
-evaluation (greedy, K=1, optional instruction) and the Serve app all ask a model the same question — "what
-does it say to this image and this question?" — and must get the same prompt and the same post-processing
+evaluation (greedy, K=1) and the Serve app all ask a model the same question — "what does it say to this
+image and this prompt?" — and must get the same chat format and the same post-processing
 whichever engine runs (vLLM on GPUs, transformers on CPUs or where vLLM is missing). Engines are plain
 classes that satisfy this protocol; there is no base class to inherit from.
 
@@ -22,7 +22,10 @@ from PIL import Image
 
 @runtime_checkable
 class Sampler(Protocol):
-    """A loaded model that answers (image, question) pairs; built by `inbol_ray.sampling.build_sampler`."""
+    """A loaded model that answers (image, prompt) pairs; built by `inbol_ray.sampling.build_sampler`.
+
+    Prompts are user texts rendered by `inbol_ray.model.prompt.render_prompt` (instructions included);
+    the engine only applies the chat format (`format_prompt`)."""
 
     engine: str
     """`transformers` or `vllm`: which engine produced the responses (reported in summaries)."""
@@ -30,21 +33,19 @@ class Sampler(Protocol):
     def generate(
         self,
         images: Sequence[Image.Image],
-        questions: Sequence[str],
+        prompts: Sequence[str],
         *,
         k: int = 1,
         temperature: float = 0.0,
         top_p: float = 1.0,
         max_new_tokens: int = 8,
         seeds: Sequence[int] | None = None,
-        instruction: str | None = None,
     ) -> list[list[str]]:
-        """`k` responses for each (image, question), in input order: result[i] has length k.
+        """`k` responses for each (image, prompt), in input order: result[i] has length k.
 
         `seeds`: one per item (`item_seed(run seed, item id)`); response j of item i then depends only on
         (seeds[i], j), the model and the decoding settings, never on the other items of the call (None:
-        unseeded). `instruction` is appended to every question (the refusal-prompt baseline) through
-        `format_prompt`.
+        unseeded).
         """
         ...
 
@@ -54,11 +55,11 @@ class Sampler(Protocol):
 
 
 def check_request(
-    images: Sequence[Any], questions: Sequence[str], k: int, temperature: float, top_p: float
+    images: Sequence[Any], prompts: Sequence[str], k: int, temperature: float, top_p: float
 ) -> None:
     """Reject requests the engines would treat differently, before any work, with one clear line."""
-    if len(images) != len(questions):
-        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if temperature < 0:

@@ -35,29 +35,27 @@ class HFSampler:
     def generate(
         self,
         images: Sequence[Image.Image],
-        questions: Sequence[str],
+        prompts: Sequence[str],
         *,
         k: int = 1,
         temperature: float = 0.0,
         top_p: float = 1.0,
         max_new_tokens: int = 8,
         seeds: Sequence[int] | None = None,
-        instruction: str | None = None,
     ) -> list[list[str]]:
-        check_request(images, questions, k, temperature, top_p)
-        check_seeds(seeds, len(questions))
+        check_request(images, prompts, k, temperature, top_p)
+        check_seeds(seeds, len(prompts))
         sampling = temperature > 0
         return generate_responses(
             self.model,
             self.processor,
             images,
-            questions,
+            prompts,
             k=k,
             do_sample=sampling,
             temperature=temperature if sampling else 1.0,
             top_p=top_p if sampling else 1.0,
             max_new_tokens=max_new_tokens,
-            instruction=instruction,
             seeds=seeds,
         )
 

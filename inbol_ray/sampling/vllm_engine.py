@@ -88,24 +88,23 @@ class VLLMSampler:
     def generate(
         self,
         images: Sequence[Image.Image],
-        questions: Sequence[str],
+        prompts: Sequence[str],
         *,
         k: int = 1,
         temperature: float = 0.0,
         top_p: float = 1.0,
         max_new_tokens: int = 8,
         seeds: Sequence[int] | None = None,
-        instruction: str | None = None,
     ) -> list[list[str]]:
         from vllm import SamplingParams
 
-        check_request(images, questions, k, temperature, top_p)
-        check_seeds(seeds, len(questions))
-        if not questions:
+        check_request(images, prompts, k, temperature, top_p)
+        check_seeds(seeds, len(prompts))
+        if not prompts:
             return []
         requests = [
-            {"prompt": format_prompt(q, instruction), "multi_modal_data": {"image": img}}
-            for img, q in zip(images, questions, strict=True)
+            {"prompt": format_prompt(p), "multi_modal_data": {"image": img}}
+            for img, p in zip(images, prompts, strict=True)
         ]
         # One seed per request, the item's own (`item_seed`): its K samples come from that request's
         # generator whatever else is in the batch. (The logits themselves can still differ in the last bits

@@ -24,12 +24,13 @@ from inbol_ray.config import load_config
 from inbol_ray.data import io as dio
 from inbol_ray.data.shapes import generate_items
 from inbol_ray.eval.base_confidence import compute_base_confidence
-from inbol_ray.eval.evaluate import eval_job, eval_selection, method_instruction, run_evaluation
+from inbol_ray.eval.evaluate import eval_job, eval_selection, method_refuses, run_evaluation
 from inbol_ray.eval.figures import ACCURACY_FIGURE, REFUSAL_FIGURE
 from inbol_ray.eval.report import write_report
 from inbol_ray.generation.stage import run_generation
 from inbol_ray.grading import grade, is_refusal_response
 from inbol_ray.metrics import trust_scores
+from inbol_ray.model.prompt import render_prompt
 from inbol_ray.run_layout import RunLayout
 
 REFUSAL_PROMPT = "refusal_prompt"
@@ -81,6 +82,18 @@ def test_every_item_is_answered_once_per_method(evaluated: Path) -> None:
         assert sorted(mine[S.ID]) == sorted(items[S.ID])
 
 
+def test_predictions_carry_the_rendered_prompt(evaluated: Path) -> None:
+    """What the model saw is auditable: `base` got the item rendered under cfg.prompt, the refusal
+    baseline the same text plus only the refusal clause."""
+    cfg = load_config(TINY_YAML, OVERRIDES)
+    pred = dio.read_table(str(evaluated / "predictions.parquet")).to_pandas()
+    shown = {(m, i): p for m, i, p in zip(pred[S.MODEL], pred[S.ID], pred[S.PROMPT], strict=True)}
+    for item in items_of(evaluated).to_dict("records"):
+        plain = render_prompt(item[S.QUESTION], item[S.CHOICES], cfg.prompt)
+        assert shown["base", item[S.ID]] == plain
+        assert shown[REFUSAL_PROMPT, item[S.ID]] == f"{plain} {cfg.prompt.refusal_clause}"
+
+
 def test_metrics_are_the_trust_scores_of_the_predictions(evaluated: Path) -> None:
     pred = dio.read_table(str(evaluated / "predictions.parquet")).to_pandas()
     metrics = dio.read_table(str(evaluated / "metrics.parquet"))
@@ -130,8 +143,7 @@ def test_rerun_reuses_every_shard(evaluated: Path) -> None:
     result = run_evaluation(cfg, layout_of(evaluated))
     assert result.computed == [] and sorted(result.runs) == ["base", REFUSAL_PROMPT]
     assert time.perf_counter() - t0 < 10  # no Ray work at all
-    assert method_instruction(REFUSAL_PROMPT, cfg.eval) == cfg.eval.refusal_instruction
-    assert method_instruction("base", cfg.eval) is None
+    assert method_refuses(REFUSAL_PROMPT) and not method_refuses("base")
 
 
 def test_greedy_answers_do_not_depend_on_batching(evaluated: Path, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from inbol_ray.config import Config, SamplingConfig, load_config
 from inbol_ray.data import io as dio
 from inbol_ray.data.shapes import generate_items
 from inbol_ray.generation import shards as shards_mod
+from inbol_ray.model.prompt import render_prompt
 from inbol_ray.run_layout import RunLayout
 from inbol_ray.sampling.base import item_seeds
 from inbol_ray.sampling.stage import EXIT_ONCE_ENV, SamplingResult, run_sampling
@@ -216,14 +217,15 @@ def test_killed_actor_work_is_retried(
 def test_vllm_greedy_answers_equal_transformers(
     ray_local, tiny_checkpoint: Path, items_table: pa.Table
 ) -> None:
-    """Same prompt (with and without an instruction), same float32 weights: identical greedy text.
+    """Same prompt (with and without the refusal clause), same float32 weights: identical greedy text.
 
     Runs in a Ray worker that exits afterwards (`max_calls=1`): an in-process vLLM engine changes process
     state (environment, torch's thread setter) that must not leak into the test process or other tests.
     """
     rows = [r for r in items_table.to_pylist() if not r[S.ID].startswith("bad-")][:6]
     images = [r[S.IMAGE] for r in rows]
-    questions = [r[S.QUESTION] for r in rows]
+    questions = [render_prompt(r[S.QUESTION], r[S.CHOICES]) for r in rows]
+    refusing = [render_prompt(r[S.QUESTION], r[S.CHOICES], refusal=True) for r in rows]
     seeds = item_seeds(7, [r[S.ID] for r in rows])
 
     @ray_local.remote(num_cpus=1, max_calls=1)
@@ -236,9 +238,7 @@ def test_vllm_greedy_answers_equal_transformers(
         for engine in ("transformers", "vllm"):
             sampler = build_sampler(engine, model_dir, cfg, "float32")
             out[engine] = sampler.generate(pil, questions, max_new_tokens=6)
-            out[engine + "+instruction"] = sampler.generate(
-                pil, questions, max_new_tokens=6, instruction="If you are not sure, answer: I don't know."
-            )
+            out[engine + "+refusal"] = sampler.generate(pil, refusing, max_new_tokens=6)
             if engine == "vllm":
                 sampled = [
                     sampler.generate(pil, questions, k=4, temperature=1.0, top_p=0.9, seeds=seeds)
@@ -250,7 +250,7 @@ def test_vllm_greedy_answers_equal_transformers(
 
     out = ray_local.get(both_engines.remote(str(tiny_checkpoint), config("vllm").sampling))
     assert out["vllm"] == out["transformers"]
-    assert out["vllm+instruction"] == out["transformers+instruction"]
+    assert out["vllm+refusal"] == out["transformers+refusal"]
     assert all(len(r) == 1 for r in out["vllm"]) and len(out["vllm"]) == len(rows)
     first, second = out["vllm sampled twice"]
     assert first == second, "the same item seeds must sample the same responses"

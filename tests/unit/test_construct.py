@@ -35,6 +35,7 @@ def _row(item_id: str, responses: list[str], correct: list[bool], refused: list[
         schema.IMAGE: f"png-{item_id}".encode(),
         schema.IMAGE_PATH: None,
         schema.QUESTION: f"question {item_id}?",
+        schema.PROMPT: f"question {item_id}?\nAnswer the question using a single word or phrase.",
         schema.ANSWERS: ["red", "Red", "red.", "blue"],
         schema.CHOICES: None,
         schema.METRIC: "exact",
@@ -93,7 +94,11 @@ def test_idk_it_refuses_below_tau_idk_and_on_unanswerable_items() -> None:
     for item in ("mixed", "unknown", "unans", "all_refuse"):  # conf 0.25, 0, unanswerable, 0
         assert (by_id.loc[item, schema.TARGET], by_id.loc[item, schema.TARGET_KIND]) == (IDK, "refusal")
     assert built.counts["target_refusal"] == 4 and built.counts["target_answer"] == 1
-    assert by_id.loc["known", schema.PROMPT] == "question known?"
+    # the prompt the samples were drawn with, byte for byte
+    assert (
+        by_id.loc["known", schema.PROMPT]
+        == "question known?\nAnswer the question using a single word or phrase."
+    )
     assert by_id.loc["known", schema.IMAGE] == b"png-known"
 
 

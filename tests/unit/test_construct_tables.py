@@ -12,6 +12,7 @@ from inbol_ray.boundary.tables import build_tables, run_construct
 from inbol_ray.config import Config, ConstructConfig, ShapesConfig
 from inbol_ray.data import io as dio
 from inbol_ray.data.shapes import generate_items
+from inbol_ray.model.prompt import render_prompt
 from inbol_ray.run_layout import RunLayout
 
 
@@ -34,6 +35,7 @@ def _items_and_samples() -> tuple[pa.Table, pa.Table]:
         rows.append(
             {
                 S.ID: r[S.ID],
+                S.PROMPT: render_prompt(r[S.QUESTION], r[S.CHOICES]),
                 S.RESPONSES: responses,
                 S.CORRECT: correct,
                 S.REFUSED: refused,
@@ -61,6 +63,9 @@ def test_every_row_is_accounted_for_and_images_are_attached() -> None:
     assert all((r[S.TARGET_KIND] == "refusal") == (not answerable[r[S.ID]]) for r in sft)
     # all-refusal samples of an answerable item have no incorrect answer to pair with: quarantined
     assert built["cadpo_pairs"][1].num_rows > 0
+    sampled_with = dict(zip(samples[S.ID].to_pylist(), samples[S.PROMPT].to_pylist(), strict=True))
+    for name, (table, _, _) in built.items():  # every table trains on the prompt the samples were drawn with
+        assert all(sampled_with[r[S.ID]] == r[S.PROMPT] for r in table.to_pylist()), name
 
 
 def test_sample_without_item_fails_loudly() -> None:

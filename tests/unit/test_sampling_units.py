@@ -19,7 +19,7 @@ from inbol_ray.sampling.vllm_engine import CPU_KV_CACHE_BYTES, engine_kwargs
 @pytest.mark.parametrize(
     ("n_images", "k", "temperature", "top_p", "words"),
     [
-        (2, 1, 0.0, 1.0, "2 images but 3 questions"),
+        (2, 1, 0.0, 1.0, "2 images but 3 prompts"),
         (3, 0, 1.0, 0.9, "k must be >= 1"),
         (3, 1, -0.1, 0.9, "temperature must be >= 0"),
         (3, 4, 0.0, 1.0, "use k=1"),
@@ -102,7 +102,15 @@ def test_placeholders_fill_the_output_layout() -> None:
     bad = pa.table({S.ID: ["x"], S.DATASET: ["d"], S.RESPONSES: pa.array([[]], pa.list_(pa.string()))})
     rows = placeholders(bad, S.PREDICTIONS).to_pylist()
     assert rows == [
-        {S.MODEL: "", S.DATASET: "d", S.ID: "x", S.RESPONSE: "", S.CORRECT: False, S.REFUSED: False}
+        {
+            S.MODEL: "",
+            S.DATASET: "d",
+            S.ID: "x",
+            S.PROMPT: "",
+            S.RESPONSE: "",
+            S.CORRECT: False,
+            S.REFUSED: False,
+        }
     ]
     assert placeholders(bad, S.SAMPLES).to_pylist()[0][S.RESPONSES] == []
 

@@ -31,7 +31,7 @@ def test_top_p_filter_matches_transformers(top_p: float) -> None:
 def _inputs(ckpt: Path, size: int):
     model, processor = load_model(str(ckpt))
     images = [it.image for it, _ in zip(shapes.generate(SMALL, size), range(3), strict=False)]
-    return model, processor, *encode_batch(processor, images, QUESTIONS, None)
+    return model, processor, *encode_batch(processor, images, QUESTIONS)
 
 
 @torch.inference_mode()
