@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from inbol_ray.config.errors import ConfigError
+from inbol_ray.config.errors import ConfigError, at_least, in_range
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -120,6 +120,18 @@ class DataConfig:
     """Images larger than this (encoded) are quarantined: a decoder bomb must not stall an actor."""
     max_image_pixels: int = 40_000_000
     """Images with more pixels than this are quarantined (PIL's decompression-bomb guard, made explicit)."""
+    unanswerable_per_answerable: float = 0.0
+    """Source `files`: mismatched unanswerable training rows per answerable training row (>= 0), built by
+    prepare from the `train` data sets (a question on another item's image; `inbol_ray.data.mismatch`),
+    written as data sets `<name>_mismatch`. The paper's training sets are all answerable, so without this
+    training sees no extrinsic boundary. ShapesWorld makes its own: use `shapes.unanswerable_fraction`."""
+    mismatch_seed: int = 0
+    """Seed of which questions are mismatched and with which images."""
+    mismatch_max_referent_share: float = 0.05
+    """A question goes on an image that never mentions its referent only from a pool (data set) where at
+    most this share of images mention it: absence of a mention proves little for common things."""
+    mismatch_max_image_uses: int = 2
+    """How many mismatched rows may share one image, so no picture becomes a cue to refuse."""
 
     def __post_init__(self) -> None:
         if self.source == "files" and not self.datasets:
@@ -128,6 +140,23 @@ class DataConfig:
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ConfigError(f"data.datasets: names must be unique, repeated: {repeated}")
+        if self.unanswerable_per_answerable < 0:
+            raise ConfigError(
+                f"data.unanswerable_per_answerable must be >= 0, got {self.unanswerable_per_answerable}"
+            )
+        if self.source == "shapes" and self.unanswerable_per_answerable > 0:
+            raise ConfigError(
+                "data.unanswerable_per_answerable applies to data.source 'files' only; ShapesWorld builds its "
+                "own scene-graph-proved unanswerable items: set data.shapes.unanswerable_fraction instead"
+            )
+        in_range("data.mismatch_max_referent_share", self.mismatch_max_referent_share, 0.0, 1.0)
+        at_least("data.mismatch_max_image_uses", self.mismatch_max_image_uses, 1)
+        reserved = [n for n in names if n == "mismatch" or n.endswith("_mismatch")]
+        if reserved and self.unanswerable_per_answerable:
+            raise ConfigError(
+                f"data.datasets: 'mismatch' and names ending in '_mismatch' belong to the mismatched rows "
+                f"(ids mismatch:..., data sets <name>_mismatch), rename {reserved}"
+            )
 
 
 @dataclass

@@ -3,7 +3,10 @@
 Three steps, split by where they run:
 1. `input_problems` (driver, no Ray): every configured path exists, so a typo fails in a second.
 2. `read_sources` (driver, no Ray): the loaders parse annotation files into item rows. Only text is parsed
-   here; a file in the wrong format raises `DataFormatError` before any Ray work.
+   here; a file in the wrong format raises `DataFormatError` before any Ray work. With
+   `data.unanswerable_per_answerable` > 0 it then adds mismatched unanswerable training rows (a training
+   question on another training image, `inbol_ray.data.mismatch`) as data sets `<name>_mismatch`; they
+   reuse an existing image's bytes or path, so step 3 checks them like any row.
 3. `run_prepare` (Ray Data): a CPU `map_batches` stage opens every image (bytes in the row, or the file at
    `image_path`), validates it (decodable, within `data.max_image_bytes` / `data.max_image_pixels`), stores
    bytes or keeps the path (`data.image_storage`), and tags bad rows with a reason (`images.check_images`).
@@ -28,6 +31,8 @@ from inbol_ray.config import Config, DataConfig
 from inbol_ray.data import io as dio
 from inbol_ray.data.images import check_images
 from inbol_ray.data.loaders import items_table, load, spec_problems
+from inbol_ray.data.mismatch import build_mismatches
+from inbol_ray.data.mismatch import summary as mismatch_summary
 from inbol_ray.run_layout import RunLayout
 from inbol_ray.schema import DATASET, ID, ITEMS, REASON, ROW_KEY, SOURCE, conform
 
@@ -41,6 +46,9 @@ class Sources:
 
     items: pa.Table
     quarantine: list[dict[str, Any]] = field(default_factory=list)
+    mismatch: dict[str, int] = field(default_factory=dict)
+    """Counts of the mismatched rows (`MismatchResult.counts`: wanted, built, short, why); empty when none
+    were asked for."""
 
 
 @dataclass
@@ -48,13 +56,17 @@ class PrepareResult:
     items_uri: str
     quarantine_uri: str
     counts: dict[str, dict[str, int]]
-    """Per data set: `read` (input rows), `items` (written), `quarantined`."""
+    """Per data set: `read` (input rows), `items` (written), `quarantined`. Mismatched rows are data sets
+    `<name>_mismatch`: their `read` is what was built, so the check read = items + quarantined covers them."""
+    mismatch: dict[str, int] = field(default_factory=dict)
+    """`Sources.mismatch`: how many mismatched rows were wanted and built, and why any were not."""
 
     def summary_line(self) -> str:
         parts = [f"{name} {c['items']}/{c['read']}" for name, c in sorted(self.counts.items())]
         total = sum(c["items"] for c in self.counts.values())
         bad = sum(c["quarantined"] for c in self.counts.values())
-        return f"prepare: items {total}, quarantined {bad} | " + ", ".join(parts) + " (items/read)"
+        line = f"prepare: items {total}, quarantined {bad} | " + ", ".join(parts) + " (items/read)"
+        return line + (f" | {mismatch_summary(self.mismatch)}" if self.mismatch else "")
 
 
 def input_problems(data: DataConfig) -> list[str]:
@@ -91,7 +103,17 @@ def read_sources(cfg: Config) -> Sources:
                 continue
             first_source[row[ID]] = row[SOURCE]
             rows.append(row)
-    return Sources(items_table(rows), bad)
+    data = cfg.data
+    if not data.unanswerable_per_answerable:
+        return Sources(items_table(rows), bad)
+    built = build_mismatches(
+        rows,
+        data.unanswerable_per_answerable,
+        seed=data.mismatch_seed,
+        max_referent_share=data.mismatch_max_referent_share,
+        max_image_uses=data.mismatch_max_image_uses,
+    )  # ids are `mismatch:<question id>@<image id>`, one per question: unique, and unlike any loader's id
+    return Sources(items_table(rows + built.rows), bad, built.counts)
 
 
 # --- the Ray Data stage ---------------------------------------------------------------------------------
@@ -159,7 +181,7 @@ def run_prepare(
         dio.write_table(ITEMS.empty_table(), dio.join(items_uri, "empty.parquet"))
     quarantine_uri = dio.write_quarantine(bad, layout.root, STAGE_NAME)  # at layout.quarantine(STAGE_NAME)
     counts = _counts(sources, bad, dio.read_table(items_uri, columns=[DATASET]))
-    return PrepareResult(items_uri=items_uri, quarantine_uri=quarantine_uri, counts=counts)
+    return PrepareResult(items_uri, quarantine_uri, counts, dict(sources.mismatch))
 
 
 def _counts(sources: Sources, bad: list[dict[str, Any]], written: pa.Table) -> dict[str, dict[str, int]]:
