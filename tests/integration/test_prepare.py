@@ -14,6 +14,7 @@ import time
 import types
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pytest
 import yaml
@@ -22,8 +23,10 @@ from inbol_ray.config import Config, DataConfig, DatasetSpec, ShapesConfig
 from inbol_ray.data import io as dio
 from inbol_ray.data.images import decode_image
 from inbol_ray.data.prepare import PrepareResult, Sources, read_sources, run_prepare
+from inbol_ray.eval.report import read_item_keys, render_report
 from inbol_ray.run_layout import RunLayout
 from inbol_ray.schema import (
+    ACC,
     ANSWERABLE,
     ANSWERS,
     DATASET,
@@ -31,10 +34,15 @@ from inbol_ray.schema import (
     IMAGE,
     IMAGE_PATH,
     ITEMS,
+    METHOD,
     METRIC,
     REASON,
+    REFR,
     ROW_KEY,
+    S_TRUST,
+    SPLIT,
     STAGE,
+    N,
     conform,
 )
 from jobs import prepare as prepare_job
@@ -75,7 +83,9 @@ EXPECTED = {
     "gqa": (3, 2, 1),
     "mmmu": (5, 2, 3),  # open, two images | corrupt embedded PNG
     "mmbench": (5, 2, 3),  # bad base64, answer E | undecodable bytes
-    "vizwiz": (4, 2, 2),  # answerable=2 | missing file
+    # VizWiz as unanswerable_test: unanswerable rows only, its answerable rows are a set of their own
+    "vizwiz": (3, 1, 2),  # answerable=2, answers not a list
+    "vizwiz_answerable": (3, 1, 2),  # no question | missing file
     "beyondvisqa": (4, 2, 2),
     "shapes_id_test": (2, 1, 1),  # unknown metric
     "shapes_unanswerable": (1, 1, 0),
@@ -115,6 +125,7 @@ def test_every_format_through_ray_data(ray_local, tmp_path: Path) -> None:
     )
     assert decode_image(vqa[IMAGE]).size == (16, 16)
     assert rows["vizwiz:VizWiz_val_00000001.jpg"][ANSWERABLE] is False
+    assert rows["vizwiz:VizWiz_val_00000000.jpg"][DATASET] == "vizwiz_answerable"
     assert rows["mmbench:0"][METRIC] == "mc_letter"
     assert all(r[ANSWERABLE] is False for r in rows.values() if r[DATASET] == "beyondvisqa")
 
@@ -131,6 +142,47 @@ def test_every_format_through_ray_data(ray_local, tmp_path: Path) -> None:
     assert dio.read_table(again.quarantine_uri).num_rows == len(quarantine)
     layout = RunLayout.of(config(tmp_path, ALL_SPECS))
     assert (again.items_uri, again.quarantine_uri) == (layout.items, layout.quarantine("prepare"))
+
+
+def test_vizwiz_unanswerable_set_keeps_its_answerable_rows_apart(ray_local, tmp_path: Path) -> None:
+    """The paper's VizWiz number is a refusal rate on unanswerable questions: `vizwiz` holds only those,
+    the answerable ones are `vizwiz_answerable` (ood_test, so the report's OOD table shows them), and
+    every row of val.json is in exactly one of the two sets' items or quarantine."""
+    vizwiz = next(s for s in ALL_SPECS if s.name == "vizwiz")
+    result = prepare(config(tmp_path, [vizwiz]))
+    assert result.counts == {
+        "vizwiz": {"read": 3, "items": 1, "quarantined": 2},
+        "vizwiz_answerable": {"read": 3, "items": 1, "quarantined": 2},
+    }
+    assert sum(c["read"] for c in result.counts.values()) == 6  # the six rows of val.json
+    items = dio.read_table(result.items_uri).to_pylist()
+    assert {(r[DATASET], r[SPLIT], r[ANSWERABLE]) for r in items} == {
+        ("vizwiz", "unanswerable_test", False),
+        ("vizwiz_answerable", "ood_test", True),
+    }
+    quarantine = dio.read_table(result.quarantine_uri).to_pylist()
+    keys = sorted([r[ID] for r in items] + [q[ROW_KEY] for q in quarantine])
+    assert keys == [f"vizwiz:VizWiz_val_{n:08d}.jpg" for n in range(6)]  # each row once, same ids as before
+
+    # The report finds a set's table by the `split` of its items (as write_report reads them), so the set
+    # that no config line names still gets its Acc / RefR / s_trust columns in the out-of-domain table.
+    keys_table = read_item_keys(result.items_uri)
+    splits = keys_table.drop_duplicates(DATASET).set_index(DATASET)[SPLIT].to_dict()
+    metrics = pd.DataFrame(
+        [
+            {METHOD: "base", DATASET: d, N: 1, ACC: 0.0, REFR: r, S_TRUST: r - 1.0}
+            for d, r in (("vizwiz", 1.0), ("vizwiz_answerable", 0.0))
+        ]
+    )
+    report = render_report(metrics, splits, ["base"])
+    ood = report.split("## Out-of-domain")[1].split("## ")[0]
+    unanswerable = report.split("## Unanswerable")[1].split("## ")[0]
+    assert "`vizwiz_answerable` (n=1)" in ood and "`vizwiz` (n=1)" in unanswerable
+
+    everything = prepare(
+        config(tmp_path, [dataclasses.replace(vizwiz, split="ood_test")]), run_dir=str(tmp_path / "o")
+    )
+    assert everything.counts == {"vizwiz": {"read": 6, "items": 2, "quarantined": 4}}  # other splits: one set
 
 
 def test_path_storage_and_size_limits(ray_local, tmp_path: Path) -> None:
@@ -265,6 +317,6 @@ def test_job_runs_on_an_existing_ray(ray_local, tmp_path: Path, capsys) -> None:
         == 0
     )
     out = capsys.readouterr().out
-    assert "prepare: items 2, quarantined 2 | vizwiz 2/4 (items/read)" in out
+    assert "prepare: items 2, quarantined 4 | vizwiz 1/3, vizwiz_answerable 1/3 (items/read)" in out
     assert ray_local.is_initialized()  # the job did not start Ray, so it left it running
     assert (tmp_path / "run" / "items").is_dir() and not (tmp_path / "ignored").exists()

@@ -3,7 +3,9 @@
 The round trip goes through the prepare stage's own entry point (`read_sources` on the 7B config with
 `/data` replaced by the export folder, so the test also proves the layout matches that config) and its image
 check, then compares every loaded item with the ShapesWorld item it came from: question (minus the prompt
-decoration each format's loader adds), answers (VQA-normalised), choices, answerable, decoded pixels.
+decoration each format's loader adds), answers (VQA-normalised), choices, answerable, decoded pixels, and
+the data set and split it lands in (VizWiz, an unanswerable set in that config, puts its answerable rows in
+`vizwiz_answerable`, ood_test, while the file keeps both, as published).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from inbol_ray import schema as S
 from inbol_ray.config import DatasetSpec, ShapesConfig, load_config
 from inbol_ray.data import shapes
 from inbol_ray.data.export import LAYOUT, MANIFEST, export_shapes
-from inbol_ray.data.export.questions import HINTS, question_family
+from inbol_ray.data.export.questions import HINTS, REFUSAL_OPTION, question_family
 from inbol_ray.data.images import check_images, decode_image, load_image_bytes
 from inbol_ray.data.loaders import load
 from inbol_ray.data.prepare import input_problems, read_sources
@@ -34,6 +36,7 @@ LETTERS = "ABCDEFGHIJ"
 VQA_STYLE = {"vqav2", "vqav2_val", "aokvqa", "vizwiz"}  # ten annotator answers
 MULTIPLE_CHOICE = {"scienceqa", "mmmu", "mmbench"}
 PROMPT_PREFIX = {"scienceqa": "Context: ", "mmbench": "Hint: "}  # the loaders prepend the hint
+VIZWIZ_ANSWERABLE = ("vizwiz_answerable", "ood_test")  # (dataset, split) of VizWiz's answerable rows
 
 
 def shapes_specs(out: Path) -> list[DatasetSpec]:
@@ -83,9 +86,15 @@ def test_round_trip_through_the_prepare_entry_point(exported) -> None:
     assert sources.quarantine == []
     checked = check_images(sources.items, storage="bytes", max_bytes=10**7, max_pixels=10**7)
     assert checked[S.REASON].null_count == checked.num_rows  # every image file decodes
+    # The 7B config also has prepare build mismatched unanswerable training rows (data sets `<name>_mismatch`,
+    # data.unanswerable_per_answerable): made from the loaded rows, not read from a file, so set apart here.
+    loaded = [r for r in checked.to_pylist() if not r[S.DATASET].endswith("_mismatch")]
+    built = [r for r in checked.to_pylist() if r[S.DATASET].endswith("_mismatch")]
+    assert all(not r[S.ANSWERABLE] and r[S.SPLIT] == "train" for r in built)
     by_id = originals(items)
     seen: list[str] = []
-    for item in checked.to_pylist():
+    refusal_letters: set[str] = set()
+    for item in loaded:
         name, key = item[S.ID].split(":", 1)
         orig = by_id[manifest["datasets"][name]["ids"][key]]
         seen.append(orig[S.ID])
@@ -110,10 +119,13 @@ def test_round_trip_through_the_prepare_entry_point(exported) -> None:
         elif not orig[S.ANSWERABLE]:
             if name == "vizwiz":
                 assert answers == ["unanswerable"] * 10 and choices is None, where
-            elif name == "beyondvisqa":
-                assert answers == [] and is_refusal(choices[-1]), where
-                assert not any(is_refusal(c) for c in choices[:-1]), where
-                assert is_refusal_response(LETTERS[len(choices) - 1], choices), where
+            elif name == "beyondvisqa":  # one refusal option, at any letter; picking it is refusing
+                (at,) = [i for i, c in enumerate(choices) if is_refusal(c)]
+                assert answers == [] and choices[at] == REFUSAL_OPTION and len(set(choices)) == len(choices)
+                assert is_refusal_response(LETTERS[at], choices, question=question), where
+                others = [LETTERS[i] for i in range(len(choices)) if i != at]
+                assert not any(is_refusal_response(letter, choices, question=question) for letter in others)
+                refusal_letters.add(LETTERS[at])
             else:
                 assert answers == [] and choices is None, where
         else:
@@ -122,10 +134,19 @@ def test_round_trip_through_the_prepare_entry_point(exported) -> None:
             assert len(answers) == (10 if name in VQA_STYLE else 1), where
         if orig[S.ANSWERABLE]:  # the gold answer scores under the loaded item's own metric
             assert grade(orig[S.ANSWERS][0], answers, item[S.METRIC], choices), where
+        if name == "vizwiz":  # an unanswerable set: its answerable rows are a set of their own (ood_test)
+            expected = ("vizwiz", "unanswerable_test") if not orig[S.ANSWERABLE] else VIZWIZ_ANSWERABLE
+            assert (item[S.DATASET], item[S.SPLIT]) == expected, where
+        else:
+            assert (item[S.DATASET], item[S.SPLIT]) == (name, LAYOUT[name][1]), where
     exported_ids = [i for i, r in by_id.items() if r[S.DATASET] != "shapes_pretrain"]
     assert sorted(seen) == sorted(exported_ids)  # each exported item exactly once, nothing else
-    counts = Counter(i.split(":")[0] for i in checked[S.ID].to_pylist())
+    counts = Counter(r[S.ID].split(":")[0] for r in loaded)
     assert counts == {name: entry["rows"] for name, entry in manifest["datasets"].items() if entry["rows"]}
+    per_set = Counter(r[S.DATASET] for r in loaded)  # vizwiz's rows: split over two sets, none lost
+    assert per_set["vizwiz"] + per_set["vizwiz_answerable"] == manifest["datasets"]["vizwiz"]["rows"]
+    assert per_set["vizwiz"] > 0 and per_set["vizwiz_answerable"] > 0
+    assert len(refusal_letters) > 1  # the refusal option is not always at the same letter
 
 
 def test_every_data_set_and_split_is_filled(exported) -> None:
@@ -135,6 +156,10 @@ def test_every_data_set_and_split_is_filled(exported) -> None:
     by_id = originals(items)
     vizwiz = [by_id[i] for i in manifest["datasets"]["vizwiz"]["ids"].values()]
     assert {r[S.ANSWERABLE] for r in vizwiz} == {True, False}  # VizWiz mixes both, as the real set does
+    # its answerable rows load as an out-of-domain set, so they are out-of-domain items
+    assert {r[S.DATASET] for r in vizwiz if r[S.ANSWERABLE]} == {"shapes_ood_scene"}
+    assert manifest["datasets"]["vizwiz"]["from"] == ["shapes_ood_scene", "shapes_unanswerable"]
+    assert manifest["datasets"]["vqav2_val"]["from"] == ["shapes_id_test"]
     assert manifest["datasets"]["gqa"]["from"] == ["shapes_ood_scene"]
     assert manifest["datasets"]["aokvqa"]["from"] == ["shapes_ood_paraphrase"]
 

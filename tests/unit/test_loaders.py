@@ -7,6 +7,7 @@ every deliberate fault in them is asserted here by row key and reason.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,8 +15,9 @@ import pytest
 
 from inbol_ray.config import DatasetSpec
 from inbol_ray.data import io as dio
-from inbol_ray.data.loaders import LOADERS, DataFormatError, load, spec_problems
+from inbol_ray.data.loaders import LOADERS, DataFormatError, dataset_names, load, spec_problems
 from inbol_ray.data.loaders.training import vqav2_annotations_path
+from inbol_ray.grading import grade, vqa_accuracy
 from inbol_ray.schema import (
     ANSWERABLE,
     ANSWERS,
@@ -156,6 +158,27 @@ def test_aokvqa_direct_answers_and_multiple_choice() -> None:
     }
 
 
+@pytest.mark.parametrize("matches", range(11))
+def test_aokvqa_right_calls_agree_with_the_official_da_formula(matches: int) -> None:
+    """parse_aokvqa's claim: at vqa_correct_at 0.5 our leave-one-out VQA accuracy and A-OKVQA's own
+    min(1, matches / 3) call the same responses right (at least 2 of the 10 annotators)."""
+    answers = ["cab"] * matches + ["train"] * (10 - matches)
+    official = min(1.0, sum(a == "cab" for a in answers) / 3.0)
+    assert (vqa_accuracy("cab", answers) >= 0.5) == (official >= 0.5) == (matches >= 2)
+    assert grade("Cab.", answers, "vqa_soft", correct_at=0.5) == (matches >= 2)  # normalised response
+
+
+def test_oven_is_graded_by_exact_title_only() -> None:
+    """parse_oven's claim: articles and case do not matter, but no aliases or title variants count."""
+    oven = by_id(load(spec("oven", "oven", "oven/oven_entity_val.jsonl", "oven/oven_images")).items)
+    row = next(iter(oven.values()))
+    (title,) = row[ANSWERS]
+    assert row[METRIC] == "exact"
+    assert grade(f"The {title.upper()}.", row[ANSWERS], row[METRIC])
+    assert grade("Eiffel Tower", ["the Eiffel Tower"], "exact")
+    assert not grade("Mercury", ["Mercury (planet)"], "exact")  # OVEN's entity linking would accept it
+
+
 def test_gqa() -> None:
     parsed = load(spec("gqa", "gqa", "gqa/testdev_balanced_questions.json", "gqa/images"))
     items = by_id(parsed.items)
@@ -205,14 +228,71 @@ def test_mmbench_tsv() -> None:
     assert "mmbench:4" in items  # decodes as base64; the image stage rejects its bytes
 
 
+VIZWIZ_REASONS = {
+    "vizwiz:VizWiz_val_00000003.jpg": "field 'answerable' must be 0 or 1, got 2",
+    "vizwiz:VizWiz_val_00000004.jpg": "field 'answers' must be a non-empty list of {answer: ...} objects",
+    "vizwiz:VizWiz_val_00000005.jpg": "missing field 'question'",
+}
+
+
 def test_vizwiz_answerable_from_the_file() -> None:
-    parsed = load(spec("vizwiz", "vizwiz", "vizwiz/val.json", "vizwiz/val"))
+    """Outside unanswerable_test (here ood_test, a user's choice) every row stays in one set, as published."""
+    parsed = load(spec("vizwiz", "vizwiz", "vizwiz/val.json", "vizwiz/val", split="ood_test"))
     items = by_id(parsed.items)
     assert items["vizwiz:VizWiz_val_00000000.jpg"][ANSWERABLE] is True
     unanswerable = items["vizwiz:VizWiz_val_00000001.jpg"]
     assert unanswerable[ANSWERABLE] is False and unanswerable[CATEGORY] == "unanswerable"
     assert unanswerable[METRIC] == "vqa_soft" and len(unanswerable[ANSWERS]) == 10
-    assert reasons(parsed) == {"vizwiz:VizWiz_val_00000003.jpg": "field 'answerable' must be 0 or 1, got 2"}
+    assert {(r[DATASET], r[SPLIT]) for r in parsed.items} == {("vizwiz", "ood_test")}
+    assert reasons(parsed) == VIZWIZ_REASONS
+    assert {q[DATASET] for q in parsed.quarantine} == {"vizwiz"}
+    assert dataset_names(spec("vizwiz", "vizwiz", "vizwiz/val.json", split="ood_test")) == ("vizwiz",)
+
+
+def test_vizwiz_as_unanswerable_set_splits_off_its_answerable_rows() -> None:
+    """The refusal rate is scored on answerable 0 rows only; answerable 1 rows become `<name>_answerable`
+    (ood_test), with the same ids, and a bad row is counted in the set its `answerable` routes it to."""
+    vizwiz = spec("vw", "vizwiz", "vizwiz/val.json", "vizwiz/val", split="unanswerable_test")
+    parsed = load(vizwiz)
+    items = by_id(parsed.items)
+    assert set(items) == {
+        "vw:VizWiz_val_00000000.jpg",
+        "vw:VizWiz_val_00000001.jpg",
+        "vw:VizWiz_val_00000002.jpg",
+    }
+    sets = {(r[DATASET], r[SPLIT], r[ANSWERABLE]) for r in parsed.items}
+    assert sets == {("vw", "unanswerable_test", False), ("vw_answerable", "ood_test", True)}
+    assert items["vw:VizWiz_val_00000000.jpg"][DATASET] == "vw_answerable"
+    assert items["vw:VizWiz_val_00000001.jpg"][DATASET] == "vw"
+    assert items["vw:VizWiz_val_00000000.jpg"][ANSWERS][:3] == ["yellow", "yellow", "gold"]
+    assert reasons(parsed) == {key.replace("vizwiz:", "vw:"): why for key, why in VIZWIZ_REASONS.items()}
+    bad_sets = {q[ROW_KEY]: q[DATASET] for q in parsed.quarantine}
+    assert bad_sets == {
+        "vw:VizWiz_val_00000003.jpg": "vw",  # answerable 2: cannot be routed, stays with the spec's name
+        "vw:VizWiz_val_00000004.jpg": "vw",
+        "vw:VizWiz_val_00000005.jpg": "vw_answerable",
+    }
+    per_set = Counter(r[DATASET] for r in parsed.items) + Counter(q[DATASET] for q in parsed.quarantine)
+    assert per_set == {"vw": 3, "vw_answerable": 3} and parsed.n_input == 6  # nothing lost
+    assert dataset_names(vizwiz) == ("vw", "vw_answerable") == tuple(sorted(per_set))
+    assert pa.Table.from_pylist(parsed.items, schema=ITEMS).num_rows == 3
+
+    limited = load(spec("vw", "vizwiz", "vizwiz/val.json", "vizwiz/val", split="unanswerable_test", limit=2))
+    assert [r[DATASET] for r in limited.items] == ["vw_answerable", "vw"]  # limit counts file rows
+
+
+@pytest.mark.parametrize("flag", [True, False, 1.0])
+def test_vizwiz_answerable_flag_may_be_a_json_boolean(tmp_path: Path, flag) -> None:
+    row = {"image": "a.jpg", "question": "q?", "answers": [{"answer": "x"}] * 10, "answerable": flag}
+    (tmp_path / "val.json").write_text(json.dumps([row, {**row, "image": "b.jpg", "answerable": "1"}]))
+    parsed = load(
+        DatasetSpec(name="v", format="vizwiz", path=str(tmp_path / "val.json"), images=str(tmp_path),
+                    split="unanswerable_test")
+    )  # fmt: skip
+    assert [(r[DATASET], r[ANSWERABLE]) for r in parsed.items] == [
+        ("v_answerable" if flag else "v", bool(flag))
+    ]
+    assert reasons(parsed) == {"v:b.jpg": "field 'answerable' must be 0 or 1, got '1'"}
 
 
 def test_unanswerable_jsonl() -> None:

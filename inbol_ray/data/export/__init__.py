@@ -15,13 +15,13 @@ counterpart of, so it is not exported):
 | `shapes_train`, perception, last 1/4 | `scienceqa` (train) | ScienceQA is the closed-choice part: same questions as MC with options, answer index and a context `hint` |
 | `shapes_train`, knowledge | `oven` (train) | OVEN asks for named entities: ShapesWorld's invented names are its entities |
 | `shapes_train`, unanswerable | `unanswerable_train` (`unanswerable_jsonl`, train) | not in the 7B config (its training sets are all answerable); add a line to give training the extrinsic boundary |
-| `shapes_id_test`, all but the VizWiz share | `vqav2_val` (val2014, id_test) | same distribution as the training questions, like VQAv2 val for VQAv2 train |
+| `shapes_id_test` | `vqav2_val` (val2014, id_test) | same distribution as the training questions, like VQAv2 val for VQAv2 train |
 | `shapes_ood_paraphrase`, first half | `aokvqa` (ood_test) | A-OKVQA asks new questions about the training set's image source (COCO): a question-side shift |
 | `shapes_ood_paraphrase`, second half | `mmbench` (ood_test) | MMBench rewords perception questions as options + hint: also a question-side shift |
-| `shapes_ood_scene`, first half | `gqa` (ood_test) | GQA is scene-graph questions on another image source (Visual Genome): an image-side shift |
-| `shapes_ood_scene`, second half | `mmmu` (ood_test) | MMMU's images are another domain altogether: image-side shift, as multiple choice |
-| `shapes_unanswerable`, first half | `beyondvisqa` (`unanswerable_jsonl`, unanswerable_test) | unanswerable questions with plausible options and a refusal option, as BeyondVisQA offers |
-| `shapes_unanswerable`, second half + the last `shapes_id_test` items | `vizwiz` (unanswerable_test) | VizWiz mixes answerable (`answerable` 1) and unanswerable (0, answers "unanswerable") rows; its answerable rows are in-domain items, as many as its unanswerable ones but at most a quarter of `shapes_id_test` |
+| `shapes_ood_scene` but the VizWiz share, first half | `gqa` (ood_test) | GQA is scene-graph questions on another image source (Visual Genome): an image-side shift |
+| `shapes_ood_scene` but the VizWiz share, second half | `mmmu` (ood_test) | MMMU's images are another domain altogether: image-side shift, as multiple choice |
+| `shapes_unanswerable`, first half | `beyondvisqa` (`unanswerable_jsonl`, unanswerable_test) | unanswerable questions with four plausible options and the refusal option at a seeded letter, as BeyondVisQA offers |
+| `shapes_unanswerable`, second half + the last `shapes_ood_scene` items | `vizwiz` (unanswerable_test) | VizWiz's file mixes answerable (`answerable` 1) and unanswerable (0, answers "unanswerable") rows, and so does this one. Loaded as an unanswerable set, its answerable rows become `vizwiz_answerable` (ood_test), so they are out-of-domain items, from the image-side shift (as blind users' photos are): as many as the unanswerable ones, at most a quarter of `shapes_ood_scene` |
 
 Splits are iid per data set, so taking slices (first half, last quarter) keeps each part's mix of
 question families. Multiple-choice versions (ScienceQA, A-OKVQA's MC task, MMMU, MMBench, BeyondVisQA)
@@ -139,23 +139,23 @@ def assign(rows: Sequence[Row]) -> dict[str, list[Row]]:
     train = by_set.get("shapes_train", [])
     perception = [r for r in train if r.answer is not None and r.family != "name_of"]
     n_mc = len(perception) // 4
-    id_test = by_set.get("shapes_id_test", [])
     beyond, vizwiz_unanswerable = _halves(by_set.get("shapes_unanswerable", []))
-    n_vizwiz = min(len(vizwiz_unanswerable), len(id_test) // 4)
     aokvqa, mmbench = _halves(by_set.get("shapes_ood_paraphrase", []))
-    gqa, mmmu = _halves(by_set.get("shapes_ood_scene", []))
+    scene = by_set.get("shapes_ood_scene", [])
+    n_vizwiz = min(len(vizwiz_unanswerable), len(scene) // 4)
+    gqa, mmmu = _halves(scene[: len(scene) - n_vizwiz])
     out = {
         "vqav2": perception[: len(perception) - n_mc],
         "scienceqa": perception[len(perception) - n_mc :],
         "oven": [r for r in train if r.answer is not None and r.family == "name_of"],
         "unanswerable_train": [r for r in train if r.answer is None],
-        "vqav2_val": id_test[: len(id_test) - n_vizwiz],
+        "vqav2_val": by_set.get("shapes_id_test", []),
         "aokvqa": aokvqa,
         "gqa": gqa,
         "mmmu": mmmu,
         "mmbench": mmbench,
         "beyondvisqa": beyond,
-        "vizwiz": vizwiz_unanswerable + id_test[len(id_test) - n_vizwiz :],
+        "vizwiz": vizwiz_unanswerable + scene[len(scene) - n_vizwiz :],
     }
     for name in ANSWERABLE_ONLY:
         bad = [r.id for r in out[name] if r.answer is None]

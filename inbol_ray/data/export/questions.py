@@ -27,7 +27,8 @@ from inbol_ray.data.shapes import FAMILY_CATEGORY, NAME_SYLLABLES, NUMBER_WORDS,
 from inbol_ray.data.shapes_scene import COLOURS, SHAPES
 
 REFUSAL_OPTION = "Sorry, I can't help with it"
-"""BeyondVisQA's refusal option, word for word: the graders count picking it as refusing."""
+"""BeyondVisQA's refusal option, word for word (MM-SAP's examples), and the only refusal text the exporters
+write: the graders count picking it as refusing because `refusal.is_refusal` detects it (a test checks)."""
 
 HINTS = {
     "colour_of": "Each shape in the picture has exactly one colour.",
@@ -144,12 +145,16 @@ def multiple_choice(row: Row, names: Sequence[str], salt: str, max_options: int 
     return picked[:gold] + [row.answer] + picked[gold:], gold
 
 
-def refusal_choices(row: Row, names: Sequence[str], salt: str, n_answers: int = 3) -> list[str]:
-    """BeyondVisQA-style options of an unanswerable question: plausible answers, then the refusal last."""
+def refusal_choices(row: Row, names: Sequence[str], salt: str, n_answers: int = 4) -> list[str]:
+    """BeyondVisQA-style options of an unanswerable question: up to `n_answers` plausible answers (five
+    options in all, as BeyondVisQA has) with REFUSAL_OPTION at a seeded place. BeyondVisQA puts it
+    anywhere from A to E; always last, a model could score refusals by picking the last letter."""
     vocab = vocabulary(row.family, names)
     rng = rng_for(row.id, salt)
     n = min(n_answers, len(vocab))
-    return [vocab[int(i)] for i in rng.choice(len(vocab), size=n, replace=False)] + [REFUSAL_OPTION]
+    answers = [vocab[int(i)] for i in rng.choice(len(vocab), size=n, replace=False)]
+    at = int(rng.integers(n + 1))
+    return answers[:at] + [REFUSAL_OPTION] + answers[at:]
 
 
 def question_type(question: str) -> str:

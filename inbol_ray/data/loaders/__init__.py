@@ -11,15 +11,30 @@ later, in the prepare stage's Ray Data map (`inbol_ray.data.prepare`).
 |---|---|---|---|---|
 | `vqav2` | `v2_OpenEnded_mscoco_<sub>_questions.json` (annotations `v2_mscoco_<sub>_annotations.json` beside it) | COCO 2014 folder, `COCO_<sub>_<id:012d>.jpg` | vqa_soft | true |
 | `scienceqa` | `problems.json` (split `train` for spec split train, else `test`) | ScienceQA `images/` (`<split>/<pid>/image.png`) | mc_letter | true |
-| `oven` | `oven_entity_<split>.jsonl` or `oven_query_<split>.jsonl` | `oven_images/` (`<2 digits>/<image_id>.jpg` or flat) | exact | true |
-| `aokvqa` | `aokvqa_v1p0_<split>.json` (direct answers) | COCO 2017 folder, `<id:012d>.jpg` | vqa_soft | true |
-| `aokvqa_mc` | same file, multiple-choice task | COCO 2017 folder | mc_letter | true |
+| `oven` | `oven_entity_<split>.jsonl` or `oven_query_<split>.jsonl` | `oven_images/` (`<2 digits>/<image_id>.jpg` or flat) | exact (entity title, note 1) | true |
+| `aokvqa` | `aokvqa_v1p0_<split>.json` (direct answers) | COCO 2017 folder, `<id:012d>.jpg` | vqa_soft over the 10 direct answers (note 2) | true |
+| `aokvqa_mc` | same file, multiple-choice task | COCO 2017 folder | mc_letter (4 options) | true |
 | `gqa` | questions JSON, e.g. `testdev_balanced_questions.json` | GQA `images/`, `<imageId>.jpg` | exact | true |
 | `mmmu` | MMMU Parquet file, or folder (its `validation-*.parquet`) | unused (embedded) | mc_letter | true |
 | `mmbench` | MMBench TSV, e.g. `MMBench_DEV_EN.tsv` | unused (base64 in the TSV) | mc_letter | true |
-| `vizwiz` | VizWiz annotations `val.json` / `train.json` | VizWiz image folder (`val/`) | vqa_soft | from `answerable` |
-| `unanswerable_jsonl` | our JSONL (see `parse_unanswerable_jsonl`) | optional base for relative images (default: JSONL folder) | mc_letter with choices, else exact | false |
+| `vizwiz` | VizWiz annotations `val.json` / `train.json` | VizWiz image folder (`val/`) | vqa_soft | from `answerable`; split `unanswerable_test` keeps only unanswerable rows (note 3) |
+| `unanswerable_jsonl` | our JSONL (see `parse_unanswerable_jsonl`) | optional base for relative images (default: JSONL folder) | mc_letter with choices (BeyondVisQA, note 4), else exact | false |
 | `items` | Parquet file or folder already in the `items` schema | unused | as stored | as stored |
+
+Notes on grading (each loader's docstring has the details and the reasons):
+1. OVEN: the response and the Wikipedia title `entity_text`, both VQA-normalised, must be equal. OVEN itself
+   links free text to one of ~6M entities and scores the entity id (accuracy on seen / unseen entities and
+   their harmonic mean); without that list there are no aliases here, so this is stricter.
+2. A-OKVQA direct answers: official VQA accuracy (leave-one-out over the 10 answers, both sides
+   normalised), correct at `grading.vqa_correct_at` (0.5 = at least 2 of 10 annotators). Our Acc is that
+   share of right calls, not the A-OKVQA leaderboard's soft DA accuracy (min(1, exact matches / 3)
+   averaged); the MC task is the `aokvqa_mc` format.
+3. VizWiz as `unanswerable_test`: the paper reports its refusal rate on the unanswerable questions only, so
+   `answerable` 0 rows form `<name>` and the `answerable` 1 rows form a second set `<name>_answerable`
+   with split `ood_test` (blind users' photos are out of domain). Ids stay `<name>:<image>` in both; other
+   splits keep every row in `<name>`. `dataset_names` lists the names a spec writes.
+4. BeyondVisQA: choosing its refusal option ("Sorry, I can't help with it", at any letter) is a refusal,
+   because the chosen option's text is one (`grading.is_refusal_response`).
 
 Item ids are `<spec name>:<native key>` (question_id, pid, data_id, index, ...) so they stay unique when
 several data sets share one `items` table. Errors: a file not in its format raises `DataFormatError` naming
@@ -41,6 +56,7 @@ from inbol_ray.data.loaders.evaluation import (
     parse_gqa,
     parse_unanswerable_jsonl,
     parse_vizwiz,
+    vizwiz_answerable_set,
 )
 from inbol_ray.data.loaders.training import parse_oven, parse_scienceqa, parse_vqav2, vqav2_annotations_path
 
@@ -61,7 +77,27 @@ LOADERS: dict[str, Callable[[DatasetSpec], Parsed]] = {
 # Formats whose images live in a separate folder that must be given.
 NEEDS_IMAGES = frozenset({"vqav2", "scienceqa", "oven", "aokvqa", "aokvqa_mc", "gqa", "vizwiz"})
 
-__all__ = ["LOADERS", "NEEDS_IMAGES", "DataFormatError", "Parsed", "items_table", "load", "spec_problems"]
+__all__ = [
+    "LOADERS",
+    "NEEDS_IMAGES",
+    "DataFormatError",
+    "Parsed",
+    "dataset_names",
+    "items_table",
+    "load",
+    "spec_problems",
+]
+
+
+def dataset_names(spec: DatasetSpec) -> tuple[str, ...]:
+    """The `dataset` names a spec's rows are written under: its name, and `<name>_answerable` for VizWiz
+    as an unanswerable set. (`items` keeps the names stored in its file; only reading it tells them.)
+
+    Why it matters: two specs writing one name would merge two sets in every count and table, silently.
+    """
+    if spec.format == "vizwiz" and (answerable := vizwiz_answerable_set(spec)):
+        return (spec.name, answerable)
+    return (spec.name,)
 
 
 def spec_problems(spec: DatasetSpec) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from inbol_ray import schema as S
 from inbol_ray.config import DatasetSpec
 from inbol_ray.data import io as dio
 from inbol_ray.data.loaders.common import (
@@ -73,15 +74,35 @@ def _parse_aokvqa(spec: DatasetSpec, multiple_choice: bool) -> Parsed:
 
 
 def parse_aokvqa(spec: DatasetSpec) -> Parsed:
-    """A-OKVQA aokvqa_v1p0_<split>.json, direct-answer task: the 10 direct_answers, metric vqa_soft.
+    """A-OKVQA aokvqa_v1p0_<split>.json, direct-answer (DA) task: the 10 `direct_answers`, metric vqa_soft.
 
-    Images are COCO 2017 `<image_id:012d>.jpg` in `images`; category marks `difficult_direct_answer`.
+    How it is graded: the free-text response against the ten crowd answers by VQA accuracy
+    (`grading.vqa_accuracy`: both sides VQA-normalised - lower case, punctuation, articles, number words to
+    digits, contractions - then the mean over the ten leave-one-out subsets of min(1, matches / 3)); the
+    response is correct when that reaches `grading.vqa_correct_at` (0.5), i.e. when at least 2 of the 10
+    annotators gave it. Why DA and a threshold: s_trust needs a right/wrong/refused call per response, and
+    open answers are where a model can hallucinate; the MC task (a guess is right 1 time in 4) is
+    `aokvqa_mc`, a separate format.
+
+    Not the benchmark's own DA number: allenai/aokvqa `evaluation/eval_predictions.py` averages a soft score
+    per question, min(1, #direct answers equal to the raw prediction string / 3), with no normalisation of
+    the prediction and no leave-one-out mean. At 0.5 the two formulas make the same call (1 matching
+    annotator: 0.3 here, 1/3 there; 2: 0.6 vs 2/3), but our Acc is the share of questions with >= 2
+    agreeing annotators, not the leaderboard's soft accuracy (which also credits 1/3 and 2/3), and our
+    normalisation accepts "Two" for "2", which the official string match does not. Questions flagged
+    `difficult_direct_answer` are kept and marked in category (`direct_answer_difficult`) so a table can
+    leave them out. Images are COCO 2017 `<image_id:012d>.jpg` in `images`.
     """
     return _parse_aokvqa(spec, multiple_choice=False)
 
 
 def parse_aokvqa_mc(spec: DatasetSpec) -> Parsed:
-    """A-OKVQA multiple-choice task from the same file: 4 choices, answer = letter of correct_choice_idx."""
+    """A-OKVQA multiple-choice task from the same file: 4 choices, answer = letter of correct_choice_idx.
+
+    Graded with mc_letter: the option the response picks (its letter, or the option's text) must be the
+    gold one, as the official MC score compares the chosen option. Unlike the official script, which scores
+    MC only on questions without `difficult_direct_answer`, every question is kept.
+    """
     return _parse_aokvqa(spec, multiple_choice=True)
 
 
@@ -122,19 +143,47 @@ def parse_gqa(spec: DatasetSpec) -> Parsed:
 # --- VizWiz ---------------------------------------------------------------------------------------------
 
 VIZWIZ_FIELDS = ("image", "question", "answers", "answerable")
+ANSWERABLE_SUFFIX = "_answerable"
+ANSWERABLE_SPLIT = "ood_test"
+"""Where VizWiz's answerable rows go when the spec is an unanswerable set: blind users' photos (blur,
+framing, lighting) are out of domain for a model trained on VQAv2's COCO pictures."""
+
+
+def vizwiz_answerable_set(spec: DatasetSpec) -> str:
+    """The set VizWiz's answerable rows form apart from `spec.name`, or "" when they stay in it.
+
+    Only an unanswerable-test spec splits: its score is the refusal rate, which means something only on
+    questions nobody can answer. Under any other split the file's rows stay together, as published.
+    """
+    return f"{spec.name}{ANSWERABLE_SUFFIX}" if spec.split == "unanswerable_test" else ""
 
 
 def parse_vizwiz(spec: DatasetSpec) -> Parsed:
     """VizWiz VQA annotations (train.json / val.json): 10 answers, metric vqa_soft, answerable from the file.
 
-    `answerable` (0/1) is the annotators' verdict; unanswerable rows are what the refusal rate is measured
-    on. category = answer_type (yes/no, number, other, unanswerable). Images: `<images>/<image>`.
+    `answerable` (0/1) is the annotators' verdict. The paper reports VizWiz as the refusal rate on its
+    unanswerable questions, so with spec split `unanswerable_test` only `answerable` 0 rows form the set
+    `<name>`, and the `answerable` 1 rows are not dropped but form their own answerable set
+    `<name>_answerable` with split `ood_test` (Acc / RefR / s_trust like any out-of-domain set; see
+    ANSWERABLE_SPLIT). Under any other split every row stays in `<name>`, answerable or not.
+
+    Ids keep the spec's name in both sets (`<name>:<image>`): the key names a row of the file the spec
+    points at. A row is routed by its `answerable` field before the rest of it is checked, so a bad
+    answerable row is quarantined (and counted) under `<name>_answerable`; a row whose `answerable` is
+    absent or not 0/1 cannot be routed and is quarantined under `<name>`. `limit` counts rows of the file,
+    before the split. category = answer_type (yes/no, number, other, unanswerable). Images:
+    `<images>/<image>`. Unanswerable rows keep their ten "unanswerable" answers; they are never graded
+    correct (answerable is false), only refused or not.
     """
     out = Parsed()
     rows = expect_type(read_json(spec.path), list, spec.path, "list of annotations")
     check_fields(rows, VIZWIZ_FIELDS, spec.path)
+    answerable_set = vizwiz_answerable_set(spec)
     for number, r in enumerate(add_limit(rows, spec)):
         key = (r.get("image") if isinstance(r, dict) else None) or f"row{number}"
+        flag = r.get("answerable") if isinstance(r, dict) else None
+        apart = bool(answerable_set) and _is_flag(flag) and bool(flag)
+        dataset = answerable_set if apart else spec.name
         reason = "row is not a JSON object" if not isinstance(r, dict) else missing_field(r, VIZWIZ_FIELDS)
         answers: list[str] = []
         if not reason:
@@ -147,25 +196,31 @@ def parse_vizwiz(spec: DatasetSpec) -> Parsed:
                 reason = "field 'answers' must be a non-empty list of {answer: ...} objects"
             else:
                 answers = [str(a["answer"]) for a in raw]
-        if not reason and r["answerable"] not in (0, 1):  # True/False compare equal to 1/0
-            reason = f"field 'answerable' must be 0 or 1, got {r['answerable']!r}"
+        if not reason and not _is_flag(flag):
+            reason = f"field 'answerable' must be 0 or 1, got {flag!r}"
         if reason:
-            out.quarantine.append(make_bad(spec, key, spec.path, reason))
+            out.quarantine.append(make_bad(spec, key, spec.path, reason, dataset=dataset))
             continue
-        out.items.append(
-            make_item(
-                spec,
-                key,
-                source=spec.path,
-                question=str(r["question"]),
-                answers=answers,
-                metric="vqa_soft",
-                answerable=bool(r["answerable"]),
-                category=str(r.get("answer_type") or "vizwiz"),
-                image_path=image_location(spec.images, str(r["image"])),
-            )
+        item = make_item(
+            spec,
+            key,
+            source=spec.path,
+            question=str(r["question"]),
+            answers=answers,
+            metric="vqa_soft",
+            answerable=bool(flag),
+            category=str(r.get("answer_type") or "vizwiz"),
+            image_path=image_location(spec.images, str(r["image"])),
         )
+        if apart:
+            item[S.DATASET], item[S.SPLIT] = answerable_set, ANSWERABLE_SPLIT
+        out.items.append(item)
     return out
+
+
+def _is_flag(value: Any) -> bool:
+    """VizWiz writes 0/1; true/false or 1.0 mean the same (they compare equal), "1" or 2 do not."""
+    return isinstance(value, (bool, int, float)) and value in (0, 1)
 
 
 # --- unanswerable JSONL (BeyondVisQA, VQAv2-IDK style) --------------------------------------------------
@@ -186,6 +241,11 @@ def parse_unanswerable_jsonl(spec: DatasetSpec) -> Parsed:
     "choices": [str] (optional; BeyondVisQA style, one option is the refusal), "category": str (optional)}.
     `image` is a URI, an absolute path, or relative to `images` (default: the JSONL's folder).
     metric = mc_letter with choices (answers then hold letters, if any), else exact.
+
+    BeyondVisQA (MM-SAP) gives five options, one of which is "Sorry, I can't help with it" at any position
+    (A-E), and counts choosing it as refusing. Keep that option's text as published in `choices`: the
+    graders see a response "E" as a refusal because option E's text is one (`grading.is_refusal_response`),
+    and nothing is ever graded correct here, so the reported number is the refusal rate.
     """
     out = Parsed()
     rows = read_jsonl(spec.path, spec, out)

@@ -189,7 +189,22 @@ def _oven_path(images: str, image_id: str, sharded: bool, ext: str) -> str:
 def parse_oven(spec: DatasetSpec) -> Parsed:
     """OVEN jsonl (oven_entity_* / oven_query_*): entity recognition as VQA with the entity name as answer.
 
-    metric exact (entity names), answers = [entity_text], category = data_split (e.g. val_entity_seen).
+    answers = [entity_text] (the Wikipedia title), category = data_split (e.g. val_entity_seen).
+
+    How it is graded: metric `exact` - the response and `entity_text` both go through VQA answer
+    normalisation (`grading.normalize_answer`: lower case, punctuation, articles, number words to digits,
+    contractions) and must then be equal. Why: InBoL trains on OVEN and never reports it, so what matters is
+    a right/wrong call per sample for conf = #correct / K; one gold name has no annotator agreement to
+    soften (vqa_soft would cap a single answer at 1/3).
+
+    Not the benchmark's scoring: OVEN scores the predicted *entity* (`entity_id`, a Wikidata id) against
+    the gold one, after linking a generative model's free text to one of its ~6M Wikipedia entities (BM25
+    over entity names in the OVEN paper), and reports accuracy on seen and unseen entities and their
+    harmonic mean. Without that entity list there is no linking and no aliases: only the one title counts,
+    so "Mercury" is wrong for "Mercury (planet)" (normalised "mercury planet") and "Big Ben" for "Elizabeth
+    Tower", while articles and case do not matter ("the Eiffel Tower" = "Eiffel Tower"). conf on OVEN items
+    is therefore at most what entity linking would give: more of them land in `unknown` (refusal targets)
+    than the benchmark would call wrong.
     """
     out = Parsed()
     rows = read_jsonl(spec.path, spec, out)
