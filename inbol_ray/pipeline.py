@@ -51,7 +51,8 @@ def _prepare(ctx: Context) -> dict[str, Any]:
 
     result = run_prepare(ctx.cfg, ctx.layout, sources=ctx.extras.get("prepare"))
     ctx.log("  " + result.summary_line())
-    return result.counts
+    # per data set: read / items / quarantined; and how many mismatched unanswerable rows were built, and why not
+    return {**result.counts, **({"mismatch": result.mismatch} if result.mismatch else {})}
 
 
 def _base_model(ctx: Context) -> dict[str, Any]:

@@ -71,6 +71,10 @@ class ShapesConfig:
     """Share of named combinations that are rare in training (the intrinsic boundary)."""
     rare_name_weight: float = 0.002
     """Pretrain split: sampling weight of a rare name relative to a common one."""
+    pretrain_multiple_choice: float = 0.25
+    """Share of answerable pretrain items asked as multiple choice (options, letter answers), as
+    LLaVA-1.5's training mix has: the base then answers the real formats' multiple-choice sets with a
+    letter (`shapes.as_multiple_choice`)."""
 
 
 @dataclass
@@ -85,15 +89,17 @@ class DatasetSpec:
         "gqa",
         "mmmu",
         "mmbench",
+        "aokvqa_mc",
         "vizwiz",
         "unanswerable_jsonl",
         "items",
     ] = "vqav2"
     """Loader of the data set's published file format (inbol_ray.data.loaders)."""
     path: str = ""
-    """Local path or pyarrow filesystem URI of the data set's main file or folder."""
+    """Local path or pyarrow filesystem URI of the data set's main file or folder; relative paths are
+    under `data.root` when it is set."""
     images: str = ""
-    """Image folder (when the format keeps images apart from the annotations)."""
+    """Image folder (when the format keeps images apart from the annotations); relative: under `data.root`."""
     split: Literal["train", "id_test", "ood_test", "unanswerable_test"] = "train"
     """Which role the data set plays: InBoL training items, or one of the evaluation splits."""
     limit: int = 0
@@ -106,10 +112,21 @@ class DatasetSpec:
             raise ConfigError(f"data.datasets[{self.name}]: path is empty")
 
 
+def under_root(root: str, path: str) -> str:
+    """`path` resolved under `root` when it is relative (absolute paths and URIs stay as they are)."""
+    if not path or not root or path.startswith("/") or "://" in path:
+        return path
+    return f"{root.rstrip('/')}/{path}"
+
+
 @dataclass
 class DataConfig:
     source: Literal["shapes", "files"] = "shapes"
     """`shapes` generates ShapesWorld; `files` reads `datasets` in their published formats."""
+    root: str = ""
+    """Folder (path or URI) that relative `datasets` paths are under: where a user downloaded the data
+    sets. A site config or one override (`data.root=/mnt/data`) then moves every path at once, and the
+    rehearsal points the 7B config at ShapesWorld's export this way ("" = relative to the working dir)."""
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     """ShapesWorld settings (source `shapes`)."""
     datasets: list[DatasetSpec] = field(default_factory=list)
@@ -134,6 +151,9 @@ class DataConfig:
     """How many mismatched rows may share one image, so no picture becomes a cue to refuse."""
 
     def __post_init__(self) -> None:
+        if self.root:
+            for spec in self.datasets:
+                spec.path, spec.images = under_root(self.root, spec.path), under_root(self.root, spec.images)
         if self.source == "files" and not self.datasets:
             raise ConfigError("data.datasets is empty but data.source is 'files'")
         names = [d.name for d in self.datasets]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from inbol_ray.config import Config, ConfigError, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -115,3 +117,18 @@ def test_sections_validate_on_load(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value)
+
+
+def test_data_root_moves_every_relative_data_set_path() -> None:
+    """The 7B config's paths are relative to data.root: one override points the run at another tree."""
+    real = ROOT / "configs" / "llava-1.5-7b.yaml"
+    shipped = load_config(real)
+    assert shipped.data.root == "/data"
+    assert all(s.path.startswith("/data/") for s in shipped.data.datasets)
+    moved = load_config(real, ["data.root=s3://bucket/sets/"])
+    for before, after in zip(shipped.data.datasets, moved.data.datasets, strict=True):
+        assert after.path == "s3://bucket/sets/" + before.path.removeprefix("/data/")
+        assert after.images == ("s3://bucket/sets/" + before.images.removeprefix("/data/") if before.images else "")
+    spec = {"name": "x", "format": "vqav2", "split": "train", "path": "/abs/q.json", "images": "gs://b/img"}
+    kept = load_config(None, ["data.source=files", "data.root=/mnt", f"data.datasets=[{json.dumps(spec)}]"])
+    assert (kept.data.datasets[0].path, kept.data.datasets[0].images) == ("/abs/q.json", "gs://b/img")

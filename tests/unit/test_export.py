@@ -40,14 +40,9 @@ VIZWIZ_ANSWERABLE = ("vizwiz_answerable", "ood_test")  # (dataset, split) of Viz
 
 
 def shapes_specs(out: Path) -> list[DatasetSpec]:
-    """The 7B config's data sets with /data replaced by the export folder, plus the one extra file."""
-    cfg = load_config(ROOT / "configs" / "llava-1.5-7b.yaml")
-    specs = [
-        dataclasses.replace(
-            s, path=s.path.replace("/data", str(out), 1), images=s.images.replace("/data", str(out), 1)
-        )
-        for s in cfg.data.datasets
-    ]
+    """The 7B config's data sets under `data.root` = the export folder, plus the one extra file."""
+    cfg = load_config(ROOT / "configs" / "llava-1.5-7b.yaml", [f"data.root={out}"])
+    specs = list(cfg.data.datasets)
     fmt, split, path, _ = LAYOUT["unanswerable_train"]
     return [*specs, DatasetSpec(name="unanswerable_train", format=fmt, split=split, path=str(out / path))]
 
