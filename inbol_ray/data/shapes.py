@@ -26,6 +26,7 @@ them and builds the splits.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -297,20 +298,56 @@ def generate(cfg: ShapesConfig, image_size: int) -> Iterator[ShapesItem]:
         yield from iter_split(spec, cfg, image_size, split_seed=cfg.seed * 1000 + i)
 
 
+HINT_STYLES = ("", "Context: ", "Hint: ")
+"""How a multiple-choice pretrain item states its context: none, ScienceQA's prefix, MMBench's (as the
+loaders write them), so the base model meets every form a real multiple-choice set shows it."""
+
+
+def as_multiple_choice(it: ShapesItem, names: list[str]) -> tuple[str, list[str], str]:
+    """(question, options, gold letter) of an answerable item asked as multiple choice.
+
+    Why in pretraining: LLaVA-1.5's own training mix has multiple-choice data with the option-letter
+    instruction, which is why the real model answers ScienceQA/MMBench/MMMU with a letter. The tiny base
+    must learn the same convention, or the real-format rehearsal's multiple-choice sets would measure a
+    format it never saw. Options and hint are drawn as the exporters draw them, seeded by the item id.
+    """
+    from inbol_ray.data.export.questions import HINTS, Row, multiple_choice, rng_for
+
+    row = Row(it.id, it.dataset, it.split, it.text, it.answer, b"", it.question.family, it.category)
+    options, gold = multiple_choice(row, names, salt="pretrain-mc")
+    style = HINT_STYLES[int(rng_for(it.id, "pretrain-hint").integers(len(HINT_STYLES)))]
+    question = f"{style}{HINTS[it.question.family]}\n{it.text}" if style else it.text
+    return question, options, "ABCDEFGHIJ"[gold]
+
+
+def _is_multiple_choice(it: ShapesItem, cfg: ShapesConfig) -> bool:
+    """A fixed share of answerable pretrain items, picked by a hash of the id (not the split's rng, whose
+    stream every other item depends on)."""
+    if it.split != "pretrain" or it.answer is None or cfg.pretrain_multiple_choice <= 0:
+        return False
+    digest = hashlib.blake2b(f"mc:{it.id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < cfg.pretrain_multiple_choice
+
+
 def generate_items(cfg: ShapesConfig, image_size: int) -> pa.Table:
     """All splits as one `items` table (DESIGN.md section 3), deterministic from `cfg.seed`."""
     rows: dict[str, list] = {name: [] for name in S.ITEMS.names}
     source = f"{VERSION}:seed={cfg.seed}"
+    names = sorted(invented_names(cfg.n_names, cfg.seed).values())
     for it in generate(cfg, image_size):
+        question, choices, answers, metric = it.text, None, [it.answer] if it.answer is not None else [], "exact"
+        if _is_multiple_choice(it, cfg):
+            question, choices, letter = as_multiple_choice(it, names)
+            answers, metric = [letter], "mc_letter"
         rows[S.ID].append(it.id)
         rows[S.DATASET].append(it.dataset)
         rows[S.SPLIT].append(it.split)
         rows[S.IMAGE].append(it.image)
         rows[S.IMAGE_PATH].append(None)
-        rows[S.QUESTION].append(it.text)
-        rows[S.ANSWERS].append([it.answer] if it.answer is not None else [])
-        rows[S.CHOICES].append(None)
-        rows[S.METRIC].append("exact")
+        rows[S.QUESTION].append(question)
+        rows[S.ANSWERS].append(answers)
+        rows[S.CHOICES].append(choices)
+        rows[S.METRIC].append(metric)
         rows[S.ANSWERABLE].append(it.answer is not None)
         rows[S.CATEGORY].append(it.category)
         rows[S.SOURCE].append(source)

@@ -44,13 +44,20 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 def tokenizer_corpus(shapes_cfg: ShapesConfig, prompt: PromptConfig) -> list[str]:
     """ShapesWorld text, prompts as the model sees them (rendered with `prompt`'s instructions, so each
     instruction merges into a few tokens), and refusals, so no answer splits oddly."""
+    from inbol_ray.data.export.questions import HINTS, REFUSAL_OPTION
+
     lines = shapes.corpus(shapes_cfg) + list(REFUSAL_TEMPLATES)
     instructions = [prompt.short_answer, prompt.multiple_choice, prompt.refusal_clause]
     # Short lines are the answers: repeat them as responses so BPE merges each into one token, which
     # keeps answers to one or two generated tokens.
-    answers = [format_response(line) for line in lines if len(line.split()) == 1] * 20
+    words = [line for line in lines if len(line.split()) == 1]
+    answers = [format_response(line) for line in words] * 20
     rendered = [format_prompt(render_prompt(line, None, prompt)) + format_response(line) for line in lines]
-    return rendered + lines + [i for i in instructions if i] + answers
+    # Multiple choice as the real formats show it: hints first, lettered options, letter answers.
+    context = [f"{style}{hint}" for hint in HINTS.values() for style in shapes.HINT_STYLES]
+    options = [render_prompt(q, words[i : i + 4] + [REFUSAL_OPTION], prompt) for i, q in enumerate(context)]
+    letters = [format_response(letter) for letter in "ABCDE"] * 20
+    return rendered + lines + [i for i in instructions if i] + context + options + answers + letters
 
 
 def train_tokenizer(lines: list[str], vocab_size: int) -> PreTrainedTokenizerFast:

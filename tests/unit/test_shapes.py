@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections import Counter
 
@@ -120,5 +121,22 @@ def test_ood_splits_differ_from_id() -> None:
 def test_corpus_covers_every_answer_word() -> None:
     words = set(" ".join(shapes.corpus(SMALL)).lower().replace("?", " ").replace(".", " ").split())
     for r in shapes.generate_items(SMALL, 48).to_pylist():
-        for a in r[S.ANSWERS]:
+        for a in r[S.CHOICES] or r[S.ANSWERS]:  # multiple choice: every option, the answer is its letter
             assert a in words
+
+
+def test_a_share_of_pretraining_is_multiple_choice_with_letter_answers() -> None:
+    """As in LLaVA-1.5's training mix: options, sometimes a hint first, the gold answer as its letter."""
+    items = shapes.generate_items(SMALL, 48).to_pylist()
+    mc = [r for r in items if r[S.CHOICES]]
+    pretrain = [r for r in items if r[S.SPLIT] == "pretrain"]
+    assert mc and all(r[S.SPLIT] == "pretrain" and r[S.METRIC] == "mc_letter" for r in mc)
+    assert 0.1 < len(mc) / len(pretrain) < 0.4  # pretrain_multiple_choice = 0.25
+    plain = {it.id: it for it in shapes.generate(SMALL, 48)}
+    for r in mc:
+        letter = r[S.ANSWERS][0]
+        assert r[S.CHOICES]["ABCDEFGHIJ".index(letter)] == plain[r[S.ID]].answer
+        assert r[S.QUESTION].endswith(plain[r[S.ID]].text)  # the same question, a hint line at most before it
+    assert any(r[S.QUESTION].startswith("Context: ") for r in mc) and any("\n" not in r[S.QUESTION] for r in mc)
+    no_mc = dataclasses.replace(SMALL, pretrain_multiple_choice=0.0)
+    assert not any(r[S.CHOICES] for r in shapes.generate_items(no_mc, 48).to_pylist())
