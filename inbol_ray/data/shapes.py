@@ -335,7 +335,12 @@ def generate_items(cfg: ShapesConfig, image_size: int) -> pa.Table:
     source = f"{VERSION}:seed={cfg.seed}"
     names = sorted(invented_names(cfg.n_names, cfg.seed).values())
     for it in generate(cfg, image_size):
-        question, choices, answers, metric = it.text, None, [it.answer] if it.answer is not None else [], "exact"
+        question, choices, answers, metric = (
+            it.text,
+            None,
+            [it.answer] if it.answer is not None else [],
+            "exact",
+        )
         if _is_multiple_choice(it, cfg):
             question, choices, letter = as_multiple_choice(it, names)
             answers, metric = [letter], "mc_letter"

@@ -128,7 +128,9 @@ def test_data_root_moves_every_relative_data_set_path() -> None:
     moved = load_config(real, ["data.root=s3://bucket/sets/"])
     for before, after in zip(shipped.data.datasets, moved.data.datasets, strict=True):
         assert after.path == "s3://bucket/sets/" + before.path.removeprefix("/data/")
-        assert after.images == ("s3://bucket/sets/" + before.images.removeprefix("/data/") if before.images else "")
+        assert after.images == (
+            "s3://bucket/sets/" + before.images.removeprefix("/data/") if before.images else ""
+        )
     spec = {"name": "x", "format": "vqav2", "split": "train", "path": "/abs/q.json", "images": "gs://b/img"}
     kept = load_config(None, ["data.source=files", "data.root=/mnt", f"data.datasets=[{json.dumps(spec)}]"])
     assert (kept.data.datasets[0].path, kept.data.datasets[0].images) == ("/abs/q.json", "gs://b/img")

@@ -137,6 +137,8 @@ def test_a_share_of_pretraining_is_multiple_choice_with_letter_answers() -> None
         letter = r[S.ANSWERS][0]
         assert r[S.CHOICES]["ABCDEFGHIJ".index(letter)] == plain[r[S.ID]].answer
         assert r[S.QUESTION].endswith(plain[r[S.ID]].text)  # the same question, a hint line at most before it
-    assert any(r[S.QUESTION].startswith("Context: ") for r in mc) and any("\n" not in r[S.QUESTION] for r in mc)
+    assert any(r[S.QUESTION].startswith("Context: ") for r in mc) and any(
+        "\n" not in r[S.QUESTION] for r in mc
+    )
     no_mc = dataclasses.replace(SMALL, pretrain_multiple_choice=0.0)
     assert not any(r[S.CHOICES] for r in shapes.generate_items(no_mc, 48).to_pylist())
