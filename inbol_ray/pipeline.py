@@ -75,11 +75,16 @@ def _base_model(ctx: Context) -> dict[str, Any]:
         init = f"{tmp}/init" if dio.is_uri(layout.root) else layout.tiny_init
         build_tiny_checkpoint(init, cfg.model, cfg.data.shapes, cfg.prompt)
         upload_dir(init, layout.tiny_init)  # a no-op when init already is the run's folder
-        train_base(init, items, layout.base_model, cfg.base_train, log=ctx.log)
+        train_base(init, items, layout.base_model, cfg.base_train, log=ctx.log, prompt=cfg.prompt)
     names = invented_names(cfg.data.shapes.n_names, cfg.data.shapes.seed)
     rare = {names[k] for k in rare_combos(names, cfg.data.shapes)}
     acc = family_accuracy(
-        layout.base_model, items, "shapes_id_test", rare, max_new_tokens=cfg.eval.max_new_tokens
+        layout.base_model,
+        items,
+        "shapes_id_test",
+        rare,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        prompt=cfg.prompt,
     )
     ctx.log("  base model accuracy by question family on shapes_id_test (greedy):")
     for family, (n, a) in acc.items():
