@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -60,8 +60,25 @@ def tokenizer_corpus(shapes_cfg: ShapesConfig, prompt: PromptConfig) -> list[str
     return rendered + lines + [i for i in instructions if i] + context + options + answers + letters
 
 
-def train_tokenizer(lines: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE: every byte is representable, so no prompt a user types can produce <unk>."""
+def prompt_phrases(prompt: PromptConfig) -> list[str]:
+    """Whole sentences every prompt repeats (the instructions, the multiple-choice hints): one token each.
+
+    Why: byte-level BPE never merges across spaces, so LLaVA-1.5's 11-word instruction would cost 11 of
+    the ~25 positions of a tiny prompt (and the hints more) in every forward pass of every stage: 2x the
+    compute of the embedded default for text the model reads identically each time. A large tokenizer
+    spends tokens on them too, but next to 576 image tokens. The prompt text itself is unchanged.
+    """
+    from inbol_ray.data.export.questions import HINTS
+
+    return [p for p in (prompt.short_answer, prompt.multiple_choice, prompt.refusal_clause) if p] + list(
+        HINTS.values()
+    )
+
+
+def train_tokenizer(lines: list[str], vocab_size: int, phrases: list[str] = ()) -> PreTrainedTokenizerFast:
+    """Byte-level BPE: every byte is representable, so no prompt a user types can produce <unk>.
+
+    `phrases` become single tokens on top of the BPE vocabulary (`prompt_phrases`)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -72,6 +89,7 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         show_progress=False,
     )
     tok.train_from_iterator(lines, trainer=trainer)
+    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in phrases])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
@@ -165,8 +183,9 @@ def build_tiny_checkpoint(
     """Write the checkpoint to `out_dir` (deterministic in `cfg.seed`) and return the path."""
     out = Path(out_dir)
     shapes_cfg = shapes_cfg or ShapesConfig()
-    corpus = tokenizer_corpus(shapes_cfg, prompt or PromptConfig())
-    tokenizer = _with_bos(train_tokenizer(corpus, cfg.vocab_size))
+    prompt = prompt or PromptConfig()
+    corpus = tokenizer_corpus(shapes_cfg, prompt)
+    tokenizer = _with_bos(train_tokenizer(corpus, cfg.vocab_size, prompt_phrases(prompt)))
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(model_config(cfg, tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
