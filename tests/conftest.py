@@ -38,6 +38,31 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory):
         ray.shutdown()
 
 
+SMOKE = [
+    "data.shapes.n_pretrain=200",
+    "data.shapes.n_train=64",
+    "data.shapes.n_id_test=16",
+    "data.shapes.n_ood_test=16",
+    "data.shapes.n_unanswerable_test=16",
+    "base_train.steps=30",
+    "sampling.k=3",
+    "sampling.batch_size=16",
+    "train.max_steps=2",
+    "train.batch_size=16",
+    "eval.batch_size=32",
+    "train.num_workers=0",
+]
+"""The embedded default at smoke size: a few hundred items, a few steps per training (local-mode Ray Train)."""
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """One run directory of the embedded default at smoke size, and its overrides: the pipeline test runs
+    every stage in it, the rehearsal test starts from its prepare and base model (whichever runs first
+    makes them, the other finds them up to date)."""
+    return tmp_path_factory.mktemp("smoke") / "run", list(SMOKE)
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     """The embedded default config, shrunk to smoke size for tests."""

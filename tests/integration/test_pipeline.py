@@ -27,30 +27,18 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["base", "refusal_prompt", "sft", "idk_it", "dpo1", "dpo2", "dpo3", "cadpo"]
 DATASETS = ["shapes_id_test", "shapes_ood_paraphrase", "shapes_ood_scene", "shapes_unanswerable"]
-SMOKE = [
-    "data.shapes.n_pretrain=200",
-    "data.shapes.n_train=64",
-    "data.shapes.n_id_test=16",
-    "data.shapes.n_ood_test=16",
-    "data.shapes.n_unanswerable_test=16",
-    "base_train.steps=30",
-    "sampling.k=3",
-    "sampling.batch_size=16",
-    "train.max_steps=2",
-    "train.batch_size=16",
-    "eval.batch_size=32",
-    "train.num_workers=0",
-]
 
 
-def run(run_dir: Path, extra: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir), *SMOKE, *extra]
-    assert pipeline_job.main(argv) == 0
-    return capsys.readouterr().out
+def test_pipeline_end_to_end_and_rerun(
+    ray_local, smoke_run: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir, smoke = smoke_run
 
+    def run(run_dir: Path, extra: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+        argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir), *smoke, *extra]
+        assert pipeline_job.main(argv) == 0
+        return capsys.readouterr().out
 
-def test_pipeline_end_to_end_and_rerun(ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run_dir = tmp_path / "run"
     out = run(run_dir, [], capsys)
     assert "[13/13] report: done" in out
 

@@ -1,8 +1,8 @@
 """`make rehearse` at smoke size: the 7B config, on ShapesWorld exported in the published formats, end to end.
 
 The same three steps as `python -m jobs.rehearse` (embedded base model, export, the 7B config layered with
-configs/rehearsal.yaml), shrunk: a few hundred items, 30 base-training steps, 2 training steps, four
-methods. The checks are the real path's fidelity points on its outputs, not accuracy (`make rehearse` is
+configs/rehearsal.yaml), shrunk: the smoke-size embedded run of the pipeline test (a few hundred items, 30
+base-training steps), 2 training steps, four methods. The checks are the real path's fidelity points on its outputs, not accuracy (`make rehearse` is
 the full-size run): options and instructions reach the model, one item is one prompt in every stage,
 unanswerable training rows exist, VizWiz is scored on its unanswerable subset, every 7B evaluation set is
 in the report.
@@ -24,14 +24,6 @@ from jobs import rehearse
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-EMBEDDED = [
-    "data.shapes.n_pretrain=200",
-    "data.shapes.n_train=96",
-    "data.shapes.n_id_test=24",
-    "data.shapes.n_ood_test=24",
-    "data.shapes.n_unanswerable_test=24",
-    "base_train.steps=30",
-]
 REAL = [
     "sampling.k=2",
     "train.max_steps=2",
@@ -42,9 +34,18 @@ REAL = [
 
 
 @pytest.fixture(scope="module")
-def rehearsed(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def rehearsed(ray_local, smoke_run: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Step 1 is the smoke-size embedded run the pipeline test uses (its base model is made once)."""
+    embedded, smoke = smoke_run
     out = tmp_path_factory.mktemp("rehearsal")
-    argv = ["--run-dir", str(out), *(f"--embedded={o}" for o in EMBEDDED), *REAL]
+    argv = [
+        "--run-dir",
+        str(out),
+        "--embedded-run-dir",
+        str(embedded),
+        *(f"--embedded={o}" for o in smoke),
+        *REAL,
+    ]
     assert rehearse.main(argv) == 0
     return out / "run"
 
@@ -70,7 +71,9 @@ def test_options_and_instructions_reach_the_model(rehearsed: Path) -> None:
     items = table(rehearsed, "items").set_index(S.ID)
     samples = table(rehearsed, "samples")
     predictions = table(rehearsed, "predictions.parquet")
-    shown = pd.concat([samples[[S.ID, S.PROMPT]], predictions[predictions[S.MODEL] == "base"][[S.ID, S.PROMPT]]])
+    shown = pd.concat(
+        [samples[[S.ID, S.PROMPT]], predictions[predictions[S.MODEL] == "base"][[S.ID, S.PROMPT]]]
+    )
     assert len(shown) and shown[S.PROMPT].notna().all()
     seen = set()
     for item_id, prompt in zip(shown[S.ID], shown[S.PROMPT], strict=True):
@@ -100,7 +103,10 @@ def test_one_item_is_one_prompt_in_every_stage(rehearsed: Path) -> None:
     clause = load_config([ROOT / "configs" / "llava-1.5-7b.yaml"]).prompt.refusal_clause
     for method, suffix in (("base", ""), ("idk_it", ""), ("cadpo", ""), ("refusal_prompt", f" {clause}")):
         mine = pred[(pred[S.MODEL] == method) & pred[S.ID].isin(confidence.index)]
-        assert len(mine) and (mine[S.PROMPT].to_numpy() == (confidence.loc[mine[S.ID]] + suffix).to_numpy()).all()
+        assert (
+            len(mine)
+            and (mine[S.PROMPT].to_numpy() == (confidence.loc[mine[S.ID]] + suffix).to_numpy()).all()
+        )
 
 
 def test_training_has_unanswerable_rows_and_vizwiz_scores_its_unanswerable_subset(rehearsed: Path) -> None:

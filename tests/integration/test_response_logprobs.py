@@ -76,7 +76,7 @@ def test_equals_full_logits_gather(model_and_batches, padding: str) -> None:
         got = _ours(model, batch)
     assert got.per_sequence.shape == (len(QUESTIONS),)
     assert got.per_token.shape == (int(lengths.sum()),)
-    assert torch.allclose(got.per_sequence, want, atol=1e-5, rtol=0)
+    assert torch.allclose(got.per_sequence, want, atol=1e-5, rtol=1e-6)  # sums of ~100 nats in float32
     assert torch.equal(torch.bincount(got.sequence_ids, minlength=len(QUESTIONS)), lengths)
 
 
@@ -140,7 +140,7 @@ def test_lora_adapters_receive_gradients_and_can_be_disabled(model_and_batches) 
     try:
         got = _ours(lora, batch).per_sequence
         want = _naive(lora, batch)
-        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-6)
         assert not torch.allclose(got, base, atol=1e-4)  # the adapters change the numbers
         got.sum().backward()
         lora_grads = {n: p.grad for n, p in lora.named_parameters() if "lora_" in n}

@@ -249,6 +249,7 @@ def test_adapter_checkpoint_is_merged_and_answers_like_the_peft_model(
 
     from inbol_ray.checkpoint import load_model
     from inbol_ray.model.generation import generate_responses
+    from inbol_ray.model.prompt import render_prompt
     from serve.model import RefusalAwareModel
 
     model, processor = load_model(str(tiny_checkpoint))
@@ -264,7 +265,8 @@ def test_adapter_checkpoint_is_merged_and_answers_like_the_peft_model(
     peft_model.save_pretrained(out / "adapter")
     items = shapes_items(tiny_config, 2)
     images, questions = [it.image for it in items], [it.text for it in items]
-    expected = [r[0] for r in generate_responses(peft_model, processor, images, questions, max_new_tokens=6)]
+    prompts = [render_prompt(q) for q in questions]  # as Serve renders them
+    expected = [r[0] for r in generate_responses(peft_model, processor, images, prompts, max_new_tokens=6)]
 
     cfg = load_config(None, ["eval.max_new_tokens=6"])
     served = RefusalAwareModel(str(out), cfg, base=str(tiny_checkpoint))

@@ -29,6 +29,7 @@ from inbol_ray.config import Config, ShapesConfig
 from inbol_ray.data import io as dio
 from inbol_ray.data.shapes import generate_items
 from inbol_ray.model.batching import encode_prompt_response, pixel_values
+from inbol_ray.model.prompt import render_prompt
 from inbol_ray.run_layout import RunLayout
 from inbol_ray.train.data import DPO_KINDS, encode_table, make_batch, sort_by_id
 from inbol_ray.train.response_logprobs import response_logprobs
@@ -50,6 +51,7 @@ def _samples(items: pa.Table, seed: int) -> pa.Table:
         gold = r[S.ANSWERS][0] if r[S.ANSWERS] else None
         n_ok = int(rng.integers(0, K + 1)) if gold else 0
         wrong = ["purple", "seven", "zorb blick", "left"][int(rng.integers(0, 4))]
+        r[S.PROMPT] = render_prompt(r[S.QUESTION], r[S.CHOICES])  # what sampling would have stored
         r[S.RESPONSES] = [gold] * n_ok + [wrong] * (K - n_ok)
         r[S.CORRECT] = [i < n_ok for i in range(K)]
         r[S.REFUSED] = [False] * K
