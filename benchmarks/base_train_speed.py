@@ -45,6 +45,7 @@ class OldBaseTraining:
         from inbol_ray import schema as S
         from inbol_ray.checkpoint import load_model
         from inbol_ray.model.batching import pixel_values
+        from inbol_ray.model.prompt import render_prompt
 
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
@@ -57,7 +58,11 @@ class OldBaseTraining:
         train = items.filter(
             pa.compute.and_(pa.compute.equal(items[S.SPLIT], "pretrain"), items[S.ANSWERABLE])
         ).sort_by(S.ID)
-        self.questions = train[S.QUESTION].to_pylist()
+        # The same rendered prompts the library trains on: both paths must see the same rows.
+        self.questions = [
+            render_prompt(q, c)
+            for q, c in zip(train[S.QUESTION].to_pylist(), train[S.CHOICES].to_pylist(), strict=True)
+        ]
         self.answers = [a[0] for a in train[S.ANSWERS].to_pylist()]
         self.pv_all = pixel_values(self.processor, train[S.IMAGE].to_pylist())
         vision_ids = {id(p) for p in vision.parameters()}
