@@ -75,8 +75,9 @@ def measure(tiny: Any, real: Any, out: Path, seed: int = 0) -> tuple[list[dict[s
     from inbol_ray import schema as S
     from inbol_ray.data import shapes
     from inbol_ray.data.export import export_shapes
-    from inbol_ray.data.mismatch import exclusion_reason, image_key
+    from inbol_ray.data.mismatch import image_key
     from inbol_ray.data.prepare import read_sources
+    from inbol_ray.data.referents import exclusion_reason
 
     items = shapes.generate_items(tiny.data.shapes, tiny.model.image_size)
     truth = {it.id: it for it in shapes.generate(tiny.data.shapes, tiny.model.image_size)}

@@ -8,15 +8,16 @@ teaches the model to refuse a question it should answer, which is worse than bui
 
 The recipe (`build_mismatches`), each rule with its reason:
 
-1. Questions: answerable `train` rows only, and only questions that refer to a specific thing by a
-   noun phrase ("the bus", "this building", "the red circle"): the referent's words (`referent_terms`,
-   minus words that name the whole picture or an attribute: "the picture", "the colour", "the left") are
-   what the chosen image must lack. Excluded (`exclusion_reason`), because a mismatched image leaves a
-   valid answer: multiple-choice rows (their options and "Context:" hints carry the answer, and a letter
-   is always answerable); yes/no questions ("Is there a dog?": "no" is right on an image without one);
-   counting questions ("how many": "0" is right); questions with a gold answer meaning none/zero/no; and
-   questions with no referring noun phrase ("What room is this?", "Which shape is red?"), which are
-   about the picture as a whole or name their referent in a way this recipe cannot parse.
+1. Questions: answerable `train` rows only, and only questions that refer to a specific thing by a noun
+   phrase ("the bus", "this building", "the red circle"): the referent's words (`referent_terms`, minus
+   words that name the whole picture or an attribute: "the picture", "the colour", "the left") are what
+   the chosen image must lack (`inbol_ray.data.referents` reads them from the text). Excluded
+   (`exclusion_reason`), because a mismatched image leaves a valid answer: multiple-choice rows (their
+   options and "Context:" hints carry the answer, and a letter is always answerable); yes/no questions
+   ("Is there a dog?": "no" is right on an image without one); counting questions ("how many": "0" is
+   right); questions with a gold answer meaning none/zero/no; and questions with no referring noun phrase
+   ("What room is this?", "Which shape is red?"), which are about the picture as a whole or name their
+   referent in a way this recipe cannot parse.
 2. Images: the distinct images of answerable `train` rows (one per `image_path`, or per bytes when the
    image is embedded), never the question's own. An image's *mentions* are the words of all its own
    items (questions, answers, options). The chosen image must mention none of the referent's words (any
@@ -46,15 +47,21 @@ why each tried question failed, and why each excluded row was excluded.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from inbol_ray.grading import normalize_answer
+from inbol_ray.data.referents import (
+    absence_proof,
+    exclusion_reason,
+    normalised,
+    referent_terms,
+    variants,
+    words,
+)
 from inbol_ray.schema import (
     ANSWERABLE,
     ANSWERS,
@@ -72,136 +79,6 @@ from inbol_ray.schema import (
 
 SUFFIX = "_mismatch"
 """Data set name of the rows built from data set X: `X_mismatch`."""
-
-_DETERMINERS = {"the", "this", "that", "these", "those", "his", "her", "their", "its"}
-_AUXILIARIES = {"is", "are", "was", "were", "am", "do", "does", "did", "can", "could", "will", "would",
-                "should", "shall", "has", "have", "had", "may", "might", "must"}  # fmt: skip
-# Words that end a noun phrase: what follows them is no longer the referent.
-_FUNCTION = _DETERMINERS | _AUXILIARIES | {
-    "a", "an", "and", "or", "but", "nor", "not", "no", "of", "in", "on", "at", "to", "for", "from", "with",
-    "by", "about", "into", "onto", "over", "under", "above", "below", "behind", "near", "next", "beside",
-    "between", "through", "across", "along", "around", "inside", "outside", "against", "like", "than",
-    "as", "be", "been", "being", "it", "he", "she", "they", "we", "you", "i", "them", "there", "here",
-    "what", "which", "who", "whom", "whose", "where", "when", "why", "how", "if", "so", "very", "too",
-    "all", "any", "some", "each", "every", "both", "either", "neither", "up", "down", "out", "off", "s",
-}  # fmt: skip
-# Head words that name the picture, an attribute or a position, never a thing that could be missing.
-_GENERIC = {
-    "object", "thing", "item", "one", "picture", "image", "photo", "photograph", "pic", "scene", "view",
-    "shot", "photographer", "weather", "time", "day", "season", "place", "location", "setting",
-    "background", "foreground", "area", "room", "kind", "type", "sort", "color", "colour", "name", "number",
-    "shape", "size", "left", "right", "side", "top", "bottom", "front", "back", "middle", "center", "centre",
-    "way", "first", "last", "other", "same", "most", "main", "entire", "whole", "total", "answer", "question",
-    "brand", "make", "model", "style", "material", "pattern", "breed", "species", "flavor", "flavour", "price",
-    "age", "height", "temperature", "word", "text", "writing", "purpose", "reason", "meaning",
-}  # fmt: skip
-# -ing words that are nouns; any other -ing word is a verb and ends the phrase ("the man holding").
-_ING_NOUNS = {"building", "ceiling", "painting", "clothing", "ring", "king", "wing", "string", "swing",
-              "spring", "awning", "railing", "icing", "frosting", "topping", "bedding", "sibling"}  # fmt: skip
-# Participles describe a referent, they are not one ("the photo taken", "the parked car"): skipped.
-_PARTICIPLES = {"taken", "made", "shown", "seen", "done", "given", "held", "worn", "written", "drawn", "known",
-                "built", "called", "named", "used", "located", "placed", "kept", "put", "set"}  # fmt: skip
-_ED_NOUNS = {"speed", "steed", "tweed", "hundred", "breed", "seabed", "flowerbed", "sled", "shed"}
-_NONE_ANSWERS = {"0", "no", "none", "nothing", "nobody", "no 1", "nowhere", "neither"}
-_YES_NO = {"yes", "no"}
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-
-
-# --- words --------------------------------------------------------------------------------------------
-
-
-def words(text: str) -> list[str]:
-    """Lower-case words with possessives cut ("man's" -> "man"): the units every rule compares."""
-    return [w.split("'")[0] for w in _WORD.findall(text.lower())]
-
-
-def variants(word: str) -> set[str]:
-    """The word and its plausible singulars ("buses" -> bus, "glasses" -> glass, "ponies" -> pony).
-
-    Both sides of every comparison are expanded, so "bus" matches "buses" and "house" matches "houses";
-    a spurious variant can only make an image look like it mentions more, which rejects it (safe side).
-    """
-    out = {word}
-    if word.endswith("ies"):
-        out.add(word[:-3] + "y")
-    if word.endswith("es"):
-        out.add(word[:-2])
-    if word.endswith("s") and not word.endswith("ss"):
-        out.add(word[:-1])
-    return {w for w in out if len(w) >= 3 or w == word}
-
-
-def _phrase_after(tokens: Sequence[str], start: int, max_words: int = 4) -> list[str]:
-    phrase = []
-    for w in tokens[start : start + max_words]:
-        if w in _FUNCTION or (w.endswith("ing") and w not in _ING_NOUNS):
-            break
-        phrase.append(w)
-    return phrase
-
-
-def _is_participle(word: str) -> bool:
-    return word in _PARTICIPLES or (len(word) >= 5 and word.endswith("ed") and word not in _ED_NOUNS)
-
-
-def _content(phrase: Iterable[str]) -> list[str]:
-    return [w for w in phrase if not w.isdigit() and not _is_participle(w) and not (variants(w) & _GENERIC)]
-
-
-def referent_terms(question: str) -> frozenset[str]:
-    """Content words of the noun phrases after a determiner ("the red circle" -> {red, circle}).
-
-    Without a parser this is a heuristic; when it misses a referent the question is not eligible (fewer
-    rows), and when it keeps an extra word the image must lack that word too (fewer images): both err
-    towards precision.
-    """
-    tokens = words(question)
-    terms: list[str] = []
-    for i, w in enumerate(tokens):
-        if w in _DETERMINERS:
-            terms += _content(_phrase_after(tokens, i + 1))
-    return frozenset(terms)
-
-
-def _normalised(answers: Iterable[str]) -> list[str]:
-    return [normalize_answer(str(a)).lower() for a in answers]
-
-
-def absence_proof(row: Mapping[str, Any]) -> frozenset[str]:
-    """Words a row proves absent from its image, or empty: "How many X ...?" answered 0 (by most
-    annotators), or "Is/Are there (a) X ...?" answered no."""
-    tokens = words(row[QUESTION])
-    answers = Counter(_normalised(row[ANSWERS] or []))
-    if not answers or not row[ANSWERABLE]:
-        return frozenset()
-    top = answers.most_common(1)[0][0]
-    if tokens[:2] == ["how", "many"] and top in {"0", "none"}:
-        return frozenset(_content(_phrase_after(tokens, 2)))
-    if tokens[:2] in (["is", "there"], ["are", "there"]) and top == "no":
-        rest = 3 if tokens[2:3] and tokens[2] in {"a", "an", "any", "some"} else 2
-        return frozenset(_content(_phrase_after(tokens, rest)))
-    return frozenset()
-
-
-# --- which questions ------------------------------------------------------------------------------------
-
-
-def exclusion_reason(row: Mapping[str, Any]) -> str | None:
-    """Why an answerable training row cannot become a mismatched question (None: it can)."""
-    if row[CHOICES] is not None or row[METRIC] == "mc_letter":
-        return "multiple choice"
-    tokens = words(row[QUESTION])
-    answers = set(_normalised(row[ANSWERS] or []))
-    if (tokens and tokens[0] in _AUXILIARIES) or answers & _YES_NO:
-        return "yes/no question"
-    if "how many" in " ".join(tokens) or "how much" in " ".join(tokens):
-        return "counting question"
-    if answers & _NONE_ANSWERS:
-        return "a gold answer means none"
-    if not referent_terms(row[QUESTION]):
-        return "no referring noun phrase"
-    return None
-
 
 # --- which images ---------------------------------------------------------------------------------------
 
@@ -318,7 +195,7 @@ class _Chooser:
     def choose(self, row: Mapping[str, Any], terms: frozenset[str]) -> tuple[str | None, str]:
         """(image key, how: "proof" | "rare pool") or (None, why no image was found)."""
         own = image_key(row)
-        answers = [set(words(a)) for a in sorted(set(_normalised(row[ANSWERS] or [])))]
+        answers = [set(words(a)) for a in sorted(set(normalised(row[ANSWERS] or [])))]
         proved = sorted({k for t in terms for v in variants(t) for k in self.proved.get(v, ())})
         proved = [
             k

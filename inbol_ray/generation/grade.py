@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from inbol_ray import schema as S
 from inbol_ray.boundary import as_frame, as_list, grade_samples_batch
+from inbol_ray.config import GradingConfig
+from inbol_ray.generation.actor import JOB
+from inbol_ray.generation.shards import SHARD
 from inbol_ray.grading import grade, is_refusal_response
+from inbol_ray.schema import REASON, SOURCE
 
 SAMPLES, PREDICTIONS = "samples", "predictions"
 OUTPUT_SCHEMAS = {SAMPLES: S.SAMPLES, PREDICTIONS: S.PREDICTIONS}
@@ -69,3 +74,21 @@ def placeholders(bad: pa.Table, schema: pa.Schema) -> pa.Table:
             default = {pa.string(): "", pa.bool_(): False, pa.float64(): 0.0, pa.int64(): 0}[f.type]
             columns.append(pa.array([default] * bad.num_rows, type=f.type))
     return pa.table(columns, schema=schema)
+
+
+def grade_rows(batch: pa.Table, output: str, grading: GradingConfig, methods: list[str]) -> pa.Table:
+    """Output columns + shard, source, reason, job; good rows graded (as `methods[job]`), bad rows with
+    placeholder values."""
+    schema = OUTPUT_SCHEMAS[output]
+    extra = [SHARD, SOURCE, REASON, JOB]
+    both = []
+    for job in sorted(set(batch[JOB].to_pylist())):
+        rows = batch.filter(pc.equal(batch[JOB], job))
+        good = rows.filter(pc.is_null(rows[REASON]))
+        bad = rows.filter(pc.is_valid(rows[REASON]))
+        graded = grade_batch(good, output, grading, methods[job]) if good.num_rows else schema.empty_table()
+        for part, source in ((graded, good), (placeholders(bad, schema), bad)):
+            for name in extra:
+                part = part.append_column(name, source[name])
+            both.append(part)
+    return pa.concat_tables(both)

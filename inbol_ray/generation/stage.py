@@ -38,11 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from inbol_ray import checkpoint
-from inbol_ray.config import Config, GradingConfig, PromptConfig
+from inbol_ray.config import Config
 from inbol_ray.data import io as dio
-from inbol_ray.data.images import check_images
 from inbol_ray.generation.actor import JOB, Decoding, GenerateActor
-from inbol_ray.generation.grade import OUTPUT_SCHEMAS, grade_batch, placeholders
+from inbol_ray.generation.checks import check_units
+from inbol_ray.generation.grade import OUTPUT_SCHEMAS, grade_rows
 from inbol_ray.generation.shards import (  # noqa: F401  (Selection: re-exported for stage users)
     SHARD,
     Plan,
@@ -56,21 +56,10 @@ from inbol_ray.generation.shards import (  # noqa: F401  (Selection: re-exported
     shard_of,
     write_quarantine,
 )
-from inbol_ray.model.prompt import render_prompt
 from inbol_ray.refusal import REFUSAL_DETECTOR_VERSION
 from inbol_ray.schema import (
-    ANSWERABLE,
-    ANSWERS,
-    CHOICES,
-    DATASET,
     ID,
-    IMAGE,
-    ITEMS,
-    METRIC,
-    PROMPT,
-    QUESTION,
     REASON,
-    SOURCE,
 )
 
 SHARD_ROWS = 1024
@@ -81,9 +70,6 @@ LIGHT_TASKS = 2
 """Concurrent read/check and grade tasks: they are light next to generation (see the module docstring)."""
 GRADE_BATCHES = 4
 """Actor batches per grading task: one task per actor batch cost ~20 s of 60 in a 3000-answer pass here."""
-
-_CARRIED = [ID, DATASET, SOURCE, QUESTION, IMAGE, ANSWERS, CHOICES, METRIC, ANSWERABLE]
-"""Item columns the rows carry to the actors and graders (plus the rendered `prompt`)."""
 
 
 @dataclass(frozen=True)
@@ -144,69 +130,6 @@ class GenerationResult:
     def counts(self) -> dict[str, Any]:
         """Plain data for the pipeline's stage manifest."""
         return asdict(self) | {"responses_per_s": round(self.per_s, 2)}
-
-
-# --- Ray Data UDFs: pure functions of a pyarrow batch ----------------------------------------------------
-
-
-def check_units(units: pa.Table, pending: list[list[int]], refusal: list[bool], **kwargs: Any) -> pa.Table:
-    """Read units -> selected rows of the unit's job's unfinished shards, validated and rendered, with
-    `prompt`, `shard`, `reason` and `job` columns (`pending[j]`: job j's unfinished shards; `refusal[j]`:
-    job j renders with the refusal clause)."""
-    tables = []
-    for unit in units.to_pylist():
-        job = unit[JOB]
-        rows = check_rows(read_unit(unit), pending=pending[job], refusal=refusal[job], **kwargs)
-        tables.append(rows.append_column(JOB, pa.array([unit[JOB]] * rows.num_rows, type=pa.int32())))
-    return pa.concat_tables(tables)
-
-
-def check_rows(
-    batch: pa.Table,
-    selection: Selection,
-    n_shards: int,
-    pending: list[int],
-    max_bytes: int,
-    max_pixels: int,
-    prompt: PromptConfig | None = None,
-    refusal: bool = False,
-) -> pa.Table:
-    """Keep selected rows of unfinished shards; validate image and question; add the rendered `prompt`
-    (the one renderer, `render_prompt`), `shard` and `reason`."""
-    batch = batch.filter(selection.mask(batch))
-    shards = pa.array([shard_of(i, n_shards) for i in batch[ID].to_pylist()], type=pa.int32())
-    keep = pc.is_in(shards, value_set=pa.array(pending, type=pa.int32()))
-    batch, shards = batch.filter(keep), shards.filter(keep)
-    checked = check_images(batch.select(ITEMS.names).cast(ITEMS), "bytes", max_bytes, max_pixels)
-    reasons = checked[REASON].to_pylist()
-    prompts: list[str] = []
-    for i, (question, choices) in enumerate(
-        zip(checked[QUESTION].to_pylist(), checked[CHOICES].to_pylist(), strict=True)
-    ):
-        if reasons[i] is None and not (question or "").strip():
-            reasons[i] = f"field '{QUESTION}': empty question"
-        prompts.append(render_prompt(question or "", choices, prompt, refusal=refusal))
-    out = checked.select(_CARRIED).append_column(PROMPT, pa.array(prompts, type=pa.string()))
-    out = out.append_column(SHARD, shards)
-    return out.append_column(REASON, pa.array(reasons, type=pa.string()))
-
-
-def grade_rows(batch: pa.Table, output: str, grading: GradingConfig, methods: list[str]) -> pa.Table:
-    """Output columns + shard, source, reason, job; good rows graded (as `methods[job]`), bad rows with
-    placeholder values."""
-    schema = OUTPUT_SCHEMAS[output]
-    extra = [SHARD, SOURCE, REASON, JOB]
-    both = []
-    for job in sorted(set(batch[JOB].to_pylist())):
-        rows = batch.filter(pc.equal(batch[JOB], job))
-        good = rows.filter(pc.is_null(rows[REASON]))
-        bad = rows.filter(pc.is_valid(rows[REASON]))
-        graded = grade_batch(good, output, grading, methods[job]) if good.num_rows else schema.empty_table()
-        for part, source in ((graded, good), (placeholders(bad, schema), bad)):
-            for name in extra:
-                part = part.append_column(name, source[name])
-            both.append(part)
-    return pa.concat_tables(both)
 
 
 # --- the stage -----------------------------------------------------------------------------------------

@@ -13,16 +13,8 @@ from typing import Any
 import pytest
 
 from inbol_ray.config import ConfigError, DataConfig, DatasetSpec, load_config
-from inbol_ray.data.mismatch import (
-    absence_proof,
-    build_mismatches,
-    exclusion_reason,
-    image_key,
-    referent_terms,
-    summary,
-    variants,
-    words,
-)
+from inbol_ray.data.mismatch import build_mismatches, image_key, summary
+from inbol_ray.data.referents import absence_proof, exclusion_reason, referent_terms, variants, words
 from inbol_ray.schema import (
     ANSWERABLE,
     ANSWERS,
