@@ -109,7 +109,10 @@ def answer_hidden(
     query = attn.q_proj(x[rows, cols]).view(n, -1, head_dim)  # [N, H, hd]
     cos_q, sin_q = cos[0, cols][:, None], sin[0, cols][:, None]
     query = (query * cos_q + rotate_half(query) * sin_q).unsqueeze(2)  # [N, H, 1, hd]
-    key, value = key[rows], value[rows]  # [N, H_kv, T, hd]
+    # index_select, not key[rows]: rows repeat (each row's answer and EOS), and advanced indexing's backward
+    # (index_put_ with accumulate) sums the duplicates in an order that varies with thread scheduling on
+    # CPU under load: one config trained two different bases (easy perception 93% vs 53%) next to Ray.
+    key, value = key.index_select(0, rows), value.index_select(0, rows)  # [N, H_kv, T, hd]
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
