@@ -137,14 +137,24 @@ class GenerationResult:
 
 def depends_on(cfg: Config, job: Job) -> dict[str, Any]:
     """What every output of `job` is a function of (the plan hash); batch sizes and actor counts are not."""
-    from inbol_ray.model.generation import PAD_MULTIPLE, ROWS_PER_FORWARD  # fixed batch shapes: numerics
+    from inbol_ray.model.generation import (  # fixed batch shapes: numerics
+        GREEDY_ROWS_PER_FORWARD,
+        PAD_MULTIPLE,
+        ROWS_PER_FORWARD,
+    )
 
     return {
         "stage": job.output,
         "method": job.method,
         "decoding": job.decoding,
         "prompt": cfg.prompt,
-        "engine": [cfg.sampling.engine, cfg.sampling.max_model_len, PAD_MULTIPLE, ROWS_PER_FORWARD],
+        "engine": [
+            cfg.sampling.engine,
+            cfg.sampling.max_model_len,
+            PAD_MULTIPLE,
+            ROWS_PER_FORWARD,
+            GREEDY_ROWS_PER_FORWARD,
+        ],
         "model": [dio.absolute(job.model_dir), checkpoint.stamp(job.model_dir)],
         "dtype": cfg.model.dtype,
         "grading": [cfg.grading, REFUSAL_DETECTOR_VERSION],

@@ -82,15 +82,13 @@ LONG = "Is there a red square left of the blue triangle and above the green circ
 def test_samples_and_greedy_answers_do_not_depend_on_the_batch(tiny_checkpoint: Path, tiny_config) -> None:
     """An item's K samples (and its greedy answer) are the same alone, in a mixed batch of several prompt
     lengths (two padded widths, more rows than one forward takes) and in any order (DESIGN.md 1.6)."""
-    from inbol_ray.model.generation import ROWS_PER_FORWARD, generate_responses
+    from inbol_ray.model.generation import GREEDY_ROWS_PER_FORWARD, ROWS_PER_FORWARD, generate_responses
     from inbol_ray.sampling.base import item_seeds
 
     model, processor = load_model(str(tiny_checkpoint))
-    n = ROWS_PER_FORWARD + 3
-    images = [
-        it.image
-        for it, _ in zip(shapes.generate(SMALL, tiny_config.model.image_size), range(n), strict=False)
-    ]
+    n = max(ROWS_PER_FORWARD, GREEDY_ROWS_PER_FORWARD) + 3  # more rows than one forward takes, either way
+    scenes = [it.image for it in shapes.generate(SMALL, tiny_config.model.image_size)]
+    images = [scenes[i % len(scenes)] for i in range(n)]
     questions = [(QUESTIONS + [LONG])[i % 4] for i in range(n)]
     ids = [f"item-{i}" for i in range(n)]
     seeds = item_seeds(0, ids)
@@ -109,7 +107,7 @@ def test_samples_and_greedy_answers_do_not_depend_on_the_batch(tiny_checkpoint: 
     assert together == shuffled
     assert all(together[i] == r for i, r in alone.items())
     assert len({tuple(r) for r in together.values()}) > 1  # items do not share a stream
-    greedy_alone = {ids[i]: run([i])[ids[i]] for i in (0, 3)}
+    greedy_alone = {ids[i]: run([i])[ids[i]] for i in (0, 3, n - 1)}
     greedy = run(list(range(n)))
     assert all(greedy[i] == r for i, r in greedy_alone.items())
     other_seeds = item_seeds(1, ids)
