@@ -46,7 +46,7 @@ from inbol_ray.data.shapes_scene import (
     sample_scene,
 )
 
-VERSION = "shapesworld-v1"
+VERSION = "shapesworld-v2"  # v2: test items never copy a trained (image, question) pair; unanswerable = absent referent
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Invented names: pronounceable, distinct, and never English words a grader could confuse.
 NAME_SYLLABLES = ("zor", "bli", "kav", "mep", "tru", "dax", "fen", "gow", "lum", "pry", "quo", "sib")
@@ -155,8 +155,27 @@ def answer(q: Question, scene: Scene, names: dict[tuple[str, str], str]) -> str 
 
 
 def is_unanswerable(q: Question, scene: Scene, names: dict[tuple[str, str], str]) -> bool:
-    """Scene-graph proof used by tests and by the mismatch construction: no valid answer exists."""
+    """Scene-graph proof: no valid answer exists."""
     return answer(q, scene, names) is None
+
+
+def referent_absent(q: Question, scene: Scene) -> bool:
+    """The object the question refers to is not in the picture at all (for `left_of`: one of the two).
+
+    What the mismatch construction requires, stricter than `is_unanswerable`: "What colour is the
+    circle?" over two circles has no single answer too, but the fix there is to ask which circle, not
+    to say the picture lacks the information. The extrinsic boundary in the paper (VizWiz, mismatched
+    VQA) is absent information, so only absent referents make unanswerable items here. Counting never
+    does: zero is an answer."""
+    if q.family == "colour_of":
+        return not scene.with_shape(q.shape)
+    if q.family == "shape_of":
+        return not scene.with_colour(q.colour)
+    if q.family == "name_of":
+        return not scene.find(q.colour, q.shape)
+    if q.family == "left_of":
+        return not scene.find(q.colour, q.shape) or not scene.find(q.colour2, q.shape2)
+    return False
 
 
 def propose(
@@ -251,15 +270,25 @@ class ShapesItem:
 def _mismatch(
     q: Question, rng: np.random.Generator, style: SceneStyle, names: dict[tuple[str, str], str]
 ) -> Scene:
-    """A fresh scene that provably cannot answer `q` (rejection sampling on the scene graph)."""
+    """A fresh scene that lacks what `q` refers to (rejection sampling on the scene graph): unanswerable by
+    absence, never by ambiguity (`referent_absent`)."""
     for _ in range(1000):
         scene = sample_scene(rng, style)
-        if is_unanswerable(q, scene, names):
+        if referent_absent(q, scene) and is_unanswerable(q, scene, names):
             return scene
     raise RuntimeError(f"could not build a mismatched scene for {q}")  # pragma: no cover
 
 
-def iter_split(spec: SplitSpec, cfg: ShapesConfig, image_size: int, split_seed: int) -> Iterator[ShapesItem]:
+def iter_split(
+    spec: SplitSpec,
+    cfg: ShapesConfig,
+    image_size: int,
+    split_seed: int,
+    seen: set[tuple[bytes, str]] | None = None,
+) -> Iterator[ShapesItem]:
+    """The split's items. A candidate whose (image, question text) is in `seen` is skipped: a test item that
+    copies a training item exactly measures memory, not the boundary (the real test sets share no
+    image-question pair with VQAv2 train)."""
     names = invented_names(cfg.n_names, cfg.seed)
     rare = rare_combos(names, cfg)
     weights = {k: (cfg.rare_name_weight if k in rare and spec.skew_names else 1.0) for k in names}
@@ -279,23 +308,35 @@ def iter_split(spec: SplitSpec, cfg: ShapesConfig, image_size: int, split_seed: 
         if unanswerable:
             scene = _mismatch(q, rng, spec.style, names)
         gold = answer(q, scene, names)
+        text, image = wording(q, spec.template_set, rng), render(scene, image_size)
+        if seen is not None and (image, text) in seen:
+            continue
         yield ShapesItem(
             id=f"{spec.dataset}-{made:06d}",
             dataset=spec.dataset,
             split=spec.split,
             scene=scene,
             question=q,
-            text=wording(q, spec.template_set, rng),
+            text=text,
             answer=gold,
             category="unanswerable" if unanswerable else FAMILY_CATEGORY[family],
-            image=render(scene, image_size),
+            image=image,
         )
         made += 1
 
 
+TRAINED_SPLITS = ("pretrain", "train")
+"""What a model may have seen: no test item repeats one of these splits' (image, question) pairs."""
+
+
 def generate(cfg: ShapesConfig, image_size: int) -> Iterator[ShapesItem]:
+    trained: set[tuple[bytes, str]] = set()
     for i, spec in enumerate(split_specs(cfg)):
-        yield from iter_split(spec, cfg, image_size, split_seed=cfg.seed * 1000 + i)
+        seen = None if spec.split in TRAINED_SPLITS else trained
+        for it in iter_split(spec, cfg, image_size, split_seed=cfg.seed * 1000 + i, seen=seen):
+            if spec.split in TRAINED_SPLITS:
+                trained.add((it.image, it.text))
+            yield it
 
 
 HINT_STYLES = ("", "Context: ", "Hint: ")

@@ -142,3 +142,43 @@ def test_a_share_of_pretraining_is_multiple_choice_with_letter_answers() -> None
     )
     no_mc = dataclasses.replace(SMALL, pretrain_multiple_choice=0.0)
     assert not any(r[S.CHOICES] for r in shapes.generate_items(no_mc, 48).to_pylist())
+
+
+def test_no_test_item_copies_a_trained_image_question_pair() -> None:
+    """A test item identical to a pretraining or training item (same rendered image, same words) measures
+    memory, not the information boundary; before the generator skipped them, 52 of 400 in-domain test
+    items were such copies."""
+    rows = shapes.generate_items(SMALL, 48).to_pylist()
+    trained = {(r[S.IMAGE], r[S.QUESTION]) for r in rows if r[S.SPLIT] in shapes.TRAINED_SPLITS}
+    tests = [r for r in rows if r[S.SPLIT] not in shapes.TRAINED_SPLITS]
+    assert len(tests) == 60 * 4
+    assert not [r[S.ID] for r in tests if (r[S.IMAGE], r[S.QUESTION]) in trained]
+    # small scenes repeat, so images alone are shared across splits (only exact pairs are excluded)
+    assert {r[S.IMAGE] for r in tests} & {img for img, _ in trained}
+    # at this size no pair would repeat by chance (at the default size 52 of 400 did): the exclusion itself
+    spec = next(sp for sp in shapes.split_specs(SMALL) if sp.split == "id_test")
+    first = [
+        (it.image, it.text) for _, it in zip(range(5), shapes.iter_split(spec, SMALL, 48, 7), strict=False)
+    ]
+    again = [
+        (it.image, it.text)
+        for _, it in zip(range(5), shapes.iter_split(spec, SMALL, 48, 7, seen={first[0]}), strict=False)
+    ]
+    assert again[0] == first[1] and first[0] not in again
+
+
+def test_unanswerable_items_lack_the_referent_rather_than_make_it_ambiguous() -> None:
+    """Every unanswerable item (test and training) asks about an object the picture does not contain:
+    never "What colour is the circle?" over two circles, which lacks a unique answer, not information."""
+    unanswerable = [it for it in shapes.generate(SMALL, 48) if it.category == "unanswerable"]
+    assert len(unanswerable) >= 60
+    assert all(shapes.referent_absent(it.question, it.scene) for it in unanswerable)
+    circles = (
+        shapes_scene.Obj("circle", "red", True, (0, 0)),
+        shapes_scene.Obj("circle", "blue", False, (1, 1)),
+    )
+    two = shapes_scene.Scene(objects=circles, background=(255, 255, 255))
+    q = shapes.Question("colour_of", shape="circle")
+    assert shapes.is_unanswerable(q, two, {}) and not shapes.referent_absent(q, two)
+    assert shapes.referent_absent(shapes.Question("colour_of", shape="square"), two)
+    assert not shapes.referent_absent(shapes.Question("count", colour="green"), two)  # zero is an answer
