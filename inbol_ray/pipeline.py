@@ -65,7 +65,7 @@ def _base_model(ctx: Context) -> dict[str, Any]:
 
     from inbol_ray.checkpoint import upload_dir
     from inbol_ray.data import io as dio
-    from inbol_ray.data.shapes import invented_names, rare_combos
+    from inbol_ray.data.shapes_questions import invented_names, rare_combos
     from inbol_ray.model.base_train import family_accuracy, train_base
     from inbol_ray.model.tiny import build_tiny_checkpoint
 

@@ -19,7 +19,7 @@ from inbol_ray import schema as S
 from inbol_ray.config import DatasetSpec
 from inbol_ray.data.export.questions import REFUSAL_OPTION, Row, refusal_choices, vocabulary
 from inbol_ray.data.loaders import items_table, load
-from inbol_ray.data.shapes import TEMPLATES
+from inbol_ray.data.shapes_questions import TEMPLATES
 from inbol_ray.generation.grade import grade_predictions
 from inbol_ray.grading import is_refusal_response
 from inbol_ray.refusal import is_refusal

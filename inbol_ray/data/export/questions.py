@@ -23,7 +23,7 @@ import numpy as np
 
 from inbol_ray import schema as S
 from inbol_ray.data.images import load_image_bytes
-from inbol_ray.data.shapes import FAMILY_CATEGORY, NAME_SYLLABLES, NUMBER_WORDS, TEMPLATES
+from inbol_ray.data.shapes_questions import FAMILY_CATEGORY, NAME_SYLLABLES, NUMBER_WORDS, TEMPLATES
 from inbol_ray.data.shapes_scene import COLOURS, SHAPES
 
 REFUSAL_OPTION = "Sorry, I can't help with it"
