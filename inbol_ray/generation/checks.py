@@ -43,7 +43,7 @@ def check_units(units: pa.Table, pending: list[list[int]], refusal: list[bool], 
     for unit in units.to_pylist():
         job = unit[JOB]
         rows = check_rows(read_unit(unit), pending=pending[job], refusal=refusal[job], **kwargs)
-        tables.append(rows.append_column(JOB, pa.array([unit[JOB]] * rows.num_rows, type=pa.int32())))
+        tables.append(rows.append_column(JOB, pa.array([job] * rows.num_rows, type=pa.int32())))
     return pa.concat_tables(tables)
 
 

@@ -44,23 +44,17 @@ from inbol_ray.generation.actor import JOB, Decoding, GenerateActor
 from inbol_ray.generation.checks import check_units
 from inbol_ray.generation.grade import OUTPUT_SCHEMAS, grade_rows
 from inbol_ray.generation.shards import (  # noqa: F401  (Selection: re-exported for stage users)
-    SHARD,
     Plan,
     Selection,
     ShardCollector,
     finished_shards,
     make_plan,
-    read_unit,
     read_units,
     scan_items,
-    shard_of,
     write_quarantine,
 )
 from inbol_ray.refusal import REFUSAL_DETECTOR_VERSION
-from inbol_ray.schema import (
-    ID,
-    REASON,
-)
+from inbol_ray.schema import ID, REASON
 
 SHARD_ROWS = 1024
 """Default items per shard: a crash loses at most the shards in flight; few enough files at scale."""

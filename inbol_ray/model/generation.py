@@ -13,8 +13,8 @@ Two things would make it so, both measured on the tiny model (float32, CPU):
 Both change a sampled token now and then, and a greedy one on near-ties. So every forward here has a
 shape fixed by the item alone: each prompt is left-padded to its length rounded up to `PAD_MULTIPLE`,
 rows of one width go through in chunks of exactly `ROWS_PER_FORWARD` (`GREEDY_ROWS_PER_FORWARD` for greedy
-decoding; the last chunk filled with copies of its first row, whose outputs are dropped). With fixed shapes a row's logits are bitwise the same in any
-batch, in any slot (measured: 0 of 264 rows differ, 1 and 2 threads). Randomness is per row too: sample
+decoding; the last chunk filled with copies of its first row, whose outputs are dropped). With fixed shapes
+a row's logits are bitwise the same in any batch, in any slot (measured: 0 of 264 rows differ, 1 and 2 threads). Randomness is per row too: sample
 j of an item draws its uniforms from a generator seeded by (item seed, j) and picks by inverse CDF.
 """
 

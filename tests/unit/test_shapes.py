@@ -11,7 +11,7 @@ from PIL import Image
 
 from inbol_ray import schema as S
 from inbol_ray.config import ShapesConfig
-from inbol_ray.data import shapes, shapes_scene
+from inbol_ray.data import shapes, shapes_questions, shapes_scene
 
 SMALL = ShapesConfig(n_pretrain=300, n_train=300, n_id_test=60, n_ood_test=60, n_unanswerable_test=60)
 
@@ -55,7 +55,7 @@ def test_answers_are_correct_by_scene_graph_and_unanswerable_items_are_proved() 
         assert gold == it.answer
         if it.category == "unanswerable":
             n_unanswerable += 1
-            assert shapes.is_unanswerable(it.question, it.scene, names)
+            assert shapes_questions.is_unanswerable(it.question, it.scene, names)
             assert it.question.family in shapes.REFERRING
     assert n_unanswerable >= 60
 
@@ -179,6 +179,6 @@ def test_unanswerable_items_lack_the_referent_rather_than_make_it_ambiguous() ->
     )
     two = shapes_scene.Scene(objects=circles, background=(255, 255, 255))
     q = shapes.Question("colour_of", shape="circle")
-    assert shapes.is_unanswerable(q, two, {}) and not shapes.referent_absent(q, two)
+    assert shapes_questions.is_unanswerable(q, two, {}) and not shapes.referent_absent(q, two)
     assert shapes.referent_absent(shapes.Question("colour_of", shape="square"), two)
     assert not shapes.referent_absent(shapes.Question("count", colour="green"), two)  # zero is an answer
