@@ -1,11 +1,11 @@
 """`make rehearse` at smoke size: the 7B config, on ShapesWorld exported in the published formats, end to end.
 
-The same three steps as `python -m jobs.rehearse` (embedded base model, export, the 7B config layered with
-configs/rehearsal.yaml), shrunk: the smoke-size embedded run of the pipeline test (a few hundred items, 30
-base-training steps), 2 training steps, four methods. The checks are the real path's fidelity points on its outputs, not accuracy (`make rehearse` is
-the full-size run): options and instructions reach the model, one item is one prompt in every stage,
-unanswerable training rows exist, VizWiz is scored on its unanswerable subset, every 7B evaluation set is
-in the report.
+The same three steps as `python -m jobs.rehearse` (embedded base model, export, the 7B config layered
+with configs/rehearsal.yaml), shrunk: the smoke-size embedded run of the pipeline test (a few hundred
+items, 30 base-training steps), 2 training steps, four methods. The checks are the real path's fidelity
+points on its outputs, not accuracy (`make rehearse` is the full-size run): options and instructions
+reach the model, one item is one prompt in every stage, unanswerable training rows exist, VizWiz is
+scored on its unanswerable subset, every 7B evaluation set is in the report.
 """
 
 from __future__ import annotations
