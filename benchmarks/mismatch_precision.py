@@ -9,7 +9,7 @@ sets' files (`inbol_ray.data.export`), then the prepare stage's own `read_source
 configs/llava-1.5-7b.yaml's data section (its `/data` replaced by the export folder, its
 `unanswerable_per_answerable`, seed and thresholds), so the mismatched rows are exactly the ones a real run
 would build from these files. Each built row names its question and image; the export manifest maps both
-back to ShapesWorld items, whose scene graphs decide (`shapes.is_unanswerable`, the same function that
+back to ShapesWorld items, whose scene graphs decide (`shapes_questions.is_unanswerable`, the same function that
 proves ShapesWorld's own unanswerable items) whether the question really cannot be answered from the
 chosen image.
 
@@ -73,7 +73,7 @@ def measure(tiny: Any, real: Any, out: Path, seed: int = 0) -> tuple[list[dict[s
     """Rows of the table (one per question family, then `all`; precisions as fractions, None when nothing
     was built) and the recipe's own counts (`Sources.mismatch`)."""
     from inbol_ray import schema as S
-    from inbol_ray.data import shapes
+    from inbol_ray.data import shapes, shapes_questions
     from inbol_ray.data.export import export_shapes
     from inbol_ray.data.mismatch import image_key
     from inbol_ray.data.prepare import read_sources
@@ -81,7 +81,7 @@ def measure(tiny: Any, real: Any, out: Path, seed: int = 0) -> tuple[list[dict[s
 
     items = shapes.generate_items(tiny.data.shapes, tiny.model.image_size)
     truth = {it.id: it for it in shapes.generate(tiny.data.shapes, tiny.model.image_size)}
-    names = shapes.invented_names(tiny.data.shapes.n_names, tiny.data.shapes.seed)
+    names = shapes_questions.invented_names(tiny.data.shapes.n_names, tiny.data.shapes.seed)
     manifest = export_shapes(items, str(out))
     sources = read_sources(pointed_at(real, out))
 
@@ -104,7 +104,7 @@ def measure(tiny: Any, real: Any, out: Path, seed: int = 0) -> tuple[list[dict[s
         question_id, image_id = r[S.ID][len("mismatch:") :].split("@")
         q, img = original(question_id), original(image_id)
         stats[q.question.family]["built"] += 1
-        stats[q.question.family]["truly unanswerable"] += shapes.is_unanswerable(q.question, img.scene, names)
+        stats[q.question.family]["truly unanswerable"] += shapes_questions.is_unanswerable(q.question, img.scene, names)
         stats[q.question.family]["by proof"] += r[S.SOURCE].startswith("mismatch by proof:")
 
     rng = np.random.default_rng(seed)  # the baseline: each eligible question on a random other image
@@ -115,7 +115,7 @@ def measure(tiny: Any, real: Any, out: Path, seed: int = 0) -> tuple[list[dict[s
         q = original(r[S.ID])
         others = [i for k, i in images if k != image_key(r)]
         img = original(others[int(rng.integers(len(others)))])
-        stats[q.question.family]["random ok"] += shapes.is_unanswerable(q.question, img.scene, names)
+        stats[q.question.family]["random ok"] += shapes_questions.is_unanswerable(q.question, img.scene, names)
     table = []
     for family in [*sorted(stats), "all"]:
         c = sum(stats.values(), Counter()) if family == "all" else stats[family]
