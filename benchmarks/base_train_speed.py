@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.data.shapes,
         n_pretrain=args.items,
         n_train=0,
+        n_val=0,
         n_id_test=args.test_items,
         n_ood_test=0,
         n_unanswerable_test=0,

@@ -41,7 +41,7 @@ from benchmarks._measure import environment, format_table
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["family", "answerable", "eligible", "built", "by proof", "truly unanswerable", "precision",
            "random image"]  # fmt: skip
-SHAPES_SIZES = {"n_pretrain": 0, "n_id_test": 8, "n_ood_test": 8, "n_unanswerable_test": 8}
+SHAPES_SIZES = {"n_pretrain": 0, "n_val": 8, "n_id_test": 8, "n_ood_test": 8, "n_unanswerable_test": 8}
 
 
 def configs(overrides: list[str], quick: bool) -> tuple[Any, Any]:
@@ -104,7 +104,9 @@ def measure(tiny: Any, real: Any, out: Path, seed: int = 0) -> tuple[list[dict[s
         question_id, image_id = r[S.ID][len("mismatch:") :].split("@")
         q, img = original(question_id), original(image_id)
         stats[q.question.family]["built"] += 1
-        stats[q.question.family]["truly unanswerable"] += shapes_questions.is_unanswerable(q.question, img.scene, names)
+        stats[q.question.family]["truly unanswerable"] += shapes_questions.is_unanswerable(
+            q.question, img.scene, names
+        )
         stats[q.question.family]["by proof"] += r[S.SOURCE].startswith("mismatch by proof:")
 
     rng = np.random.default_rng(seed)  # the baseline: each eligible question on a random other image
@@ -115,7 +117,9 @@ def measure(tiny: Any, real: Any, out: Path, seed: int = 0) -> tuple[list[dict[s
         q = original(r[S.ID])
         others = [i for k, i in images if k != image_key(r)]
         img = original(others[int(rng.integers(len(others)))])
-        stats[q.question.family]["random ok"] += shapes_questions.is_unanswerable(q.question, img.scene, names)
+        stats[q.question.family]["random ok"] += shapes_questions.is_unanswerable(
+            q.question, img.scene, names
+        )
     table = []
     for family in [*sorted(stats), "all"]:
         c = sum(stats.values(), Counter()) if family == "all" else stats[family]

@@ -52,7 +52,7 @@ def _workload(overrides: list[str], n: int) -> tuple[list[bytes], list[str]]:
 
     cfg = _config(overrides)
     shapes = dataclasses.replace(
-        cfg.data.shapes, n_pretrain=0, n_train=n, n_id_test=0, n_ood_test=0, n_unanswerable_test=0
+        cfg.data.shapes, n_pretrain=0, n_train=n, n_val=0, n_id_test=0, n_ood_test=0, n_unanswerable_test=0
     )
     rows = generate_items(shapes, cfg.model.image_size).to_pylist()
     return [r[S.IMAGE] for r in rows], [r[S.QUESTION] for r in rows]
@@ -149,7 +149,7 @@ def stage(engine: str, actors: int, checkpoint: str, overrides: list[str], n: in
         ]
     )
     shapes = dataclasses.replace(
-        cfg.data.shapes, n_pretrain=0, n_train=n, n_id_test=0, n_ood_test=0, n_unanswerable_test=0
+        cfg.data.shapes, n_pretrain=0, n_train=n, n_val=0, n_id_test=0, n_ood_test=0, n_unanswerable_test=0
     )
     run_dir = Path(scratch) / f"stage-{engine}-{actors}"
     dio.write_table(generate_items(shapes, cfg.model.image_size), str(run_dir / "items" / "part-0.parquet"))

@@ -75,7 +75,7 @@ def summarise(case: str, clients: int, replicas: str, latencies: list[float], wa
 
 def workload(cfg: Config, n: int = 16) -> list[tuple[bytes, str]]:
     shapes = replace(
-        cfg.data.shapes, n_pretrain=0, n_train=0, n_id_test=n, n_ood_test=0, n_unanswerable_test=n
+        cfg.data.shapes, n_pretrain=0, n_train=0, n_val=0, n_id_test=n, n_ood_test=0, n_unanswerable_test=n
     )
     return [(it.image, it.text) for it in generate(shapes, cfg.model.image_size)]
 

@@ -84,7 +84,13 @@ def build_inputs(workdir: Path, args: argparse.Namespace) -> tuple[str, str, dic
     )
     ckpt = build_tiny_checkpoint(workdir / "model", model_cfg)
     shapes = ShapesConfig(
-        seed=1, n_pretrain=0, n_train=args.items * 3, n_id_test=0, n_ood_test=0, n_unanswerable_test=0
+        seed=1,
+        n_pretrain=0,
+        n_train=args.items * 3,
+        n_val=0,
+        n_id_test=0,
+        n_ood_test=0,
+        n_unanswerable_test=0,
     )
     items = generate_items(shapes, args.image_size)
     items = items.filter(pa.compute.equal(items[S.SPLIT], "train"))

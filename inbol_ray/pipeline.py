@@ -81,12 +81,12 @@ def _base_model(ctx: Context) -> dict[str, Any]:
     acc = family_accuracy(
         layout.base_model,
         items,
-        "shapes_id_test",
+        "shapes_val",
         rare,
         max_new_tokens=cfg.eval.max_new_tokens,
         prompt=cfg.prompt,
     )
-    ctx.log("  base model accuracy by question family on shapes_id_test (greedy):")
+    ctx.log("  base model accuracy by question family on shapes_val, answerable items (greedy):")
     for family, (n, a) in acc.items():
         ctx.log(f"    {family:<18} n={n:<4} acc={a:6.1%}")
     return {"family_accuracy": {k: {"n": n, "acc": a} for k, (n, a) in acc.items()}}

@@ -67,6 +67,7 @@ def demo_examples(cfg: Config, out_dir: Path) -> list[DemoExample]:
         cfg.data.shapes,
         n_pretrain=0,
         n_train=0,
+        n_val=0,
         n_id_test=SCAN_ITEMS,
         n_ood_test=0,
         n_unanswerable_test=UNANSWERABLE_EXAMPLES,

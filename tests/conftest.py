@@ -41,6 +41,7 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory):
 SMOKE = [
     "data.shapes.n_pretrain=200",
     "data.shapes.n_train=64",
+    "data.shapes.n_val=16",
     "data.shapes.n_id_test=16",
     "data.shapes.n_ood_test=16",
     "data.shapes.n_unanswerable_test=16",

@@ -57,6 +57,11 @@ class ShapesConfig:
     n_train: int = 2000
     """InBoL training items (answerable + mismatched unanswerable): sampled for confidence, then
     used by IDK-IT / SFT / DPO. All names at equal frequency, so rare names get low confidence."""
+    n_val: int = 300
+    """Items of the validation set (shapes_val): answerable + unanswerable, held-out entities and images, for
+    choosing every setting; the test sets are for the final table only."""
+    val_unanswerable_fraction: float = 0.25
+    """Fraction of shapes_val made unanswerable by mismatch (the test sets hold 300 of 1500)."""
     n_id_test: int = 400
     """Items of the in-domain test set (shapes_id_test)."""
     n_ood_test: int = 400
@@ -69,6 +74,10 @@ class ShapesConfig:
     """Knowledge family: how many colour-shape combinations get an invented name."""
     rare_name_fraction: float = 0.5
     """Share of named combinations that are rare in training (the intrinsic boundary)."""
+    heldout_name_fraction: float = 0.5
+    """Share of the rare named combinations asked about only in the held-out splits (val, tests);
+    shapes_train asks about the other rare ones, every split about the common ones
+    (`shapes_questions.heldout_combos`)."""
     rare_name_weight: float = 0.002
     """Pretrain split: sampling weight of a rare name relative to a common one."""
     pretrain_multiple_choice: float = 0.25
@@ -100,8 +109,9 @@ class DatasetSpec:
     under `data.root` when it is set."""
     images: str = ""
     """Image folder (when the format keeps images apart from the annotations); relative: under `data.root`."""
-    split: Literal["train", "id_test", "ood_test", "unanswerable_test"] = "train"
-    """Which role the data set plays: InBoL training items, or one of the evaluation splits."""
+    split: Literal["train", "val", "id_test", "ood_test", "unanswerable_test"] = "train"
+    """Which role the data set plays: InBoL training items, the validation set settings are chosen on, or
+    one of the test splits."""
     limit: int = 0
     """Read at most this many rows (0 = all)."""
 

@@ -16,9 +16,23 @@ Question families (the `category` column):
   (category `unanswerable`).
 
 Splits and data set names: `shapes_pretrain` (the base model's own training data: answerable only,
-rare names almost absent), `shapes_train` (InBoL's training items), `shapes_id_test` (same distribution, unseen images),
+rare names almost absent), `shapes_train` (InBoL's training items), `shapes_val` (answerable +
+unanswerable, for choosing settings), `shapes_id_test` (same distribution, unseen images),
 `shapes_ood_paraphrase` (unseen question wordings), `shapes_ood_scene` (unseen scene statistics: more,
 smaller objects on another background), `shapes_unanswerable` (mismatched questions only).
+
+How each choice mirrors the real setting (LLaVA-1.5, trained with InBoL on VQAv2 + OVEN, tested on other sets):
+- The base model has been trained on its own data (`shapes_pretrain`, as LLaVA-1.5 on its instruction
+  mix, VQAv2 included), so fine-tuning on `shapes_train` has little perception left to teach.
+- The long tail of knowledge entities is split (`heldout_combos`): `shapes_train` asks for the names of
+  half of the rare entities, the validation and test splits for the other half, and every split for the
+  common ones. As OVEN's rare entities are not the test sets', memorising training answers cannot raise
+  test accuracy; what can carry over is when to answer and when to refuse.
+- The intrinsic boundary (rare names, counting, relations) and the extrinsic one (absent referents, never
+  ambiguous ones) are on every evaluated split, so each is measured where it is trained.
+- No held-out item repeats a pretrain or train (image, question) pair (`iter_split`'s `seen`): the real
+  test sets share none with VQAv2 train.
+- Settings are chosen on `shapes_val` (held-out entities and images); the test sets make the final table.
 
 Scenes and their rendering live in `shapes_scene.py`, the questions and their answer key in
 `shapes_questions.py`; this module builds the splits and the `items` table.
@@ -43,6 +57,7 @@ from inbol_ray.data.shapes_questions import (
     TEMPLATES,
     Question,
     answer,
+    asked_names,
     invented_names,
     propose,
     rare_combos,
@@ -60,8 +75,9 @@ from inbol_ray.data.shapes_scene import (
     sample_scene,
 )
 
-VERSION = "shapesworld-v2"
-"""v2: no test item copies a trained (image, question) pair; unanswerable items lack their referent."""
+VERSION = "shapesworld-v3"
+"""v2: no test item copies a trained (image, question) pair; unanswerable items lack their referent.
+v3: the rare knowledge entities split between training and held-out splits; the validation split."""
 
 
 # --- splits -----------------------------------------------------------------------------------------
@@ -76,16 +92,22 @@ class SplitSpec:
     template_set: str
     unanswerable_fraction: float
     skew_names: bool = False  # only the base model's pretraining data hides the rare names
+    entities: str = "all"  # whose names knowledge questions ask: "all", "train" or "heldout" (heldout_combos)
 
 
 def split_specs(cfg: ShapesConfig) -> list[SplitSpec]:
+    held = "heldout"
+    n_unans, val_unans = cfg.n_unanswerable_test, cfg.val_unanswerable_fraction
     return [
         SplitSpec("shapes_pretrain", "pretrain", cfg.n_pretrain, ID_STYLE, "id", 0.0, skew_names=True),
-        SplitSpec("shapes_train", "train", cfg.n_train, ID_STYLE, "id", cfg.unanswerable_fraction),
-        SplitSpec("shapes_id_test", "id_test", cfg.n_id_test, ID_STYLE, "id", 0.0),
-        SplitSpec("shapes_ood_paraphrase", "ood_test", cfg.n_ood_test, ID_STYLE, "para", 0.0),
-        SplitSpec("shapes_ood_scene", "ood_test", cfg.n_ood_test, OOD_STYLE, "id", 0.0),
-        SplitSpec("shapes_unanswerable", "unanswerable_test", cfg.n_unanswerable_test, ID_STYLE, "id", 1.0),
+        SplitSpec(
+            "shapes_train", "train", cfg.n_train, ID_STYLE, "id", cfg.unanswerable_fraction, entities="train"
+        ),
+        SplitSpec("shapes_val", "val", cfg.n_val, ID_STYLE, "id", val_unans, entities=held),
+        SplitSpec("shapes_id_test", "id_test", cfg.n_id_test, ID_STYLE, "id", 0.0, entities=held),
+        SplitSpec("shapes_ood_paraphrase", "ood_test", cfg.n_ood_test, ID_STYLE, "para", 0.0, entities=held),
+        SplitSpec("shapes_ood_scene", "ood_test", cfg.n_ood_test, OOD_STYLE, "id", 0.0, entities=held),
+        SplitSpec("shapes_unanswerable", "unanswerable_test", n_unans, ID_STYLE, "id", 1.0, entities=held),
     ]
 
 
@@ -127,6 +149,7 @@ def iter_split(
     names = invented_names(cfg.n_names, cfg.seed)
     rare = rare_combos(names, cfg)
     weights = {k: (cfg.rare_name_weight if k in rare and spec.skew_names else 1.0) for k in names}
+    asked = asked_names(names, cfg, spec.entities)  # what the split may ask; answers come from every name
     rng = np.random.default_rng(split_seed)
     families = list(FAMILY_WEIGHTS)
     fam_p = np.array([FAMILY_WEIGHTS[f] for f in families])
@@ -137,7 +160,7 @@ def iter_split(
         pool, p = (list(REFERRING), ref_p) if unanswerable else (families, fam_p)
         family = pool[int(rng.choice(len(pool), p=p / p.sum()))]
         scene = sample_scene(rng, spec.style)
-        q = propose(family, scene, rng, names, weights)
+        q = propose(family, scene, rng, asked, weights)
         if q is None:
             continue
         if unanswerable:

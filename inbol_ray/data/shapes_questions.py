@@ -93,6 +93,37 @@ def rare_combos(names: dict[tuple[str, str], str], cfg: ShapesConfig) -> set[tup
     return {keys[i] for i in picked}
 
 
+def heldout_combos(names: dict[tuple[str, str], str], cfg: ShapesConfig) -> set[tuple[str, str]]:
+    """The rare named combinations asked about only in held-out splits (val, tests); `shapes_train` asks
+    about the other rare ones, and every split asks about the common ones.
+
+    As in the real setting: popular entities turn up in every data set, the long tail does not (OVEN's
+    rare training entities are not A-OKVQA's or MMBench's). So what fine-tuning teaches about a rare
+    training entity (its name) cannot answer a test question, while the common names keep being rehearsed
+    and the model's prior knowledge of them survives fine-tuning. Both sides hold rare names the base does
+    not know, so InBoL's training items show the model its intrinsic boundary and the test sets measure it
+    on entities training never named. Only what generalises can carry over: when to answer and when to
+    refuse. (Splitting the common names too was tried: fine-tuning that never showed the held-out common
+    names erased them, knowledge accuracy 63% -> 0-27% after every trained method, see issue 16's note.)
+    """
+    rare = sorted(rare_combos(names, cfg))
+    rng = np.random.default_rng(cfg.seed + 15485863)
+    n = int(round(len(rare) * cfg.heldout_name_fraction))
+    return {rare[i] for i in rng.permutation(len(rare))[:n]}
+
+
+def asked_names(
+    names: dict[tuple[str, str], str], cfg: ShapesConfig, entities: str
+) -> dict[tuple[str, str], str]:
+    """The names a split's knowledge questions may ask for: every name ("all"), all but the held-out rare
+    ones ("train"), or all but the training side's rare ones ("heldout")."""
+    if entities == "all":
+        return dict(names)
+    held = heldout_combos(names, cfg)
+    excluded = held if entities == "train" else rare_combos(names, cfg) - held
+    return {k: v for k, v in names.items() if k not in excluded}
+
+
 # --- questions: proposing, answering, proving unanswerable ---------------------------------------
 
 

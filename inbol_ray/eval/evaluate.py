@@ -42,8 +42,9 @@ from inbol_ray.generation.stage import SHARD_ROWS, GenerationResult, Job, run_ge
 from inbol_ray.metrics import metrics_table
 from inbol_ray.run_layout import RunLayout
 
-EVAL_SPLITS = ("id_test", "ood_test", "unanswerable_test")
-"""Item splits that are evaluation sets (DESIGN.md 6); tables in the report are grouped by these."""
+EVAL_SPLITS = ("val", "id_test", "ood_test", "unanswerable_test")
+"""Item splits that are evaluated (DESIGN.md 6: the test splits, and `val` on which settings are chosen);
+tables in the report are grouped by these."""
 __all__ = [
     "EVAL_SPLITS",
     "EvalResult",

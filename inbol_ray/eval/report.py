@@ -4,7 +4,8 @@ Layout (DESIGN.md 1.3, the paper's section 4):
 1. in-domain table: Acc / RefR / s_trust per in-domain test set (split `id_test`);
 2. out-of-domain table: Acc / RefR / s_trust per OOD set (split `ood_test`) and their average s_trust;
 3. unanswerable table: refusal rate per unanswerable set (split `unanswerable_test`, the extrinsic
-   boundary: no answer is right, so refusing is the only good response);
+   boundary: no answer is right, so refusing is the only good response); then the validation table
+   (split `val`: what settings are chosen on, kept apart from the test tables);
 4. the training recipe of every trained method (objective, beta, sft_weight, the rate it used, schedule,
    epochs, LoRA or full fine-tuning, start model), so a table is never read apart from how it was made;
 5. the intrinsic boundary: refusal rate and accuracy among answered by the base model's confidence bin,
@@ -266,6 +267,14 @@ SECTIONS = (
         (S.REFR,),
         False,
         " No answer to these questions is right (the image lacks the information): higher RefR is better.",
+    ),
+    Section(
+        "val",
+        "Validation (where settings are chosen)",
+        TRUST_COLUMNS,
+        False,
+        " Answerable and unanswerable items together (an unanswerable one scores 0 if refused, -1 if answered);"
+        " hyper-parameters and world choices are compared here, never on the test sets above.",
     ),
 )
 """The paper's tables, in order: which split feeds each and which metric columns it shows."""

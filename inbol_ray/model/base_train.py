@@ -334,14 +334,18 @@ def family_accuracy(
     max_new_tokens: int = 6,
     prompt: PromptConfig | None = None,
 ) -> dict[str, tuple[int, float]]:
-    """Greedy accuracy per question family on one data set, knowledge split into common / rare names.
+    """Greedy accuracy per question family on the answerable items of one data set, knowledge split into
+    common / rare names.
 
-    This is the spread the whole method needs; the main job prints it so a user sees the boundary.
+    This is the spread the whole method needs; the main job prints it (on the validation set) so a user
+    sees the boundary.
     """
     from inbol_ray.grading import grade
 
     model, processor = load_model(model_dir)
-    rows = items.filter(pa.compute.equal(items[S.DATASET], dataset)).to_pylist()
+    rows = [
+        r for r in items.filter(pa.compute.equal(items[S.DATASET], dataset)).to_pylist() if r[S.ANSWERABLE]
+    ]
     hits: dict[str, list[bool]] = {}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]

@@ -50,7 +50,13 @@ def evaluated(
     run_dir = tmp_path_factory.mktemp("eval_run")
     shutil.copytree(tiny_checkpoint, run_dir / "models" / "base")
     shapes = dataclasses.replace(
-        tiny_config.data.shapes, n_pretrain=0, n_train=0, n_id_test=4, n_ood_test=3, n_unanswerable_test=3
+        tiny_config.data.shapes,
+        n_pretrain=0,
+        n_train=0,
+        n_val=0,
+        n_id_test=4,
+        n_ood_test=3,
+        n_unanswerable_test=3,
     )
     dio.write_table(
         generate_items(shapes, tiny_config.model.image_size), str(run_dir / "items" / "part-0.parquet")

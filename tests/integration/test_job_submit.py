@@ -115,6 +115,7 @@ def test_submit_prepare_stage(head_node: tuple[str, dict[str, str]], tmp_path: P
         "ray.address=auto",
         "data.shapes.n_pretrain=30",
         "data.shapes.n_train=20",
+        "data.shapes.n_val=10",
         "data.shapes.n_id_test=10",
         "data.shapes.n_ood_test=10",
         "data.shapes.n_unanswerable_test=10",

@@ -228,7 +228,14 @@ def test_real_shapes_generator(ray_local, tmp_path: Path) -> None:
     """The lead's ShapesWorld generator, shrunk, through the same stage: nothing may be quarantined."""
     from inbol_ray.data import shapes
 
-    small = {"n_pretrain": 20, "n_train": 20, "n_id_test": 8, "n_ood_test": 8, "n_unanswerable_test": 8}
+    small = {
+        "n_pretrain": 20,
+        "n_train": 20,
+        "n_val": 8,
+        "n_id_test": 8,
+        "n_ood_test": 8,
+        "n_unanswerable_test": 8,
+    }
     names = {f.name for f in dataclasses.fields(ShapesConfig)}
     cfg = Config(run_dir=str(tmp_path / "run"))
     cfg.data.shapes = ShapesConfig(**{k: v for k, v in small.items() if k in names})

@@ -79,7 +79,13 @@ def _png(size: int, noise: bool) -> bytes:
 def items_table(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> pa.Table:
     """24 train items + 3 id_test items (not selected) + the four bad train rows."""
     shapes = dataclasses.replace(
-        tiny_config.data.shapes, n_pretrain=0, n_train=24, n_id_test=3, n_ood_test=0, n_unanswerable_test=0
+        tiny_config.data.shapes,
+        n_pretrain=0,
+        n_train=24,
+        n_val=0,
+        n_id_test=3,
+        n_ood_test=0,
+        n_unanswerable_test=0,
     )
     good = generate_items(shapes, tiny_config.model.image_size)
     template = good.slice(0, 1).to_pylist()[0]

@@ -41,7 +41,7 @@ def shapes_items(cfg: Config, n: int = 4) -> list:
     from dataclasses import replace
 
     shapes = replace(
-        cfg.data.shapes, n_pretrain=0, n_train=0, n_id_test=n, n_ood_test=0, n_unanswerable_test=n
+        cfg.data.shapes, n_pretrain=0, n_train=0, n_val=0, n_id_test=n, n_ood_test=0, n_unanswerable_test=n
     )
     return list(generate(shapes, cfg.model.image_size))
 

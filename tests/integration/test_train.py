@@ -64,7 +64,9 @@ def _samples(items: pa.Table, seed: int) -> pa.Table:
 def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_config: Config) -> Path:
     """`<run_dir>/tables/{idk_it,sft_baseline,cadpo_pairs}` built by the real construction code."""
     out = tmp_path_factory.mktemp("train_run")
-    shapes = ShapesConfig(seed=3, n_pretrain=0, n_train=48, n_id_test=0, n_ood_test=0, n_unanswerable_test=0)
+    shapes = ShapesConfig(
+        seed=3, n_pretrain=0, n_train=48, n_val=0, n_id_test=0, n_ood_test=0, n_unanswerable_test=0
+    )
     items = generate_items(shapes, tiny_config.model.image_size)
     joined = _samples(items.filter(pa.compute.equal(items[S.SPLIT], "train")), seed=3)
     for name, build, schema in (

@@ -30,7 +30,7 @@ from inbol_ray.model.batching import pixel_values
 from inbol_ray.model.frozen_features import precompute_vision_features, vision_features
 
 SMALL = dataclasses.replace(
-    ShapesConfig(), n_pretrain=24, n_train=0, n_id_test=0, n_ood_test=0, n_unanswerable_test=0
+    ShapesConfig(), n_pretrain=24, n_train=0, n_val=0, n_id_test=0, n_ood_test=0, n_unanswerable_test=0
 )
 
 

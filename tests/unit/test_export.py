@@ -31,9 +31,9 @@ from inbol_ray.refusal import is_refusal
 from jobs import export_shapes as export_job
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ShapesConfig(n_pretrain=20, n_train=80, n_id_test=16, n_ood_test=12, n_unanswerable_test=12)
+SMALL = ShapesConfig(n_pretrain=20, n_train=80, n_val=12, n_id_test=16, n_ood_test=12, n_unanswerable_test=12)
 LETTERS = "ABCDEFGHIJ"
-VQA_STYLE = {"vqav2", "vqav2_val", "aokvqa", "vizwiz"}  # ten annotator answers
+VQA_STYLE = {"vqav2", "vqav2_val", "aokvqa", "vizwiz", "vizwiz_train"}  # ten annotator answers
 MULTIPLE_CHOICE = {"scienceqa", "mmmu", "mmbench"}
 PROMPT_PREFIX = {"scienceqa": "Context: ", "mmbench": "Hint: "}  # the loaders prepend the hint
 VIZWIZ_ANSWERABLE = ("vizwiz_answerable", "ood_test")  # (dataset, split) of VizWiz's answerable rows
@@ -112,7 +112,7 @@ def test_round_trip_through_the_prepare_entry_point(exported) -> None:
             assert choices[LETTERS.index(letter)] == orig[S.ANSWERS][0], where
             assert len(set(choices)) == len(choices) >= 2 and choices.count(orig[S.ANSWERS][0]) == 1, where
         elif not orig[S.ANSWERABLE]:
-            if name == "vizwiz":
+            if name in ("vizwiz", "vizwiz_train"):
                 assert answers == ["unanswerable"] * 10 and choices is None, where
             elif name == "beyondvisqa":  # one refusal option, at any letter; picking it is refusing
                 (at,) = [i for i, c in enumerate(choices) if is_refusal(c)]
@@ -155,6 +155,10 @@ def test_every_data_set_and_split_is_filled(exported) -> None:
     assert {r[S.DATASET] for r in vizwiz if r[S.ANSWERABLE]} == {"shapes_ood_scene"}
     assert manifest["datasets"]["vizwiz"]["from"] == ["shapes_ood_scene", "shapes_unanswerable"]
     assert manifest["datasets"]["vqav2_val"]["from"] == ["shapes_id_test"]
+    # the validation set: VizWiz's train file, both kinds of row in one set under split val
+    assert manifest["datasets"]["vizwiz_train"]["from"] == ["shapes_val"]
+    val = [by_id[i] for i in manifest["datasets"]["vizwiz_train"]["ids"].values()]
+    assert {r[S.ANSWERABLE] for r in val} == {True, False}
     assert manifest["datasets"]["gqa"]["from"] == ["shapes_ood_scene"]
     assert manifest["datasets"]["aokvqa"]["from"] == ["shapes_ood_paraphrase"]
 
@@ -184,7 +188,7 @@ def test_export_is_deterministic(exported, tmp_path: Path) -> None:
 def test_cli_exports_the_configured_shapes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sizes = [
         f"data.shapes.{k}=4"
-        for k in ("n_pretrain", "n_train", "n_id_test", "n_ood_test", "n_unanswerable_test")
+        for k in ("n_pretrain", "n_train", "n_val", "n_id_test", "n_ood_test", "n_unanswerable_test")
     ]
     code = export_job.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path), *sizes])
     assert code == 0

@@ -142,6 +142,19 @@ def test_best_s_trust_is_bold_and_ties_of_everyone_are_not() -> None:
     assert "**50.00**" not in text  # both refuse half of the unanswerable set: nobody is singled out
 
 
+def test_validation_set_has_its_own_table_after_the_test_tables() -> None:
+    """Settings are chosen on split `val`: its table must never be mistaken for a test table."""
+    metrics = pd.DataFrame(
+        [("a", "x", 10, 0.5, 0.1, 0.1), ("a", "v", 20, 0.4, 0.3, 0.1), ("a", "u", 10, 0, 0.5, -0.5)],
+        columns=S.METRICS_TABLE.names,
+    )
+    text = render_report(metrics, {"x": "id_test", "v": "val", "u": "unanswerable_test"}, ["a"])
+    assert text.index("## In-domain") < text.index("## Unanswerable") < text.index("## Validation")
+    section = text[text.index("## Validation") :]
+    assert "Acc" in section and "RefR" in section and "s_trust" in section and "(n=20)" in section
+    assert "## Other sets" not in text
+
+
 def test_figures_are_linked_relative_and_are_real_pngs(run) -> None:
     run_dir, _, text = run
     for name in (REFUSAL_FIGURE, ACCURACY_FIGURE):

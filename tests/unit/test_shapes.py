@@ -13,7 +13,9 @@ from inbol_ray import schema as S
 from inbol_ray.config import ShapesConfig
 from inbol_ray.data import shapes, shapes_questions, shapes_scene
 
-SMALL = ShapesConfig(n_pretrain=300, n_train=300, n_id_test=60, n_ood_test=60, n_unanswerable_test=60)
+SMALL = ShapesConfig(
+    n_pretrain=300, n_train=300, n_val=60, n_id_test=60, n_ood_test=60, n_unanswerable_test=60
+)
 
 
 def test_generation_is_deterministic_in_seed() -> None:
@@ -31,6 +33,7 @@ def test_items_table_matches_schema_and_splits() -> None:
     assert counts == {
         "shapes_pretrain": 300,
         "shapes_train": 300,
+        "shapes_val": 60,
         "shapes_id_test": 60,
         "shapes_ood_paraphrase": 60,
         "shapes_ood_scene": 60,
@@ -45,6 +48,27 @@ def test_items_table_matches_schema_and_splits() -> None:
     assert all(r[S.ANSWERABLE] for r in rows if r[S.DATASET] in ("shapes_pretrain", "shapes_id_test"))
     train = [r for r in rows if r[S.DATASET] == "shapes_train"]
     assert 0.05 < np.mean([not r[S.ANSWERABLE] for r in train]) < 0.3
+    val = [r for r in rows if r[S.DATASET] == "shapes_val"]
+    assert {r[S.SPLIT] for r in val} == {"val"}
+    assert 0.1 < np.mean([not r[S.ANSWERABLE] for r in val]) < 0.45  # answerable and unanswerable
+
+
+def test_knowledge_entities_are_split_between_training_and_held_out_sets() -> None:
+    """Training asks for the names of half of the rare entities, val and the test sets for the other half,
+    every split for the common ones: memorising a rare training answer cannot answer a test question."""
+    cfg = dataclasses.replace(SMALL, n_train=600, n_val=200, n_id_test=200)
+    names = shapes.invented_names(cfg.n_names, cfg.seed)
+    held, rare = shapes_questions.heldout_combos(names, cfg), shapes.rare_combos(names, cfg)
+    assert held < rare and len(held) == 6  # half of the 12 rare names
+    asked: dict[str, set[tuple[str, str]]] = {}
+    for it in shapes.generate(cfg, 48):
+        if it.question.family == "name_of":
+            asked.setdefault(it.split, set()).add((it.question.colour, it.question.shape))
+    assert asked["train"] & rare and not asked["train"] & held
+    for split in ("val", "id_test", "ood_test", "unanswerable_test"):
+        assert asked[split] & held and not asked[split] & (rare - held), split
+    common = set(names) - rare
+    assert asked["train"] & common and asked["id_test"] & common  # the head is shared, the tail is not
 
 
 def test_answers_are_correct_by_scene_graph_and_unanswerable_items_are_proved() -> None:
@@ -151,7 +175,7 @@ def test_no_test_item_copies_a_trained_image_question_pair() -> None:
     rows = shapes.generate_items(SMALL, 48).to_pylist()
     trained = {(r[S.IMAGE], r[S.QUESTION]) for r in rows if r[S.SPLIT] in shapes.TRAINED_SPLITS}
     tests = [r for r in rows if r[S.SPLIT] not in shapes.TRAINED_SPLITS]
-    assert len(tests) == 60 * 4
+    assert len(tests) == 60 * 5  # val and the four test sets
     assert not [r[S.ID] for r in tests if (r[S.IMAGE], r[S.QUESTION]) in trained]
     # small scenes repeat, so images alone are shared across splits (only exact pairs are excluded)
     assert {r[S.IMAGE] for r in tests} & {img for img, _ in trained}

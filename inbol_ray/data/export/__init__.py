@@ -15,6 +15,7 @@ counterpart of, so it is not exported):
 | `shapes_train`, perception, last 1/4 | `scienceqa` (train) | ScienceQA is the closed-choice part: same questions as MC with options, answer index and a context `hint` |
 | `shapes_train`, knowledge | `oven` (train) | OVEN asks for named entities: ShapesWorld's invented names are its entities |
 | `shapes_train`, unanswerable | `unanswerable_train` (`unanswerable_jsonl`, train) | not in the 7B config (its training sets are all answerable); add a line to give training the extrinsic boundary |
+| `shapes_val` | `vizwiz_train` (VizWiz `train.json`, val) | the validation set settings are chosen on: answerable and unanswerable rows in one file, as VizWiz's train annotations hold them (under split `val` they stay one set) |
 | `shapes_id_test` | `vqav2_val` (val2014, id_test) | same distribution as the training questions, like VQAv2 val for VQAv2 train |
 | `shapes_ood_paraphrase`, first half | `aokvqa` (ood_test) | A-OKVQA asks new questions about the training set's image source (COCO): a question-side shift |
 | `shapes_ood_paraphrase`, second half | `mmbench` (ood_test) | MMBench rewords perception questions as options + hint: also a question-side shift |
@@ -54,6 +55,7 @@ from inbol_ray.data.export.evaluation_formats import (
     MMMU_DIR,
     VIZWIZ_FILE,
     VIZWIZ_IMAGES,
+    vizwiz_paths,
     write_aokvqa,
     write_gqa,
     write_mmbench,
@@ -80,6 +82,7 @@ UNANSWERABLE_TRAIN_FILE = "unanswerable_train/unanswerable_train.jsonl"
 NOT_EXPORTED = ("shapes_pretrain",)
 EXPORTED = (
     "shapes_train",
+    "shapes_val",
     "shapes_id_test",
     "shapes_ood_paraphrase",
     "shapes_ood_scene",
@@ -92,6 +95,7 @@ LAYOUT: dict[str, tuple[str, str, str, str]] = {
     "scienceqa": ("scienceqa", "train", SCIENCEQA_PROBLEMS, SCIENCEQA_IMAGES),
     "oven": ("oven", "train", OVEN_ENTITY, OVEN_IMAGES),
     "unanswerable_train": ("unanswerable_jsonl", "train", UNANSWERABLE_TRAIN_FILE, ""),
+    "vizwiz_train": ("vizwiz", "val", *vizwiz_paths("train")),
     "vqav2_val": ("vqav2", "id_test", vqav2_paths("val2014")[0], vqav2_paths("val2014")[2]),
     "aokvqa": ("aokvqa", "ood_test", AOKVQA_FILE, AOKVQA_IMAGES),
     "gqa": ("gqa", "ood_test", GQA_FILE, GQA_IMAGES),
@@ -109,6 +113,7 @@ WRITERS: dict[str, Callable[[Sequence[Row], str, Sequence[str]], Written]] = {
     "unanswerable_train": lambda rows, root, names: write_unanswerable_jsonl(
         rows, root, UNANSWERABLE_TRAIN_FILE, names, with_choices=False
     ),
+    "vizwiz_train": lambda rows, root, names: write_vizwiz(rows, root, "train"),
     "vqav2_val": lambda rows, root, names: write_vqav2(rows, root, "val2014"),
     "aokvqa": write_aokvqa,
     "gqa": lambda rows, root, names: write_gqa(rows, root),
@@ -149,6 +154,7 @@ def assign(rows: Sequence[Row]) -> dict[str, list[Row]]:
         "scienceqa": perception[len(perception) - n_mc :],
         "oven": [r for r in train if r.answer is not None and r.family == "name_of"],
         "unanswerable_train": [r for r in train if r.answer is None],
+        "vizwiz_train": by_set.get("shapes_val", []),
         "vqav2_val": by_set.get("shapes_id_test", []),
         "aokvqa": aokvqa,
         "gqa": gqa,

@@ -204,21 +204,28 @@ def write_mmbench(rows: Sequence[Row], root: str, names: Sequence[str]) -> Writt
 
 # --- VizWiz ---------------------------------------------------------------------------------------------
 
-VIZWIZ_FILE = "vizwiz/val.json"
-VIZWIZ_IMAGES = "vizwiz/val"
+
+def vizwiz_paths(part: str) -> tuple[str, str]:
+    """(annotations, image folder) of VizWiz's `part` ("val" or "train"), relative to the data root."""
+    return f"vizwiz/{part}.json", f"vizwiz/{part}"
 
 
-def write_vizwiz(rows: Sequence[Row], root: str) -> Written:
-    """Answerable and unanswerable rows shuffled together (a fixed order), as in VizWiz's val.json.
+VIZWIZ_FILE, VIZWIZ_IMAGES = vizwiz_paths("val")
+
+
+def write_vizwiz(rows: Sequence[Row], root: str, part: str = "val") -> Written:
+    """Answerable and unanswerable rows shuffled together (a fixed order), as in VizWiz's val.json (or
+    train.json with `part` "train": the validation set of the rehearsal).
 
     Unanswerable rows carry ten "unanswerable" answers and answer_type "unanswerable", as VizWiz marks them.
     """
+    file, images = vizwiz_paths(part)
     out = Written()
     order = np.random.default_rng(0).permutation(len(rows))
     annotations = []
     for i, index in enumerate(order):
         row = rows[int(index)]
-        image = f"VizWiz_val_{i:08d}.jpg"
+        image = f"VizWiz_{part}_{i:08d}.jpg"
         answerable = row.answer is not None
         annotations.append(
             {
@@ -229,10 +236,10 @@ def write_vizwiz(rows: Sequence[Row], root: str) -> Written:
                 "answerable": int(answerable),
             }
         )
-        put_image(root, VIZWIZ_IMAGES, image, row.image, out)
+        put_image(root, images, image, row.image, out)
         out.key(image, row)
-    dump_json(root, VIZWIZ_FILE, annotations)
-    out.files[VIZWIZ_FILE] = len(annotations)
+    dump_json(root, file, annotations)
+    out.files[file] = len(annotations)
     return out
 
 
