@@ -26,7 +26,13 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["base", "refusal_prompt", "sft", "idk_it", "dpo1", "dpo2", "dpo3", "cadpo"]
-DATASETS = ["shapes_id_test", "shapes_ood_paraphrase", "shapes_ood_scene", "shapes_unanswerable"]
+DATASETS = [
+    "shapes_val",
+    "shapes_id_test",
+    "shapes_ood_paraphrase",
+    "shapes_ood_scene",
+    "shapes_unanswerable",
+]
 
 
 def test_pipeline_end_to_end_and_rerun(
@@ -63,7 +69,8 @@ def test_pipeline_end_to_end_and_rerun(
         assert (run_dir / "models" / method / "config.json").exists(), method
     report = (run_dir / "report.md").read_text()
     assert all(f"| {m} " in report for m in METHODS)
-    assert {"In-domain", "Out-of-domain"} <= {line.lstrip("# ").strip() for line in report.splitlines()}
+    headings = {line.lstrip("# ").strip() for line in report.splitlines()}
+    assert {"In-domain", "Out-of-domain", "Validation (where settings are chosen)"} <= headings
 
     again = run(run_dir, [], capsys)
     assert again.count("up to date, skipped") == 13, again
