@@ -32,9 +32,9 @@ rehearse: $(STAMP)
 	$(PY) -m jobs.rehearse --run-dir $(RUN_DIR)
 
 # The embedded default under seeds 0 1 2 (jobs/seeds.py): <RUN_DIR>/seed-<s> per run, <RUN_DIR>/seeds.md the
-# mean +- sd table and which orderings exceed seed noise. `make seeds SEEDS="0 1 2 3 4"` runs more.
+# mean +- sd table and which orderings exceed seed noise. `make seeds SEEDS=0,1,2,3,4` runs more.
 seeds: RUN_DIR = runs/seeds
-SEEDS ?= 0 1 2
+SEEDS ?= 0,1,2
 seeds: $(STAMP)
 	$(PY) -m jobs.seeds --config configs/tiny.yaml --run-dir $(RUN_DIR) --seeds $(SEEDS)
 

@@ -1,6 +1,6 @@
 """Run one config under several seeds and write the mean ± sd table, with which orderings exceed seed noise.
 
-    python -m jobs.seeds --config configs/tiny.yaml --run-dir runs/seeds [--seeds 0 1 2] [key=value ...]
+    python -m jobs.seeds --config configs/tiny.yaml --run-dir runs/seeds [--seeds 0,1,2] [key=value ...]
 
 Each seed is an ordinary main-job run under `<run-dir>/seed-<s>` with every seed of the config set to s
 (SEED_KEYS: the world, the tiny model's initialisation, base training, sampling, construction, training,
@@ -26,6 +26,14 @@ SEED_KEYS = (
 )
 
 
+def _seed_list(text: str) -> list[int]:
+    """`0,1,2` -> [0, 1, 2] (one argument, so the overrides after it stay overrides)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.seeds", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[-1],
@@ -35,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--run-dir", default="runs/seeds", help="parent of the per-seed run dirs (local or URI)"
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    parser.add_argument(
+        "--seeds", type=_seed_list, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides for every seed")
     return parser
 

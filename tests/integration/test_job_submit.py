@@ -143,4 +143,4 @@ def test_submit_prepare_stage(head_node: tuple[str, dict[str, str]], tmp_path: P
     )
     assert status.stdout.strip() == "SUCCEEDED", status.stdout + status.stderr
     items = dio.read_table(str(run_dir / "items"))
-    assert items.num_rows == 30 + 20 + 10 + 10 + 10 + 10
+    assert items.num_rows == 30 + 20 + 10 + 10 + 10 + 10 + 10  # pretrain, train, val, the four test sets

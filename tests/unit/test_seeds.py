@@ -106,6 +106,6 @@ def test_every_seed_key_is_a_config_field() -> None:
 
 def test_cli_refuses_a_seed_override_and_repeated_seeds(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", "configs/tiny.yaml", "--run-dir", "unused", "train.seed=3"]) == 2
-    assert main(["--config", "configs/tiny.yaml", "--run-dir", "unused", "--seeds", "1", "1"]) == 2
+    assert main(["--config", "configs/tiny.yaml", "--run-dir", "unused", "--seeds", "1,1"]) == 2
     err = capsys.readouterr().err
     assert "train.seed" in err and "repeats" in err
