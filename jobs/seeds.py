@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from inbol_ray import methods as M
     from inbol_ray.config import ConfigError, load_config
     from inbol_ray.data import io as dio
-    from inbol_ray.eval.report import read_item_keys, recipe_section
+    from inbol_ray.eval.report import dataset_splits, read_item_keys, recipe_section
     from inbol_ray.eval.seeds import seeds_markdown, stack
     from inbol_ray.run_layout import RunLayout
     from jobs import pipeline
@@ -90,16 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         layout = RunLayout.of(cfg, run_dir)
         metrics[seed] = dio.read_table(layout.metrics).to_pandas()
-        keys = read_item_keys(layout.items).drop_duplicates("dataset")
-        splits[seed] = dict(zip(keys["dataset"], keys["split"], strict=True))
+        splits[seed] = dataset_splits(read_item_keys(layout.items))
     stacked = stack(metrics, splits)
     assert cfg is not None
     recipe = recipe_section(cfg, M.training_order(cfg.eval.methods, cfg.train.dpo_init))
     text = seeds_markdown(stacked, recipe)
     dio.write_table(pa.Table.from_pandas(stacked, preserve_index=False), dio.join(root, "seeds.parquet"))
-    fs, path = dio.resolve(dio.join(root, "seeds.md"))
-    with fs.open_output_stream(path) as out:
-        out.write((text + "\n").encode())
+    dio.write_bytes(dio.join(root, "seeds.md"), (text + "\n").encode())
     print(text)
     print(f"seeds: table written to {dio.join(root, 'seeds.md')}")
     return 0

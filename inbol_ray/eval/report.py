@@ -353,6 +353,11 @@ def read_item_keys(items_uri: str) -> pd.DataFrame:
     return dio.read_table(items_uri, columns=[S.ID, S.DATASET, S.SPLIT, S.ANSWERABLE]).to_pandas()
 
 
+def dataset_splits(keys: pd.DataFrame) -> dict[str, str]:
+    """data set -> split, from `read_item_keys`' frame: what every table groups sets by (never names)."""
+    return keys.drop_duplicates(S.DATASET).set_index(S.DATASET)[S.SPLIT].to_dict()
+
+
 def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) -> str:
     """Write the layout's `report.md` and figures from the run's metrics, predictions and base confidence.
 
@@ -366,7 +371,7 @@ def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) 
     methods = method_order(cfg.eval.methods)
     metrics = dio.read_table(layout.metrics).to_pandas()
     keys = read_item_keys(layout.items)
-    splits = keys.drop_duplicates(S.DATASET).set_index(S.DATASET)[S.SPLIT].to_dict()
+    splits = dataset_splits(keys)
     conf_uri = layout.base_confidence
     boundary, links, note = None, [], ""
     if dio.exists(conf_uri):

@@ -20,15 +20,10 @@ from dataclasses import dataclass
 import pandas as pd
 
 from inbol_ray import schema as S
-from inbol_ray.eval.report import markdown_table, method_order, short_names
+from inbol_ray.eval.report import SECTIONS, markdown_table, method_order, short_names
 
-SPLIT_TITLES = {
-    "val": "Validation",
-    "id_test": "In-domain",
-    "ood_test": "Out-of-domain",
-    "unanswerable_test": "Unanswerable",
-}
-"""The splits a seed table shows, in order; an unanswerable split shows RefR only (as the report)."""
+SPLIT_SECTIONS = {section.split: section for section in SECTIONS}
+"""The splits a seed table shows, in the report's order, titles and metrics (an unanswerable split: RefR)."""
 
 SEED = "seed"
 SPLIT = "split"
@@ -41,12 +36,6 @@ class Quantity:
     method: str
     split: str
     metric: str
-
-    def label(self) -> str:
-        names = {S.ACC: "Acc", S.REFR: "RefR", S.S_TRUST: "s_trust"}
-        return (
-            f"{self.method} {SPLIT_TITLES.get(self.split, self.split)} {names.get(self.metric, self.metric)}"
-        )
 
 
 @dataclass(frozen=True)
@@ -77,25 +66,35 @@ class Claim:
         return mean + 2 * se < 0 if self.below else mean - 2 * se >= self.margin
 
 
-def _q(method: str, split: str, metric: str) -> Quantity:
-    return Quantity(method, split, metric)
-
-
 OOD, UNANS = "ood_test", "unanswerable_test"
 PAPER_ORDERINGS: tuple[Claim, ...] = (
-    Claim("CA-DPO OOD s_trust >= SFT's", _q("cadpo", OOD, S.S_TRUST), _q("sft", OOD, S.S_TRUST)),
-    Claim("CA-DPO OOD s_trust >= IDK-IT's", _q("cadpo", OOD, S.S_TRUST), _q("idk_it", OOD, S.S_TRUST)),
+    Claim("CA-DPO OOD s_trust >= SFT's", Quantity("cadpo", OOD, S.S_TRUST), Quantity("sft", OOD, S.S_TRUST)),
+    Claim(
+        "CA-DPO OOD s_trust >= IDK-IT's",
+        Quantity("cadpo", OOD, S.S_TRUST),
+        Quantity("idk_it", OOD, S.S_TRUST),
+    ),
     Claim(
         "CA-DPO OOD s_trust >= base + 10",
-        _q("cadpo", OOD, S.S_TRUST),
-        _q("base", OOD, S.S_TRUST),
+        Quantity("cadpo", OOD, S.S_TRUST),
+        Quantity("base", OOD, S.S_TRUST),
         margin=0.10,
     ),
-    Claim("SFT OOD Acc within 5 of the base's", _q("sft", OOD, S.ACC), _q("base", OOD, S.ACC), within=0.05),
-    Claim("IDK-IT OOD RefR > CA-DPO's", _q("idk_it", OOD, S.REFR), _q("cadpo", OOD, S.REFR), margin=1e-9),
-    Claim("IDK-IT unanswerable RefR >= 70%", _q("idk_it", UNANS, S.REFR), 0.70),
-    Claim("CA-DPO unanswerable RefR >= 70%", _q("cadpo", UNANS, S.REFR), 0.70),
-    Claim("base unanswerable RefR < 30%", _q("base", UNANS, S.REFR), 0.30, below=True),
+    Claim(
+        "SFT OOD Acc within 5 of the base's",
+        Quantity("sft", OOD, S.ACC),
+        Quantity("base", OOD, S.ACC),
+        within=0.05,
+    ),
+    Claim(
+        "IDK-IT OOD RefR > CA-DPO's",
+        Quantity("idk_it", OOD, S.REFR),
+        Quantity("cadpo", OOD, S.REFR),
+        margin=1e-9,
+    ),
+    Claim("IDK-IT unanswerable RefR >= 70%", Quantity("idk_it", UNANS, S.REFR), 0.70),
+    Claim("CA-DPO unanswerable RefR >= 70%", Quantity("cadpo", UNANS, S.REFR), 0.70),
+    Claim("base unanswerable RefR < 30%", Quantity("base", UNANS, S.REFR), 0.30, below=True),
 )
 """The paper's findings the embedded default should reproduce (issue 16's done-when)."""
 
@@ -117,7 +116,7 @@ def stack(per_seed: Mapping[int, pd.DataFrame], splits: Mapping[int, Mapping[str
         frame = metrics[[S.METHOD, S.DATASET, S.N, S.ACC, S.REFR, S.S_TRUST]].copy()
         frame[SEED] = seed
         frame[SPLIT] = frame[S.DATASET].map(dict(splits[seed]))
-        frames.append(frame[frame[SPLIT].isin(list(SPLIT_TITLES))])
+        frames.append(frame[frame[SPLIT].isin(list(SPLIT_SECTIONS))])
     return pd.concat(frames, ignore_index=True)
 
 
@@ -187,11 +186,11 @@ def seeds_markdown(stacked: pd.DataFrame, recipe: Sequence[str] = ()) -> str:
         "construction and training seeds all set to the seed). Cells: mean ± sd over seeds, in %.",
         "",
     ]
-    for split, title in SPLIT_TITLES.items():
+    for split, section in SPLIT_SECTIONS.items():
         part = table[table[SPLIT] == split]
         if part.empty:
             continue
-        metric = S.REFR if split == UNANS else S.S_TRUST
+        metric = S.S_TRUST if S.S_TRUST in section.columns else section.columns[0]
         sets = sorted(d for d in part[S.DATASET].unique() if not d.startswith("avg:"))
         labels = short_names(sets)
         columns = [(d, labels[d]) for d in sets] + ([(f"avg:{split}", "Avg")] if len(sets) > 1 else [])
@@ -209,7 +208,7 @@ def seeds_markdown(stacked: pd.DataFrame, recipe: Sequence[str] = ()) -> str:
                 row = index.loc[(method, key)] if hit else None
                 cells.append(_cell(row[f"{m}_mean"], row[f"{m}_sd"]) if hit else "–")
             rows.append([method, *cells])
-        out += [f"## {title}", "", markdown_table(header, rows), ""]
+        out += [f"## {section.title}", "", markdown_table(header, rows), ""]
     claims = claim_rows(stacked)
     if not claims.empty:
         out += [
