@@ -52,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     text = comparison_markdown(frame, args.run_a, args.run_b, args.level)
     print(text)
     if args.out:
-        fs, path = dio.resolve(args.out)
-        with fs.open_output_stream(path) as out:
-            out.write((text + "\n").encode())
+        dio.write_bytes(args.out, (text + "\n").encode())
         if args.out.endswith(".md"):
             dio.write_table(pa.Table.from_pandas(frame, preserve_index=False), args.out[:-3] + ".parquet")
     return 0
