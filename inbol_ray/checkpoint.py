@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -42,8 +43,11 @@ def _is_file(location: str) -> bool:
 def local_dir(location: str) -> str:
     """A local directory holding `location`'s files: the path itself, or a cached copy of a remote one.
 
-    The copy is keyed by the URI and refreshed when the remote file listing (names, sizes) changes, so a
-    retrained checkpoint is fetched again and an unchanged one is not.
+    The copy is keyed by the URI and by the remote file listing (names, sizes), so a retrained checkpoint
+    is fetched again and an unchanged one is not. Several processes on a node (sampler actors, Serve
+    replicas) ask for the same checkpoint at once: each copies into a private temporary folder and renames
+    it into place, so no reader ever sees a half-copied safetensors file; the loser of the race drops its
+    copy and uses the winner's.
     """
     if not dio.is_uri(location) or location.startswith("file://"):
         return dio.resolve(location)[1]
@@ -56,18 +60,28 @@ def local_dir(location: str) -> str:
     if not listing:
         raise FileNotFoundError(f"checkpoint not found or empty: {location}")
     root = os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(), "inbol-checkpoints")
-    out = os.path.join(root, hashlib.sha256(location.encode()).hexdigest()[:16])
     stamp = json.dumps({"uri": location, "files": listing})
-    marker = os.path.join(out, ".inbol_copied_from.json")
-    if os.path.exists(marker):
-        with open(marker) as f:
-            if f.read() == stamp:
-                return out
-    os.makedirs(out, exist_ok=True)
-    pafs.copy_files(path, out, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    with open(marker, "w") as f:
-        f.write(stamp)
+    out = os.path.join(root, _digest(location), _digest(stamp))
+    if os.path.isdir(out):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".copy-", dir=os.path.dirname(out))
+    try:
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        with open(os.path.join(tmp, ".inbol_copied_from.json"), "w") as f:
+            f.write(stamp)
+        os.rename(tmp, out)
+    except OSError:
+        if not os.path.isdir(out):  # a real copy failure, not a lost race
+            raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def upload_dir(local: str, location: str) -> str:

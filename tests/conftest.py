@@ -7,6 +7,10 @@ built once; tests that need a trained model build their own small one from `tiny
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +20,61 @@ from inbol_ray.runtime import quiet_env
 quiet_env()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory: pytest.TempPathFactory):
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):
+    """moto's S3-compatible server on a loopback port, named by the standard `AWS_ENDPOINT_URL`.
+
+    Started before the session's Ray (`ray_local` depends on it) because Ray's workers take their
+    environment from the process that starts Ray: that is how a user's workers see the endpoint too. Dummy
+    credentials, and a checkpoint cache inside the session's temp folder, never the user's `/tmp`.
+    """
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        # This interpreter's moto, not whatever `moto_server` is first on PATH (a pyenv shim ran another
+        # Python's older moto, whose CompleteMultipartUpload reply pyarrow rejects).
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start (see {log.name})") from None
+                time.sleep(0.2)
+        os.environ.update(
+            {
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true",
+                "INBOL_CHECKPOINT_CACHE": str(tmp_path_factory.mktemp("checkpoint_cache")),
+            }
+        )
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str):
     """A real local Ray on 2 CPUs bound to 127.0.0.1, shut down at the end of the session."""
     import ray
 
