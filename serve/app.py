@@ -27,6 +27,8 @@ from ray.serve.handle import DeploymentHandle
 from inbol_ray import checkpoint as ckpt
 from inbol_ray.config import Config, ServeConfig, load_config
 from inbol_ray.data import io as dio
+from inbol_ray.generation.stage import actor_options
+from inbol_ray.run_layout import RunLayout
 from inbol_ray.runtime import quiet_env
 from serve.api import DEMO_PATH, ApiError, Limits, build_http_app
 from serve.model import RefusalAwareModel, bind_replica_grpc_to_node_ip, choose_engine
@@ -35,7 +37,7 @@ DEPLOYMENT_NAME = "RefusalAwareModel"
 """Name the RayService manifest (cluster/rayservice.yaml) and serve_config.yaml override settings by."""
 INGRESS_NAME = "Ingress"
 APP_NAME = "inbol"
-BUILD_ARGS = ("checkpoint", "config", "base", "engine", "overrides")
+BUILD_ARGS = ("checkpoint", "method", "config", "base", "engine", "overrides")
 
 
 # --- the ingress -------------------------------------------------------------------------------------
@@ -114,16 +116,24 @@ def model_name(checkpoint: str) -> str:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve application builder (`import_path: serve.app:build_app`).
 
-    args: `checkpoint` (else env INBOL_CHECKPOINT), `config` (YAML; defaults otherwise), `base` (base
-    model of an adapter), `engine` (auto | transformers | vllm), `overrides` (dotted config overrides).
+    args: `checkpoint` (else env INBOL_CHECKPOINT), or `method`: that method's model in the config's run
+    directory (`cadpo` -> `<run_dir>/models/cadpo`, `base` -> the run's base model), so a cluster names its
+    shared storage once, in the config; `config` (YAML file or list of files layered; defaults otherwise),
+    `base` (base model of an adapter), `engine` (auto | transformers | vllm), `overrides` (dotted config
+    overrides).
     """
     unknown = sorted(set(args) - set(BUILD_ARGS))
     if unknown:
         raise ValueError(f"unknown build_app args {unknown}; expected {', '.join(BUILD_ARGS)}")
-    checkpoint = args.get("checkpoint") or os.environ.get("INBOL_CHECKPOINT")
-    if not checkpoint:
-        raise ValueError("no checkpoint: pass args.checkpoint or set INBOL_CHECKPOINT")
     cfg = load_config(args.get("config"), list(args.get("overrides") or []))
+    if args.get("checkpoint") and args.get("method"):
+        raise ValueError("pass args.checkpoint or args.method, not both")
+    if args.get("method"):
+        checkpoint = RunLayout.of(cfg).eval_model(args["method"])
+    else:
+        checkpoint = args.get("checkpoint") or os.environ.get("INBOL_CHECKPOINT")
+    if not checkpoint:
+        raise ValueError("no checkpoint: pass args.checkpoint, args.method or set INBOL_CHECKPOINT")
     checkpoint = dio.absolute(checkpoint)
     base = dio.absolute(args["base"]) if args.get("base") else None
     engine = args.get("engine", "auto")
@@ -132,8 +142,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     model = ModelDeployment.options(
         autoscaling_config=autoscaling_config(cfg.serve),
         max_ongoing_requests=cfg.serve.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.sampling.cpus_per_actor, "num_gpus": cfg.sampling.gpus_per_actor},
+        ray_actor_options=actor_options(cfg.sampling),
     ).bind(checkpoint, cfg, base, engine)
     return IngressDeployment.options(
         max_ongoing_requests=ingress_capacity(cfg.serve), ray_actor_options={"num_cpus": 0}
-    ).bind(model, cfg, model_name(checkpoint))
+    ).bind(model, cfg, args.get("method") or model_name(checkpoint))

@@ -54,6 +54,10 @@ class SamplingConfig:
     """GPUs each sampler actor reserves (0 on CPU)."""
     cpus_per_actor: float = 1.0
     """CPUs each sampler actor reserves; its torch threads = max(1, int(this))."""
+    accelerator_type: str = ""
+    """GPU type the generating actors (sampling, evaluation, Serve replicas) must run on, e.g. `L40S`
+    (Ray's `accelerator_type:<type>` resource; "" = any). On an autoscaling cluster this is what steers
+    them to the node type that offers it (configs/cluster.yaml, cluster/)."""
     gpu_memory_utilization: float = 0.85
     """vLLM on GPU: share of GPU memory the engine may take."""
     max_model_len: int = 2048
@@ -159,6 +163,9 @@ class TrainConfig:
     """Clip the global gradient norm to this (0 = no clipping; the norm is logged either way)."""
     cpus_per_worker: float = 1.0
     """Ray Train workers' (and reference scorers') CPU reservation; torch threads = max(1, round(this))."""
+    accelerator_type: str = ""
+    """GPU type the Ray Train workers and reference scorers must run on, e.g. `H100` ("" = any): keeps
+    an 8-worker DDP group on the training node type instead of spread over single-GPU sampling nodes."""
     tensorboard: bool = False
     """Also write per-step scalars to `<model out dir>/tensorboard` (metrics.jsonl is always written)."""
     warmup_ratio: float = 0.0

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from inbol_ray import checkpoint
-from inbol_ray.config import Config
+from inbol_ray.config import Config, SamplingConfig
 from inbol_ray.data import io as dio
 from inbol_ray.generation.actor import JOB, Decoding, GenerateActor
 from inbol_ray.generation.checks import check_units
@@ -64,6 +64,17 @@ LIGHT_TASKS = 2
 """Concurrent read/check and grade tasks: they are light next to generation (see the module docstring)."""
 GRADE_BATCHES = 4
 """Actor batches per grading task: one task per actor batch cost ~20 s of 60 in a 3000-answer pass here."""
+
+
+def actor_options(sc: SamplingConfig) -> dict[str, Any]:
+    """What one generating actor reserves: the sampler and evaluator actors here, and Serve's model
+    replicas (serve/app.py), which hold the same engine. Keys as Ray's actor options take them."""
+    options: dict[str, Any] = {"num_cpus": sc.cpus_per_actor}
+    if sc.gpus_per_actor:
+        options["num_gpus"] = sc.gpus_per_actor
+    if sc.accelerator_type:
+        options["accelerator_type"] = sc.accelerator_type
+    return options
 
 
 @dataclass(frozen=True)
@@ -260,8 +271,7 @@ def run_generations(
                 batch_format="pyarrow",
                 batch_size=sc.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=actors),
-                num_cpus=sc.cpus_per_actor,
-                num_gpus=sc.gpus_per_actor or None,
+                **actor_options(sc),
                 fn_constructor_kwargs={
                     "model_dirs": [job.model_dir for job in jobs],
                     "sampling": sc,

@@ -107,6 +107,7 @@ def run_reference_pass(
         compute=ActorPoolStrategy(size=actors),
         num_cpus=tc.cpus_per_worker if not tc.use_gpu else 1,
         num_gpus=1 if tc.use_gpu else 0,
+        accelerator_type=tc.accelerator_type or None,
     )
     # Collected in the driver and written as one table (atomic on every filesystem): Ray Data's write tasks
     # want a CPU that the scorer actors may all hold on a small machine, and a folder move fails on S3.

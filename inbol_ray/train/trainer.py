@@ -115,6 +115,11 @@ def _check_table(table_uri: str, method: str) -> None:
         raise ValueError(f"{method}: table {table_uri} lacks column(s) {missing}{hint}")
 
 
+def worker_resources(train: TrainConfig) -> dict[str, float]:
+    """What one Ray Train worker reserves (its GPU type is ScalingConfig's `accelerator_type`)."""
+    return {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+
+
 def _trainer(spec: LoopSpec, table_uri: str, storage: str, name: str):
     import ray.data
     import ray.train
@@ -127,7 +132,8 @@ def _trainer(spec: LoopSpec, table_uri: str, storage: str, name: str):
         else ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+            resources_per_worker=worker_resources(cfg),
+            accelerator_type=cfg.accelerator_type or None,
         )
     )
     fs, storage_path = dio.resolve(storage)

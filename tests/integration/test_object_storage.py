@@ -103,11 +103,16 @@ def test_pipeline_and_serve_on_s3(
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         checkpoint = f"{RUN}/models/cadpo"
-        app = build_app({"checkpoint": checkpoint, "config": str(ROOT / "configs" / "tiny.yaml")})
+        # As cluster/rayservice.yaml does: the run's config and a method, no checkpoint path of its own.
+        app = build_app(
+            {"config": [str(ROOT / "configs" / "tiny.yaml")], "overrides": [f"run_dir={RUN}"], "method": "cadpo"}
+        )
         serve.run(app, name=APP_NAME, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         ready = requests.get(f"{url}/readyz", timeout=60)
         assert ready.status_code == 200 and ready.json()["checkpoint"] == checkpoint, ready.text
+        models = requests.get(f"{url}/v1/models", timeout=60).json()
+        assert [m["id"] for m in models["data"]] == ["cadpo"]
         image = dio.read_table(f"{RUN}/items", columns=["image"])["image"][0].as_py()
         r = requests.post(
             f"{url}/v1/answer",

@@ -1,8 +1,27 @@
-"""Cluster configs: the autoscaler YAML against the schema shipped inside `ray`, KubeRay manifests' fields."""
+"""Cluster files run the shipped configs: the resources they offer cover what the code requests.
+
+Checked for every file under cluster/:
+- the Ray autoscaler YAML against the schema shipped inside `ray`; the KubeRay manifests against the ray.io/v1
+  CRD schemas of RayJob and RayService (tests/fixtures/kuberay, tools/kuberay_schemas.py), unknown fields
+  rejected as the API server would prune them; the RayService's Serve config against Ray Serve's schema;
+- each stage's demand, computed by the functions the code itself reserves resources with
+  (`generation.stage.actor_options`, `train.trainer.worker_resources`), fits the node types or worker groups
+  that offer its GPU type, at their maximum size: sampling and evaluation (`sampling.num_actors` actors),
+  training and the reference pass (`train.num_workers` workers), Serve (`serve.max_replicas` replicas);
+- autoscaling is on; Serve gets the config files and a method whose checkpoint the run layout names;
+- the install pins torch, ray, transformers and vllm as pyproject.toml does; storage and GPU types are named
+  in configs/cluster.yaml only.
+"""
 
 from __future__ import annotations
 
+import gzip
 import json
+import math
+import re
+import shlex
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -10,66 +29,350 @@ import pytest
 import ray
 import yaml
 
-CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
+from inbol_ray import methods as M
+from inbol_ray.config import Config, load_config
+from inbol_ray.generation.stage import actor_options
+from inbol_ray.train.trainer import worker_resources
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster"
+KUBERAY = ROOT / "tests" / "fixtures" / "kuberay"
+IMAGE_ROOT = "/home/ray/inbol-ray"
+"""Where cluster/Dockerfile puts the repository inside the image (its WORKDIR)."""
+PINNED = ("torch", "ray", "transformers", "vllm")
 
 
-def test_autoscaler_config_matches_rays_schema() -> None:
-    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
-    config = yaml.safe_load((CLUSTER / "gpu-cluster.yaml").read_text())
-    jsonschema.validate(config, schema)
-    types = config["available_node_types"]
-    assert config["head_node_type"] in types
-    gpu_types = [t for t in types.values() if t.get("resources", {}).get("GPU", 0) > 0]
-    assert len(gpu_types) >= 2, "separate GPU worker types for sampling and training"
-
-
-def test_autoscaler_schema_rejects_a_broken_config() -> None:
-    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
-    config = yaml.safe_load((CLUSTER / "gpu-cluster.yaml").read_text())
-    del config["provider"]
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(config, schema)
-
-
-def _manifest(name: str) -> dict:
+def _yaml(name: str) -> dict:
     return yaml.safe_load((CLUSTER / name).read_text())
 
 
-def test_rayjob_manifest() -> None:
-    job = _manifest("rayjob.yaml")
-    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
-    spec = job["spec"]
-    assert spec["entrypoint"].startswith("python -m jobs.pipeline --config configs/")
-    config_path = spec["entrypoint"].split("--config ")[1].split()[0]
-    assert (CLUSTER.parent / config_path).is_file()
-    cluster = spec["rayClusterSpec"]
+def _repo_path(image_path: str) -> Path:
+    assert image_path.startswith(IMAGE_ROOT + "/"), f"{image_path} is not inside the image's {IMAGE_ROOT}"
+    return ROOT / image_path.removeprefix(IMAGE_ROOT + "/")
+
+
+# --- what the code requests -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Demand:
+    stage: str
+    count: int
+    bundle: dict[str, float]
+
+
+def _bundle(cpus: float, gpus: float, accelerator: str) -> dict[str, float]:
+    bundle = {"CPU": cpus, "GPU": gpus}
+    if accelerator:
+        bundle[f"accelerator_type:{accelerator}"] = 0.001  # what Ray adds for an accelerator_type option
+    return {k: v for k, v in bundle.items() if v}
+
+
+def demands(cfg: Config) -> list[Demand]:
+    gen = actor_options(cfg.sampling)
+    generating = _bundle(gen["num_cpus"], gen.get("num_gpus", 0), gen.get("accelerator_type", ""))
+    worker = worker_resources(cfg.train)
+    training = _bundle(worker["CPU"], worker.get("GPU", 0), cfg.train.accelerator_type)
+    return [
+        Demand("sampling/evaluation", cfg.sampling.num_actors, generating),
+        Demand("training/reference", cfg.train.num_workers, training),
+    ]
+
+
+def serve_demand(cfg: Config) -> Demand:
+    gen = actor_options(cfg.sampling)
+    return Demand(
+        "serve",
+        cfg.serve.max_replicas,
+        _bundle(gen["num_cpus"], gen.get("num_gpus", 0), gen.get("accelerator_type", "")),
+    )
+
+
+# --- what a cluster offers --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    max_nodes: int
+    resources: dict[str, float]
+
+
+def capacity(demand: Demand, groups: list[Group]) -> int:
+    """How many of `demand`'s bundles the groups hold at their maximum size (bundles do not span nodes)."""
+    total = 0
+    for g in groups:
+        per_node = min(
+            (math.floor(g.resources.get(k, 0.0) / v + 1e-9) for k, v in demand.bundle.items()), default=0
+        )
+        total += per_node * g.max_nodes
+    return total
+
+
+def autoscaler_groups(config: dict) -> list[Group]:
+    cap = config["max_workers"]
+    return [
+        Group(name, min(t.get("max_workers", cap), cap), {k: float(v) for k, v in t["resources"].items()})
+        for name, t in config["available_node_types"].items()
+        if name != config["head_node_type"]
+    ]
+
+
+def _quantity(text: str) -> float:
+    return float(text)  # CPU and GPU limits here are whole numbers ("8"); millicores would need more
+
+
+def kuberay_groups(cluster_spec: dict) -> list[Group]:
+    groups = []
+    for wg in cluster_spec["workerGroupSpecs"]:
+        params = wg.get("rayStartParams", {})
+        (container,) = [c for c in wg["template"]["spec"]["containers"] if c["name"] == "ray-worker"]
+        limits = container["resources"]["limits"]
+        resources = {
+            "CPU": float(params.get("num-cpus", _quantity(limits["cpu"]))),
+            "GPU": float(params.get("num-gpus", _quantity(limits.get("nvidia.com/gpu", "0")))),
+        }
+        if "resources" in params:  # KubeRay's quirk: a JSON object inside a quoted string
+            resources.update(json.loads(json.loads(params["resources"])))
+        groups.append(Group(wg["groupName"], wg["maxReplicas"], resources))
+    return groups
+
+
+def _check_offers(demand: Demand, groups: list[Group], where: str) -> None:
+    have = capacity(demand, groups)
+    assert have >= demand.count, (
+        f"{where}: {demand.stage} requests {demand.count} x {demand.bundle}, the cluster holds {have} at most "
+        f"({[(g.name, g.max_nodes, g.resources) for g in groups]})"
+    )
+    fitting = [g.name for g in groups if capacity(Demand(demand.stage, 1, demand.bundle), [g])]
+    accel = [k for k in demand.bundle if k.startswith("accelerator_type:")]
+    assert accel, f"{demand.stage}: no accelerator_type, nothing steers it to its node type"
+    assert len(fitting) == 1, f"{where}: {demand.stage} fits {fitting}: the GPU type must pick one group"
+
+
+# --- the shipped configs, layered as the cluster files layer them -----------------------------------------
+
+CLUSTER_LAYER = ROOT / "configs" / "cluster.yaml"
+
+
+@pytest.fixture(scope="module", params=["llava-1.5-7b.yaml", "llava-1.5-13b.yaml"])
+def shipped(request) -> Config:
+    return load_config([ROOT / "configs" / request.param, CLUSTER_LAYER])
+
+
+def test_capacity_check_catches_a_short_cluster() -> None:
+    """The check itself: the old KubeRay file (2 one-GPU pods for 8 DDP workers) must fail it."""
+    short = [Group("gpu", 2, {"CPU": 16, "GPU": 1, "accelerator_type:H100": 1})]
+    demand = Demand("training", 8, {"CPU": 1, "GPU": 1, "accelerator_type:H100": 0.001})
+    with pytest.raises(AssertionError, match="holds 2 at most"):
+        _check_offers(demand, short, "short")
+    wrong_type = [Group("gpu", 8, {"CPU": 16, "GPU": 8, "accelerator_type:L40S": 1})]
+    assert capacity(demand, wrong_type) == 0
+
+
+# --- Ray autoscaler ---------------------------------------------------------------------------------------
+
+
+def _ray_schema() -> dict:
+    return json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+
+
+def test_autoscaler_config_matches_rays_schema() -> None:
+    config = _yaml("gpu-cluster.yaml")
+    jsonschema.validate(config, _ray_schema())
+    broken = dict(config)
+    del broken["provider"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, _ray_schema())
+
+
+def test_autoscaler_node_types_offer_what_the_configs_request(shipped: Config) -> None:
+    config = _yaml("gpu-cluster.yaml")
+    assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
+    groups = autoscaler_groups(config)
+    assert all(config["available_node_types"][g.name].get("min_workers", 0) == 0 for g in groups)
+    for demand in demands(shipped):
+        _check_offers(demand, groups, "gpu-cluster.yaml")
+    _check_offers(serve_demand(shipped), groups, "gpu-cluster.yaml")
+
+
+# --- KubeRay ------------------------------------------------------------------------------------------------
+
+
+def _crd_schema(kind: str) -> dict:
+    return json.loads(gzip.decompress((KUBERAY / f"{kind}.v1.schema.json.gz").read_bytes()))
+
+
+def unknown_fields(value, schema: dict, path: str = "") -> list[str]:
+    """Fields the CRD's structural schema does not declare (the API server would silently drop them)."""
+    if isinstance(value, list):
+        items = schema.get("items", {})
+        return [f for i, v in enumerate(value) for f in unknown_fields(v, items, f"{path}[{i}]")]
+    if not isinstance(value, dict):
+        return []
+    props = schema.get("properties")
+    if props is None:
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            return [f for k, v in value.items() for f in unknown_fields(v, extra, f"{path}.{k}")]
+        return []
+    found = []
+    for key, v in value.items():
+        if key in props:
+            found += unknown_fields(v, props[key], f"{path}.{key}")
+        elif not schema.get("x-kubernetes-preserve-unknown-fields"):
+            found.append(f"{path}.{key}")
+    return found
+
+
+@pytest.mark.parametrize(("name", "kind"), [("rayjob.yaml", "rayjobs"), ("rayservice.yaml", "rayservices")])
+def test_kuberay_manifests_match_the_crd_schema(name: str, kind: str) -> None:
+    manifest = _yaml(name)
+    assert manifest["apiVersion"] == "ray.io/v1"
+    schema = _crd_schema(kind)
+    jsonschema.validate(manifest, schema)
+    assert unknown_fields(manifest, schema) == []
+    typo = json.loads(json.dumps(manifest))
+    cluster = typo["spec"].get("rayClusterSpec") or typo["spec"]["rayClusterConfig"]
+    cluster["enableInTreeAutoscalling"] = True
+    assert unknown_fields(typo, schema) == [
+        f".spec.{'rayClusterSpec' if kind == 'rayjobs' else 'rayClusterConfig'}.enableInTreeAutoscalling"
+    ]
+
+
+def _check_kuberay_cluster(cluster: dict) -> list[Group]:
     assert cluster["rayVersion"] == ray.__version__
-    assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
-    workers = cluster["workerGroupSpecs"]
-    assert any(
-        "nvidia.com/gpu" in c["resources"]["limits"]
-        for w in workers
-        for c in w["template"]["spec"]["containers"]
-    )
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    images = {
+        c["image"]
+        for spec in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for c in spec["template"]["spec"]["containers"]
+    }
+    assert len(images) == 1, f"one image (cluster/Dockerfile) everywhere, got {images}"
+    return kuberay_groups(cluster)
 
 
-def test_rayservice_manifest_points_at_the_serve_app() -> None:
-    svc = _manifest("rayservice.yaml")
-    assert svc["apiVersion"] == "ray.io/v1" and svc["kind"] == "RayService"
+def test_rayjob_runs_the_shipped_config_with_room_for_every_stage() -> None:
+    job = _yaml("rayjob.yaml")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "jobs.pipeline"]
+    configs = [_repo_path(argv[i + 1]) for i, token in enumerate(argv) if token == "--config"]
+    assert all(c.is_file() for c in configs), configs
+    assert configs[-1] == CLUSTER_LAYER, "the cluster layer last: its storage and GPU types win"
+    cfg = load_config(configs)
+    groups = _check_kuberay_cluster(job["spec"]["rayClusterSpec"])
+    assert all(
+        wg["minReplicas"] == 0 and wg["replicas"] == 0
+        for wg in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    ), "an ephemeral job cluster starts its GPU groups empty; the autoscaler adds pods"
+    for demand in demands(cfg):
+        _check_offers(demand, groups, "rayjob.yaml")
+
+
+def test_rayservice_serves_a_run_of_the_shipped_config() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import BUILD_ARGS, DEPLOYMENT_NAME, INGRESS_NAME
+
+    svc = _yaml("rayservice.yaml")
     serve_config = yaml.safe_load(svc["spec"]["serveConfigV2"])
-    app = serve_config["applications"][0]
-    module, attr = app["import_path"].split(":")
-    assert (CLUSTER.parent / (module.replace(".", "/") + ".py")).is_file()
-    deployment = app["deployments"][0]
-    assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(
-        deployment["autoscaling_config"]
+    ServeDeploySchema.model_validate(serve_config)
+    (app,) = serve_config["applications"]
+    assert app["import_path"] == "serve.app:build_app"
+    args = app["args"]
+    assert set(args) <= set(BUILD_ARGS)
+    configs = [_repo_path(c) for c in args["config"]]
+    assert configs[-1] == CLUSTER_LAYER and all(c.is_file() for c in configs)
+    assert M.method(args["method"]).trained, "serve a trained method of the run"
+    for deployment in app.get("deployments", []):
+        assert deployment["name"] in (DEPLOYMENT_NAME, INGRESS_NAME)
+    cfg = load_config(configs)
+    groups = _check_kuberay_cluster(svc["spec"]["rayClusterConfig"])
+    _check_offers(serve_demand(cfg), groups, "rayservice.yaml")
+    assert min(wg["minReplicas"] for wg in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]) >= 1, (
+        "a service keeps one model replica's pod up"
     )
-    assert svc["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+
+
+# --- install pins and the one place storage is named ------------------------------------------------------
+
+
+def _pyproject_pins() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = [*project["dependencies"], *project["optional-dependencies"]["vllm"]]
+    pins = {}
+    for req in reqs:
+        m = re.match(r"^([A-Za-z0-9_.-]+)(\[[^\]]*\])?(.*)$", req)
+        name = m.group(1).lower()
+        if name in PINNED:
+            pins[name] = m.group(3).replace(" ", "")
+    assert set(pins) == set(PINNED), pins
+    return pins
+
+
+def _pip_installs(commands: list[str]) -> list[list[str]]:
+    out = []
+    for command in commands:
+        for part in re.split(r"&&|;", command):
+            argv = shlex.split(part.replace("\\\n", " "))
+            if argv[:2] == ["pip", "install"]:
+                out.append(argv[2:])
+    return out
+
+
+def _check_installs(installs: list[list[str]], where: str) -> None:
+    pins = _pyproject_pins()
+    named = {}
+    project_extras = []
+    for argv in installs:
+        for token in argv:
+            if token.startswith((".", "$HOME", "/", "~")):  # the project itself, maybe with extras
+                project_extras.append(token.rsplit("[", 1)[1] if token.endswith("]") else "")
+                continue
+            m = re.match(r"^([A-Za-z0-9_.-]+)(\[[^\]]*\])?(.*)$", token)
+            if token.startswith("-") or m is None or "://" in token:
+                continue
+            if m.group(1).lower() in PINNED:
+                named[m.group(1).lower()] = m.group(3)
+    for name, spec in named.items():
+        assert spec == pins[name], f"{where}: installs {name}{spec}, pyproject.toml pins {name}{pins[name]}"
+    assert any("vllm" in extras for extras in project_extras), (
+        f"{where}: install the project with its vllm extra, so vllm's pin comes from pyproject.toml"
+    )
+
+
+def test_installs_pin_what_pyproject_pins() -> None:
+    _check_installs(_pip_installs(_yaml("gpu-cluster.yaml")["setup_commands"]), "gpu-cluster.yaml")
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    runs = [
+        line.split("RUN ", 1)[1]
+        for line in dockerfile.replace("\\\n", " ").splitlines()
+        if line.startswith("RUN ")
+    ]
+    _check_installs(_pip_installs(runs), "Dockerfile")
+    base = re.search(r"^FROM rayproject/ray:([0-9.]+)-", dockerfile, re.M)
+    assert base and base.group(1) == ray.__version__
+    assert f"WORKDIR {IMAGE_ROOT}" in dockerfile
+    with pytest.raises(AssertionError, match="pyproject.toml pins vllm"):
+        _check_installs([["vllm"], ["-e", ".[vllm]"]], "unpinned")
+
+
+def test_storage_and_gpu_types_are_named_in_the_cluster_layer_only() -> None:
+    layer = load_config([ROOT / "configs" / "llava-1.5-7b.yaml", CLUSTER_LAYER])
+    bucket = layer.run_dir.split("://", 1)[1].split("/", 1)[0]
+    assert layer.run_dir.startswith(("s3://", "gs://", "/")), layer.run_dir
+    for path in CLUSTER.iterdir():
+        text = path.read_text()
+        assert "s3://" not in text and bucket not in text, (
+            f"{path.name} names storage: keep it in configs/cluster.yaml"
+        )
+    assert layer.sampling.accelerator_type and layer.train.accelerator_type
 
 
 def test_runtime_env_is_loadable_by_ray() -> None:
     from ray.runtime_env import RuntimeEnv
 
-    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    env = _yaml("runtime_env.yaml")
     RuntimeEnv(**env)
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
