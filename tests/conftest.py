@@ -137,3 +137,24 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_config) -> Pa
     out = tmp_path_factory.mktemp("tiny_ckpt") / "model"
     build_tiny_checkpoint(out, tiny_config.model)
     return out
+
+
+GPU_DEVICE_ENV = "INBOL_GPU_TESTS_DEVICE"
+"""`cuda` by default; `cpu` runs tests/gpu's logic on a CPU machine (a check of the tests, not of CUDA)."""
+REQUIRE_GPU_ENV = "INBOL_REQUIRE_GPU"
+"""Set by `make test-gpu`: no CUDA there is an error, never a silently empty run."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The `gpu` tier (tests/gpu) runs where CUDA is (or INBOL_GPU_TESTS_DEVICE says where); on a CPU
+    machine its tests are deselected, so `make test` neither runs nor skips them."""
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get(GPU_DEVICE_ENV):
+        return
+    if os.environ.get(REQUIRE_GPU_ENV):
+        raise pytest.UsageError(f"{REQUIRE_GPU_ENV} is set but torch sees no CUDA device")
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
