@@ -1,13 +1,14 @@
-"""Checkpoints: resolve, copy, merge, fix the llava-hf layout and load, for training, evaluation, Serve and vLLM.
+"""Checkpoints: resolve, copy, fix the llava-hf layout and load, for training, evaluation, Serve and vLLM.
 
 What a "checkpoint" can be here, and what every consumer needs from it:
 - a merged HF directory (`config.json` + safetensors + processor files): loads as is;
 - a training output `<run_dir>/models/<method>/`: a merged HF directory and/or `adapter/` (LoRA);
 - a bare peft adapter directory, whose base is named in `adapter_config.json` (or passed explicitly).
-Engines differ: transformers can load base + adapter, vLLM on CPU and our samplers want one directory. So
-`resolve` says what a location holds, `merged` builds (once, cached by the adapter's file stamp) the one
-directory form, and `local_dir` copies a checkpoint from object storage (`s3://...`) to a local cache,
-because `from_pretrained` and vLLM read local files only.
+A LoRA run stores one base and an adapter per method, never merged copies (~14 GB each at 7B): every loader
+takes base + adapter. `load_model` / `load_for_training` merge the adapter in memory (transformers), vLLM
+serves it with a `LoRARequest` on the base (sampling/vllm_engine.py). `resolve` says what a location holds,
+`adapter_base` what an adapter's base is, and `local_dir` copies a checkpoint from object storage
+(`s3://...`) to a local cache, because `from_pretrained` and vLLM read local files only.
 
 Why `to_llava_hf_layout` lives here: transformers 5 saves the CLIP tower as `vision_tower.X`, vLLM's LLaVA
 loader expects llava-hf's `vision_tower.vision_model.X`; every writer of a checkpoint calls it.
@@ -28,7 +29,6 @@ from inbol_ray.data import io as dio
 
 ADAPTER_SUBDIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
-MERGE_STAMP = "_merged_from.json"
 CACHE_ENV = "INBOL_CHECKPOINT_CACHE"
 """Where checkpoints on object storage are copied to (default: `<tmp>/inbol-checkpoints`)."""
 
@@ -152,23 +152,6 @@ def stamp(location: str) -> list[tuple[str, int]]:
     return files
 
 
-def merged(location: str, cache: str, base: str | None = None, dtype: str = "float32") -> str:
-    """A directory every engine loads: `location` when it holds a full model, else its adapter merged into
-    its base once, cached at `cache` (local path or URI) and redone only when the adapter's files change."""
-    found = resolve(location, base)
-    if found.adapter_dir is None:
-        return location
-    want = json.dumps(stamp(found.adapter_dir))
-    marker = dio.join(cache, MERGE_STAMP)
-    if dio.exists(marker) and dio.read_bytes(marker).decode() == want:
-        return cache
-    with tempfile.TemporaryDirectory() as tmp:
-        merge_adapter(local_dir(found.model_dir), local_dir(found.adapter_dir), dtype, tmp)
-        upload_dir(tmp, cache)
-    dio.write_bytes(marker, want.encode())
-    return cache
-
-
 # --- writing ---------------------------------------------------------------------------------------------
 
 
@@ -207,43 +190,55 @@ def save_model(model, processor, out_dir: str) -> str:
     return out_dir
 
 
-def merge_adapter(base_dir: str, adapter: str, dtype: str, out_dir: str) -> str:
-    """Base + peft adapter merged into one local HF directory."""
-    from peft import PeftModel
-    from transformers import AutoProcessor
-
-    model = load_for_training(base_dir, dtype)
-    merged_model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return save_model(merged_model, AutoProcessor.from_pretrained(base_dir), out_dir)
-
-
 # --- loading ---------------------------------------------------------------------------------------------
 
 
-def load_model(location: str, dtype: str = "float32", device: str = "cpu"):
-    """(model, processor) for generation: eval mode, left padding, from a local dir or a URI."""
+def _with_adapter(model, found: Resolved):
+    """`model` (the base) with `found`'s adapter merged in memory, or as it is when there is none."""
+    if found.adapter_dir is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, local_dir(found.adapter_dir)).merge_and_unload()
+
+
+def load_model(location: str, dtype: str = "float32", device: str = "cpu", base: str | None = None):
+    """(model, processor) for generation: eval mode, left padding, from a local dir or a URI; an adapter
+    location loads its base and merges the adapter in memory (nothing written)."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    path = local_dir(location)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    found = resolve(location, base)
+    path = local_dir(found.model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = _with_adapter(model, found).to(device)
     model.eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
 
-def load_for_training(location: str, dtype: str = "float32"):
-    """The LLaVA model with an attention that accepts the shared-prefix block mask (sdpa)."""
+def load_for_training(location: str, dtype: str = "float32", merge_adapter: bool = True):
+    """The LLaVA model with an attention that accepts the shared-prefix block mask (sdpa); an adapter
+    location gives its base with the adapter merged in memory (`merge_adapter=False`: the bare base)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    return LlavaForConditionalGeneration.from_pretrained(
-        local_dir(location), dtype=getattr(torch, dtype), attn_implementation="sdpa"
+    found = resolve(location)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        local_dir(found.model_dir), dtype=getattr(torch, dtype), attn_implementation="sdpa"
     )
+    return _with_adapter(model, found) if merge_adapter else model
 
 
 def load_processor(location: str):
+    """The processor of a model, or of an adapter's base (adapters hold no processor files)."""
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(local_dir(location))
+    return AutoProcessor.from_pretrained(local_dir(resolve(location).model_dir))
+
+
+def adapter_base(location: str) -> str:
+    """The full model under `location`: itself, or the base its adapter applies to. What a LoRA trained
+    from `location` records as its base, so every method's adapter names the one base of the run."""
+    return resolve(location).model_dir

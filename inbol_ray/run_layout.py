@@ -117,10 +117,6 @@ class RunLayout:
     def base_confidence(self) -> str:
         return self.path("eval", "base_confidence")
 
-    def merged(self, method: str) -> str:
-        """Cache of an adapter merged into its base (engines that load full checkpoints only)."""
-        return self.path("eval", "merged", method)
-
     @property
     def predictions(self) -> str:
         return self.path("predictions.parquet")

@@ -15,8 +15,6 @@ Checkpoints are resolved, copied from object storage and merged by `inbol_ray.ch
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -132,17 +130,6 @@ class RefusalAwareModel:
         self.cfg = cfg
         self.checkpoint = checkpoint
         found = ckpt.resolve(checkpoint, base)
-        self._merged_dir: str | None = None
-        if found.adapter_dir is None:
-            model_dir = ckpt.local_dir(found.model_dir)  # a copy when the checkpoint is on object storage
-        else:  # engines load one directory: merge once per replica, removed on close
-            self._merged_dir = tempfile.mkdtemp(prefix="inbol-merged-")
-            model_dir = ckpt.merge_adapter(
-                ckpt.local_dir(found.model_dir),
-                ckpt.local_dir(found.adapter_dir),
-                cfg.model.dtype,
-                self._merged_dir,
-            )
         gpu = torch.cuda.is_available()
         try:
             import vllm  # noqa: F401
@@ -151,7 +138,15 @@ class RefusalAwareModel:
         except ImportError:
             vllm_installed = False
         self.engine = choose_engine(engine, gpu, vllm_installed)
-        self.sampler: Sampler | None = build_sampler(self.engine, model_dir, cfg.sampling, cfg.model.dtype)
+        # The engine loads the checkpoint itself: copied from object storage to a node-local cache, and an
+        # adapter applied to its base (merged in memory by transformers, a LoRARequest in vLLM).
+        self.sampler: Sampler | None = build_sampler(
+            self.engine,
+            checkpoint,
+            cfg.sampling,
+            cfg.model.dtype,
+            base=found.model_dir if found.adapter_dir else None,
+        )
         self.adapter = found.adapter_dir
         # One engine thread: calls run one at a time (the engines are not re-entrant, and on CPU two
         # concurrent generate calls would only fight over the same cores).
@@ -239,9 +234,6 @@ class RefusalAwareModel:
             self.sampler.close()
             self.sampler = None
         self._executor.shutdown(wait=False)
-        if self._merged_dir is not None:
-            shutil.rmtree(self._merged_dir, ignore_errors=True)
-            self._merged_dir = None
 
     def __del__(self) -> None:  # Serve calls this when a replica stops (downscaling, redeploy)
         if hasattr(self, "_executor"):

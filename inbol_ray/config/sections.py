@@ -157,8 +157,10 @@ class TrainConfig:
     """What CA-DPO and the DPO ablations start from (and use as their frozen reference): the IDK-IT model
     (InBoL's two steps: IDK-IT teaches the model to say a refusal, CA-DPO then places it by confidence) or
     the base model."""
-    merge: bool = True
-    """Also save a merged HF checkpoint (loadable by from_pretrained and vLLM)."""
+    merge: bool = False
+    """LoRA: also save a merged full copy of the model next to the adapter. Off, a LoRA run stores one base
+    and an adapter per method (MBs, not a 7B model's ~14 GB per method), and evaluation, Serve and the DPO
+    stages load base + adapter (vLLM through a LoRARequest). Full fine-tuning always writes a full model."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping; the norm is logged either way)."""
     cpus_per_worker: float = 1.0

@@ -10,8 +10,8 @@ methods); a vLLM engine gets a pass per method. Answers do not depend on batch s
 (fixed batch shapes, see `inbol_ray.model.generation`).
 
 Where things are (`RunLayout`): a method is evaluated with `layout.eval_model(method)` (its trained model,
-or the base for the untrained baselines); an adapter-only checkpoint is merged once into
-`layout.merged(method)` (`checkpoint.merged`). Its graded answers are shards under
+or the base for the untrained baselines); a LoRA method is its adapter, loaded on the base by the engine
+(never a merged copy on disk). Its graded answers are shards under
 `layout.eval_shards(method)`, reused on rerun while the checkpoint files, prompt, decoding and items are
 unchanged, so changing one checkpoint re-evaluates only that method. Then `layout.predictions` (model =
 method name, dataset, id, response, correct, refused) and `layout.metrics` (method, dataset, n, acc,
@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 import pandas as pd
 import pyarrow as pa
 
-from inbol_ray import checkpoint
 from inbol_ray import methods as M
 from inbol_ray import schema as S
 from inbol_ray.config import Config
@@ -140,10 +139,7 @@ def run_evaluation(
     chosen = list(methods or cfg.eval.methods)
     jobs = []
     for method in chosen:
-        model_dir = checkpoint.merged(
-            layout.eval_model(method), layout.merged(method), base=layout.base_model, dtype=cfg.model.dtype
-        )
-        jobs.append(eval_job(cfg, layout, method, model_dir, selection))
+        jobs.append(eval_job(cfg, layout, method, layout.eval_model(method), selection))
     # One pass for every method where the engine can switch models cheaply (transformers); vLLM engines
     # get a pass each, so the actor that held one engine exits and frees its GPU memory before the next.
     passes = [jobs] if cfg.sampling.engine == "transformers" else [[job] for job in jobs]

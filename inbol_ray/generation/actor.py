@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from inbol_ray import checkpoint
 from inbol_ray.config import SamplingConfig
 from inbol_ray.data import io as dio
 from inbol_ray.data.images import decode_image
@@ -100,8 +99,9 @@ class GenerateActor:
             self.sampler.close()
             self.sampler = None
             gc.collect()
-        path = checkpoint.local_dir(self.model_dirs[job])
-        self.sampler = build_sampler(self.sampling.engine, path, self.sampling, self.dtype)
+        # Any checkpoint location: the engines copy what is on object storage and load an adapter on its
+        # base themselves (in memory, or as a vLLM LoRARequest), so no merged copy is ever written.
+        self.sampler = build_sampler(self.sampling.engine, self.model_dirs[job], self.sampling, self.dtype)
         self.loaded = job
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -20,31 +20,38 @@ from inbol_ray.sampling.base import Sampler, check_request, item_seed, item_seed
 
 # Engines are imported when one is built: importing this package (for `item_seeds`, say, in a light Ray
 # task) must not pull in torch, which costs seconds per fresh worker process on a small machine.
-def _transformers(model_dir: str, cfg: SamplingConfig, dtype: str) -> Sampler:
+def _transformers(model_dir: str, cfg: SamplingConfig, dtype: str, base: str | None) -> Sampler:
     from inbol_ray.sampling.hf_engine import HFSampler
 
-    return HFSampler(model_dir, dtype=dtype)
+    return HFSampler(model_dir, dtype=dtype, base=base)
 
 
-def _vllm(model_dir: str, cfg: SamplingConfig, dtype: str) -> Sampler:
+def _vllm(model_dir: str, cfg: SamplingConfig, dtype: str, base: str | None) -> Sampler:
     from inbol_ray.sampling.vllm_engine import VLLMSampler
 
-    return VLLMSampler(model_dir, cfg, dtype=dtype)
+    return VLLMSampler(model_dir, cfg, dtype=dtype, base=base)
 
 
-ENGINES: dict[str, Callable[[str, SamplingConfig, str], Sampler]] = {
+ENGINES: dict[str, Callable[[str, SamplingConfig, str, str | None], Sampler]] = {
     "transformers": _transformers,
     "vllm": _vllm,
 }
 
 
 def build_sampler(
-    engine: str, model_dir: str, cfg: SamplingConfig | None = None, dtype: str = "float32"
+    engine: str,
+    model_dir: str,
+    cfg: SamplingConfig | None = None,
+    dtype: str = "float32",
+    base: str | None = None,
 ) -> Sampler:
-    """Load `model_dir` with the named engine (`transformers` | `vllm`); engine settings come from `cfg`."""
+    """Load `model_dir` with the named engine (`transformers` | `vllm`); engine settings come from `cfg`.
+
+    `model_dir` is any checkpoint location (`inbol_ray.checkpoint.resolve`): a full model, or a LoRA adapter
+    on its base (`base` overrides the base the adapter records), local or on object storage."""
     if engine not in ENGINES:
         raise ValueError(f"unknown sampling engine {engine!r}; expected one of {sorted(ENGINES)}")
-    return ENGINES[engine](str(model_dir), cfg or SamplingConfig(engine=engine), dtype)
+    return ENGINES[engine](str(model_dir), cfg or SamplingConfig(engine=engine), dtype, base)
 
 
 __all__ = [

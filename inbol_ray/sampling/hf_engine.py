@@ -28,9 +28,11 @@ class HFSampler:
 
     engine = "transformers"
 
-    def __init__(self, model_dir: str, *, dtype: str = "float32", device: str | None = None) -> None:
+    def __init__(
+        self, model_dir: str, *, dtype: str = "float32", device: str | None = None, base: str | None = None
+    ) -> None:
         self.model_dir = str(model_dir)
-        self.model, self.processor = load_model(self.model_dir, dtype, device or default_device())
+        self.model, self.processor = load_model(self.model_dir, dtype, device or default_device(), base)
 
     def generate(
         self,

@@ -16,12 +16,14 @@ hard way (DESIGN.md section 7) and applied only when no GPU is visible:
 from __future__ import annotations
 
 import gc
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
 
+from inbol_ray import checkpoint
 from inbol_ray.config import SamplingConfig
 from inbol_ray.model.generation import clean_response
 from inbol_ray.model.prompt import format_prompt
@@ -70,12 +72,28 @@ def engine_kwargs(model_dir: str, cfg: SamplingConfig, dtype: str, gpu: bool) ->
     return kwargs
 
 
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_kwargs(adapter_dir: str) -> dict[str, Any]:
+    """`vllm.LLM(...)` arguments that let it apply the adapter saved in `adapter_dir` (its rank sized)."""
+    with open(os.path.join(adapter_dir, checkpoint.ADAPTER_CONFIG)) as f:
+        rank = int(json.load(f)["r"])
+    # vLLM sizes its LoRA buffers for one of a few ranks: the smallest that holds this adapter's.
+    allowed = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not allowed:
+        raise ValueError(f"{adapter_dir}: LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
+    return {"enable_lora": True, "max_loras": 1, "max_lora_rank": allowed[0]}
+
+
 class VLLMSampler:
     """`Sampler` over an in-process `vllm.LLM`; one instance holds one engine."""
 
     engine = "vllm"
 
-    def __init__(self, model_dir: str, cfg: SamplingConfig, *, dtype: str = "float32") -> None:
+    def __init__(
+        self, model_dir: str, cfg: SamplingConfig, *, dtype: str = "float32", base: str | None = None
+    ) -> None:
         gpu = on_gpu()
         if not gpu:
             for key, value in CPU_ENV.items():
@@ -83,7 +101,18 @@ class VLLMSampler:
         from vllm import LLM
 
         self.model_dir = str(model_dir)
-        self.llm = LLM(**engine_kwargs(self.model_dir, cfg, dtype, gpu))
+        found = checkpoint.resolve(self.model_dir, base)
+        kwargs = engine_kwargs(checkpoint.local_dir(found.model_dir), cfg, dtype, gpu)
+        self.lora_request = None
+        if found.adapter_dir is not None:  # the base with the adapter applied per request, no merged copy
+            from vllm.lora.request import LoRARequest
+
+            adapter = checkpoint.local_dir(found.adapter_dir)
+            kwargs.update(lora_kwargs(adapter))
+            self.lora_request = LoRARequest(
+                os.path.basename(self.model_dir.rstrip("/")) or "adapter", 1, adapter
+            )
+        self.llm = LLM(**kwargs)
 
     def generate(
         self,
@@ -119,7 +148,7 @@ class VLLMSampler:
             )
             for i in range(len(requests))
         ]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.lora_request)
         return [
             [clean_response(c.text) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs
         ]

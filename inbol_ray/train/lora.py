@@ -33,10 +33,25 @@ TRAINABLE_FILE = "trainable.safetensors"
 
 def load_policy(model_dir: str, model_dtype: str, cfg: TrainConfig) -> nn.Module:
     """The start model in its training dtype with `prepare_policy` applied: the same policy in the workers
-    and in the export, so checkpointed tensors fit both."""
-    from inbol_ray.checkpoint import load_for_training
+    and in the export, so checkpointed tensors fit both.
 
-    return prepare_policy(load_for_training(model_dir, master_dtype(cfg, model_dtype)), cfg)
+    LoRA from a start that is itself an adapter (CA-DPO from IDK-IT's adapter): that adapter is loaded
+    trainable on the base and trained on, so the result is again one adapter on the run's one base; the
+    frozen reference (IDK-IT) is the same base + adapter, scored once by the reference pass. Full fine-tuning
+    from an adapter start merges it in memory first.
+    """
+    from inbol_ray.checkpoint import adapter_dir, load_for_training, local_dir
+
+    dtype = master_dtype(cfg, model_dtype)
+    adapter = adapter_dir(model_dir)
+    if not (cfg.lora and adapter):
+        return prepare_policy(load_for_training(model_dir, dtype), cfg)
+    base = load_for_training(model_dir, dtype, merge_adapter=False)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    policy = PeftModel.from_pretrained(base, local_dir(adapter), is_trainable=True)
+    _check_trainable(policy, cfg)
+    return policy
 
 
 def enable_gradient_checkpointing(policy: nn.Module) -> None:
@@ -79,6 +94,11 @@ def prepare_policy(model: nn.Module, cfg: TrainConfig) -> nn.Module:
                 p.requires_grad_(cfg.train_projector)
             elif VISION_TOWER not in name:
                 p.requires_grad_(True)
+    _check_trainable(model, cfg)
+    return model
+
+
+def _check_trainable(model: nn.Module, cfg: TrainConfig) -> None:
     leaked = [n for n, p in model.named_parameters() if p.requires_grad and VISION_TOWER in n]
     if leaked:
         raise ValueError(
@@ -87,7 +107,6 @@ def prepare_policy(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"nothing to train: train.lora_target {cfg.lora_target!r} matched no module")
-    return model
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -120,13 +139,15 @@ def read_trainable(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def export_model(
-    policy: nn.Module, processor, out_dir: str, merge: bool, dtype: str | None = None
+    policy: nn.Module, processor, out_dir: str, merge: bool, dtype: str | None = None, base: str = ""
 ) -> tuple[str | None, str | None]:
     """Save the adapter (LoRA) and/or a full llava-hf checkpoint into the *local* `out_dir`; return
     (model_dir, adapter_dir), None for what was not written.
 
     `dtype`: the full checkpoint's dtype (model.dtype), when the policy trained in another one (float32
-    master weights); the adapter keeps its own.
+    master weights); the adapter keeps its own. `base`: the location the adapter records as its base
+    (`base_model_name_or_path`), the run's base URI rather than the local cache path it was loaded from, so
+    any node finds it.
 
     The full checkpoint goes to `out_dir` itself, so `<run_dir>/models/<method>` loads like the base model
     (from_pretrained, vLLM); the adapter to `out_dir/adapter`. Merging modifies `policy`, so call this last.
@@ -139,9 +160,25 @@ def export_model(
     if isinstance(policy, PeftModel):
         adapter_dir = os.path.join(out_dir, ADAPTER_SUBDIR)
         policy.save_pretrained(adapter_dir)
+        if base:
+            record_base(adapter_dir, base)
         if not merge:
             return None, adapter_dir
         policy = policy.merge_and_unload()
     if dtype is not None:
         policy = policy.to(getattr(torch, dtype))
     return save_model(policy, processor, out_dir), adapter_dir
+
+
+def record_base(adapter_dir: str, base: str) -> None:
+    """Name `base` in a saved adapter's `adapter_config.json`."""
+    import json
+
+    from inbol_ray.checkpoint import ADAPTER_CONFIG
+
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    with open(path) as f:
+        config = json.load(f)
+    config["base_model_name_or_path"] = base
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)

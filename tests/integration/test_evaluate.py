@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from inbol_ray import schema as S
-from inbol_ray.checkpoint import merged as merged_checkpoint
 from inbol_ray.config import load_config
 from inbol_ray.data import io as dio
 from inbol_ray.data.shapes import generate_items
@@ -202,23 +201,25 @@ def test_one_pass_over_two_models_equals_two_passes(evaluated: Path, tmp_path: P
     assert [r.done for r in shared] == [10, 10]
 
 
-def test_adapter_only_checkpoint_is_merged_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_adapter_only_checkpoint_loads_on_its_base_in_memory(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A LoRA method is its adapter (train.merge=false): the loaders apply it to its base in memory, with
+    exactly the merged weights, and write nothing next to it."""
     from peft import LoraConfig, get_peft_model
 
-    from inbol_ray.checkpoint import load_model
+    from inbol_ray.checkpoint import load_model, load_processor, resolve
 
     model, _ = load_model(str(tiny_checkpoint))
     lora = LoraConfig(r=2, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False)
     policy = get_peft_model(model, lora)
     policy.save_pretrained(tmp_path / "idk_it" / "adapter")  # what train.merge=false leaves behind
     expected = policy.merge_and_unload().state_dict()
-    cache = tmp_path / "merged"
-    out = merged_checkpoint(str(tmp_path / "idk_it"), str(cache), base=str(tiny_checkpoint))
-    assert out == str(cache) and (cache / "config.json").exists()
-    merged, _ = load_model(out)
+    found = resolve(str(tmp_path / "idk_it"), base=str(tiny_checkpoint))
+    assert found.adapter_dir == f"{tmp_path}/idk_it/adapter"
+    loaded, processor = load_model(str(tmp_path / "idk_it"), base=str(tiny_checkpoint))
     name = next(k for k in expected if "language_model" in k and "q_proj.weight" in k)
-    assert torch.equal(merged.state_dict()[name], expected[name])
-    stamp = (cache / "_merged_from.json").stat().st_mtime_ns
-    assert merged_checkpoint(str(tmp_path / "idk_it"), str(cache), base=str(tiny_checkpoint)) == str(cache)
-    assert (cache / "_merged_from.json").stat().st_mtime_ns == stamp  # not merged again
-    assert merged_checkpoint(str(tiny_checkpoint), str(cache)) == str(tiny_checkpoint)  # full ones as-is
+    assert torch.equal(loaded.state_dict()[name], expected[name])
+    assert not torch.equal(
+        expected[name], load_model(str(tiny_checkpoint))[0].state_dict()[name]
+    )  # non-trivial
+    assert sorted(p.name for p in (tmp_path / "idk_it").iterdir()) == ["adapter"]
+    assert processor.tokenizer.vocab_size == load_processor(str(tiny_checkpoint)).tokenizer.vocab_size

@@ -105,7 +105,11 @@ def test_pipeline_and_serve_on_s3(
         checkpoint = f"{RUN}/models/cadpo"
         # As cluster/rayservice.yaml does: the run's config and a method, no checkpoint path of its own.
         app = build_app(
-            {"config": [str(ROOT / "configs" / "tiny.yaml")], "overrides": [f"run_dir={RUN}"], "method": "cadpo"}
+            {
+                "config": [str(ROOT / "configs" / "tiny.yaml")],
+                "overrides": [f"run_dir={RUN}"],
+                "method": "cadpo",
+            }
         )
         serve.run(app, name=APP_NAME, route_prefix="/")
         url = f"http://127.0.0.1:{port}"

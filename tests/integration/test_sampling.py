@@ -261,3 +261,51 @@ def test_vllm_greedy_answers_equal_transformers(
     first, second = out["vllm sampled twice"]
     assert first == second, "the same item seeds must sample the same responses"
     assert all(len(r) == 4 for r in first)
+
+
+def test_vllm_applies_a_lora_adapter_as_its_merge(
+    ray_local, tiny_checkpoint: Path, items_table: pa.Table, tmp_path: Path
+) -> None:
+    """A LoRA method is evaluated and served from its adapter (no merged copy): vLLM applies it to the base
+    with a LoRARequest and must answer as transformers does with the adapter merged, not as the base does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from inbol_ray.checkpoint import load_model
+
+    model, _ = load_model(str(tiny_checkpoint))
+    policy = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B is zero at init: make the adapter change answers
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    method = tmp_path / "models" / "idk_it"
+    policy.save_pretrained(method / "adapter")
+    rows = [r for r in items_table.to_pylist() if not r[S.ID].startswith("bad-")][:6]
+    images = [r[S.IMAGE] for r in rows]
+    prompts = [render_prompt(r[S.QUESTION], r[S.CHOICES]) for r in rows]
+
+    @ray_local.remote(num_cpus=1, max_calls=1)
+    def answers(location: str, base: str, cfg: SamplingConfig) -> dict[str, list]:
+        from inbol_ray.data.images import decode_image
+        from inbol_ray.sampling import build_sampler
+
+        pil = [decode_image(b) for b in images]
+        out = {}
+        for name, engine, where in (
+            ("vllm adapter", "vllm", location),
+            ("transformers adapter", "transformers", location),
+            ("transformers base", "transformers", base),
+        ):
+            sampler = build_sampler(engine, where, cfg, "float32", base=base if where == location else None)
+            out[name] = sampler.generate(pil, prompts, max_new_tokens=6)
+            sampler.close()
+        return out
+
+    out = ray_local.get(answers.remote(str(method), str(tiny_checkpoint), config("vllm").sampling))
+    assert out["vllm adapter"] == out["transformers adapter"]
+    assert out["transformers adapter"] != out["transformers base"], "the adapter must change answers"
+    assert sorted(p.name for p in method.iterdir()) == ["adapter"]

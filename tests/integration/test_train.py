@@ -96,6 +96,7 @@ def _cfg(tiny_config: Config, **train) -> Config:
         sft_weight=0.0,
         num_workers=0,
         lora=True,
+        merge=True,  # these tests compare the merged checkpoint with the adapter and the trained policy
     )
     return dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, **{**base, **train}))
 
