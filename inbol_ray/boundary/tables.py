@@ -102,7 +102,8 @@ def run_construct(cfg: Config, layout: RunLayout) -> ConstructResult:
     uris, counts = {}, {}
     for name, (table, quarantine, tally) in built.items():
         folder = layout.table(name)
-        dio.write_table(table, dio.join(folder, "part-0.parquet"))
+        # In id order on disk: rows are addressed by position when training streams a big table.
+        dio.write_table(table.sort_by(S.ID), dio.join(folder, "part-0.parquet"))
         write_quarantine(quarantine.to_pylist(), layout.quarantine(f"construct_{name}"), f"construct_{name}")
         uris[name] = folder
         counts[name] = tally

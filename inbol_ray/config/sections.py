@@ -165,6 +165,10 @@ class TrainConfig:
     """Clip the global gradient norm to this (0 = no clipping; the norm is logged either way)."""
     cpus_per_worker: float = 1.0
     """Ray Train workers' (and reference scorers') CPU reservation; torch threads = max(1, round(this))."""
+    window_rows: int = 16384
+    """Rows of the training table a worker holds at once: each epoch shuffles the table's row groups, cuts
+    them into pools of about this many rows and shuffles within a pool (inbol_ray.train.table_rows). A table
+    this small or smaller is one pool: the classic full shuffle. Memory, not results, is what it bounds."""
     accelerator_type: str = ""
     """GPU type the Ray Train workers and reference scorers must run on, e.g. `H100` ("" = any): keeps
     an 8-worker DDP group on the training node type instead of spread over single-GPU sampling nodes."""
@@ -206,6 +210,7 @@ class TrainConfig:
             "checkpoint_every",
             "num_to_keep",
             "logprob_chunk_size",
+            "window_rows",
         ):
             at_least(f"train.{name}", getattr(self, name), 1)
         ranks = max(1, self.num_workers) * self.grad_accum

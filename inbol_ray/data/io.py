@@ -125,6 +125,11 @@ def remove(location: str) -> None:
         fs.delete_file(path)
 
 
+ROW_GROUP_ROWS = 8192
+"""Rows per Parquet row group: the unit a training worker reads (inbol_ray.train.table_rows), so a worker
+holds a pool of these, never a whole million-row table (pyarrow's default is ~1M rows per group)."""
+
+
 def write_table(table: pa.Table, location: str) -> None:
     """Write one Parquet file atomically where the filesystem allows (temp name, then move).
 
@@ -133,7 +138,7 @@ def write_table(table: pa.Table, location: str) -> None:
     fs, path = resolve(location)
     fs.create_dir(parent(path), recursive=True)
     tmp = f"{parent(path)}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
-    pq.write_table(table, tmp, filesystem=fs)
+    pq.write_table(table, tmp, filesystem=fs, row_group_size=ROW_GROUP_ROWS)
     fs.move(tmp, path)
 
 

@@ -1,12 +1,14 @@
 """The per-worker training loop that Ray Train runs (and local mode runs in the driver).
 
 setup → (restore) → steps → final checkpoint. What makes it exact under failures:
-- Every worker reads the *whole* table (the dataset is not split) and sorts it by id, so the data does not
-  depend on Ray Data's block order or on which worker got which block.
-- The order is a pure function of (seed, epoch): step s trains on rows perm_epoch[i·B:(i+1)·B] of the
-  epoch's permutation (the tail shorter than a batch is dropped), worker r takes every world-th of them and
-  splits its share into grad_accum micro-batches. A resumed run recomputes the same schedule and starts at
-  the checkpoint's step, so nothing is skipped or repeated; the torch RNG is reseeded per step (LoRA
+- Every worker reads the rows of each step from the table's files itself (table_rows.py), addressing rows
+  by their place on disk (or by id, for a table that fits one window), so the data does not depend on Ray
+  Data's block order or on which worker runs; it holds a pool of row groups, never the table.
+- The order is a pure function of (seed, epoch): step s trains on rows order_epoch[i·B:(i+1)·B] of the
+  epoch's order (the tail shorter than a batch is dropped), worker r takes every world-th of them and
+  splits its share into grad_accum micro-batches. Tokenising is per step (the step's B rows, cheap next to
+  the forward), so token ids never exist for the whole table. A resumed run recomputes the same schedule
+  and starts at the checkpoint's step, so nothing is skipped or repeated; the torch RNG is reseeded per step (LoRA
   dropout) and the learning rate is a pure function of the step (schedule.py) for the same reason.
 - A checkpoint holds the trainable tensors, the optimizer state and the metric history up to its step
   (loop_checkpoint.py).
@@ -17,12 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray.train
 import torch
 from torch import nn
@@ -31,7 +33,7 @@ from inbol_ray.checkpoint import load_processor
 from inbol_ray.config import TrainConfig
 from inbol_ray.data import io as dio
 from inbol_ray.train import step_metrics as sm
-from inbol_ray.train.data import DPO_KINDS, EncodedTable, encode_table, make_batch, sort_by_id
+from inbol_ray.train.data import DPO_KINDS, EncodedTable, encode_table, make_batch
 from inbol_ray.train.loop_checkpoint import (
     OPTIMIZER_FILE,
     STATE_FILE,
@@ -50,8 +52,8 @@ from inbol_ray.train.lora import (
 from inbol_ray.train.objectives import StepNorm, objective_for, step_means
 from inbol_ray.train.schedule import master_dtype, step_lr
 from inbol_ray.train.shared_prefix import ResponseScorer, per_response
+from inbol_ray.train.table_rows import RowReader, open_blocks
 
-DATASET = "train"
 PROBE_ROWS = 4
 
 
@@ -63,6 +65,9 @@ class LoopSpec:
     method: str
     base_model_dir: str
     """Location (local path or URI) of the model training starts from."""
+    table_uri: str = ""
+    """The training table (local path or URI): every worker reads the rows of its steps from it directly,
+    a pool of row groups at a time (table_rows.py), never the whole table."""
     model_dtype: str = "float32"
     local_checkpoint_dir: str = ""
     """Local mode only: Ray's in-driver controller keeps no checkpoints, so the loop keeps its own here
@@ -93,12 +98,11 @@ def total_steps(n_rows: int, cfg: TrainConfig) -> int:
     return cfg.max_steps or cfg.epochs * steps_per_epoch(n_rows, min(cfg.batch_size, n_rows))
 
 
-def step_rows(n_rows: int, cfg: TrainConfig, step: int) -> np.ndarray:
-    """Table rows (indices into the id-sorted table) of global step `step` (0-based)."""
+def step_positions(n_rows: int, cfg: TrainConfig, step: int) -> tuple[int, int, int]:
+    """(epoch, first, last+1) positions in that epoch's row order of global step `step` (0-based)."""
     batch = min(cfg.batch_size, n_rows)
     epoch, i = divmod(step, steps_per_epoch(n_rows, batch))
-    perm = np.random.default_rng([cfg.seed, epoch]).permutation(n_rows)
-    return perm[i * batch : (i + 1) * batch]
+    return epoch, i * batch, (i + 1) * batch
 
 
 def micro_batches(rows: np.ndarray, rank: int, world: int, grad_accum: int) -> list[np.ndarray]:
@@ -112,14 +116,6 @@ def micro_batches(rows: np.ndarray, rank: int, world: int, grad_accum: int) -> l
 
 
 # --- setup ----------------------------------------------------------------------------------------
-
-
-def _read_table() -> pa.Table:
-    shard = ray.train.get_dataset_shard(DATASET)
-    batches = list(shard.iter_batches(batch_format="pyarrow", batch_size=None))
-    if not batches:
-        raise ValueError("the training table is empty")
-    return sort_by_id(pa.concat_tables(batches))
 
 
 def wrap_model(scorer: ResponseScorer, cfg: TrainConfig, world: int) -> nn.Module:
@@ -179,11 +175,12 @@ def _train(spec: LoopSpec) -> None:
     import ray.train.torch as rtt
 
     device = rtt.get_device()
-    table = _read_table()
+    reader = RowReader(open_blocks(spec.table_uri), cfg.seed, cfg.window_rows)
     processor = load_processor(spec.base_model_dir)
     kinds, objective = objective_for(spec.method)
-    enc = encode_table(table, processor, kinds, need_ref=kinds == DPO_KINDS)
-    n_rows, total = len(enc), total_steps(len(enc), cfg)
+    need_ref = kinds == DPO_KINDS
+    n_rows = reader.n_rows
+    total = total_steps(n_rows, cfg)
 
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: same init in every worker and in local mode
     policy = load_policy(spec.base_model_dir, spec.model_dtype, cfg)
@@ -217,7 +214,10 @@ def _train(spec: LoopSpec) -> None:
     for step in range(start_step, total):
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)
-        rows = step_rows(n_rows, cfg, step)
+        epoch, lo, hi = step_positions(n_rows, cfg, step)
+        _, step_table = reader.step(epoch, lo, hi)
+        enc = encode_table(step_table, processor, kinds, need_ref=need_ref)
+        rows = np.arange(len(enc))  # this step's rows, in schedule order
         norm = StepNorm(rows=len(rows), response_tokens=enc.response_tokens(rows), world_size=world)
         micros = micro_batches(rows, rank, world, cfg.grad_accum)
         lr = step_lr(cfg, step, total)
@@ -246,13 +246,15 @@ def _train(spec: LoopSpec) -> None:
         seconds = time.perf_counter() - t0
         row = {
             "step": step + 1,
-            "epoch": step // steps_per_epoch(n_rows, min(cfg.batch_size, n_rows)),
+            "epoch": epoch,
             **step_means(totals),
             "grad_norm": float(grad_norm),
             "lr": lr,
             "tokens_per_s": totals["tokens"] / seconds,
             "step_s": seconds,
             "rows": len(rows),
+            # Peak resident memory of this worker process so far: what the streaming table read bounds.
+            "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "ids": [enc.ids[i] for i in rows],
         }
         history.append(row)
@@ -266,7 +268,10 @@ def _train(spec: LoopSpec) -> None:
             trainable_tensors, optim = gather_state(scorer, policy, opt)
             state = {"step": step + 1, "total_steps": total, "history": history, "resumes": resumes}
             if last:
-                state["probe"] = _probe(scorer, enc, processor, device, dtype)
+                first = reader.rows(np.arange(min(PROBE_ROWS, n_rows)))  # the table's first rows
+                state["probe"] = _probe(
+                    scorer, encode_table(first, processor, kinds, need_ref), processor, device, dtype
+                )
             payload = (trainable_tensors, optim, state) if rank == 0 else None
             metrics = {k: v for k, v in sm.to_json_row(row).items() if k != "ids"}
             report_checkpoint(spec.local_checkpoint_dir, cfg.num_to_keep, rank, step + 1, metrics, payload)

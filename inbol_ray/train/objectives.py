@@ -1,7 +1,7 @@
 """Per-method training objectives on one micro-batch: the loss to backward and the sums to log.
 
-Normalisation is global, so results do not depend on how a step is split: every worker holds the whole
-table and knows the step's rows and response tokens (`StepNorm`), each micro-batch loss is a *sum* divided by
+Normalisation is global, so results do not depend on how a step is split: every worker reads all of the
+step's rows and knows their response tokens (`StepNorm`), each micro-batch loss is a *sum* divided by
 the step's global count and multiplied by the world size (DDP averages gradients over workers). Hence
 1 worker × batch 8 gives the same gradient as 2 workers × 4 rows or 4 accumulation steps × 2 rows.
 

@@ -42,7 +42,7 @@ from inbol_ray.config.sections import check_training_precision
 from inbol_ray.data import io as dio
 from inbol_ray.manifest import fingerprint
 from inbol_ray.run_layout import RunLayout
-from inbol_ray.train.loop import DATASET, LoopSpec, train_loop_per_worker
+from inbol_ray.train.loop import LoopSpec, train_loop_per_worker
 from inbol_ray.train.loop_checkpoint import STATE_FILE, latest_local
 from inbol_ray.train.objectives import objective_for
 from inbol_ray.train.reference import run_reference_pass
@@ -120,8 +120,7 @@ def worker_resources(train: TrainConfig) -> dict[str, float]:
     return {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
 
 
-def _trainer(spec: LoopSpec, table_uri: str, storage: str, name: str):
-    import ray.data
+def _trainer(spec: LoopSpec, storage: str, name: str):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -151,12 +150,9 @@ def _trainer(spec: LoopSpec, table_uri: str, storage: str, name: str):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
-        # Not split: every worker reads the whole table and takes its rows by a seeded schedule, so the data
-        # of each step is the same whatever Ray Data's block order is (exact resume; see loop.py). The table
-        # is read once here: Parquet read tasks inside the workers competed with them for CPUs (18 s for 64
-        # rows on 2 shared cores), while blocks already in the object store need no task to iterate.
-        datasets={DATASET: ray.data.from_arrow(dio.read_table(table_uri))},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # No Ray Data dataset: each worker reads its steps' rows from the table's files, a pool of row groups
+        # at a time, by a seeded schedule (loop.py, table_rows.py). The driver never reads the table, a
+        # worker never holds it, and each step's rows are the same whatever the worker count.
     )
 
 
@@ -190,6 +186,7 @@ def run_training(
         train=train,
         method=method,
         base_model_dir=start_model,
+        table_uri=table_uri,
         model_dtype=cfg.model.dtype,
         local_checkpoint_dir=local_checkpoint_dir(storage, name) if train.num_workers == 0 else "",
         tensorboard_dir=dio.join(out, "tensorboard") if train.tensorboard else "",
@@ -202,7 +199,7 @@ def run_training(
         else (f"{train.num_workers} Ray Train workers, {train.strategy}, {'GPU' if train.use_gpu else 'CPU'}")
     )
     log(f"[train {method}] {mode}; table {table_uri}; from {start_model}; run {dio.join(storage, name)}")
-    result = _trainer(spec, table_uri, storage, name).fit()
+    result = _trainer(spec, storage, name).fit()
     checkpoint, checkpoint_uri = result.checkpoint, ""
     if checkpoint is None:  # local mode rerun of a finished run: nothing was reported this time
         from ray.train import Checkpoint
