@@ -5,7 +5,7 @@
 Each size is a fresh process that runs `run_training` (IDK-IT, LoRA, one Ray Train worker, a few steps) on a
 synthetic SFT table of that many rows: LLaVA-like rows (a 576-token image, a ~25-word question with the
 short-answer instruction, image paths to real PNG files, as the LLaVA configs store them). The driver's peak
-RSS is the process's own; the worker's is what the loop records (`rss_peak_mb`, ru_maxrss). The goal is flat:
+RSS is the process's own; the worker's is what the loop records (`rss_peak_mb`); both are VmHWM. The goal is flat:
 1M rows within 1.25x of 10k.
 
 Beside it, what the previous design cost, measured the same way (a fresh process): read the whole table
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,9 @@ WORDS = QUESTION.split()  # noqa: SIM905
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from inbol_ray.train.step_metrics import peak_rss_mb
+
+    return peak_rss_mb()  # VmHWM: ru_maxrss would start at the spawning parent's peak
 
 
 def build_model(workdir: Path) -> str:
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model = build_model(work)
         for n in sizes:
-            run = write_table(work, n)
+            run = run_isolated(write_table, work, n)  # the parent stays small: children inherit nothing
             size_mb = sum(f.stat().st_size for f in Path(run).rglob("*.parquet")) / 2**20
             new = run_isolated(measure_new, model, run, args.steps, timeout_s=1800)
             row = {

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -254,7 +253,7 @@ def _train(spec: LoopSpec) -> None:
             "step_s": seconds,
             "rows": len(rows),
             # Peak resident memory of this worker process so far: what the streaming table read bounds.
-            "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_peak_mb": sm.peak_rss_mb(),
             "ids": [enc.ids[i] for i in rows],
         }
         history.append(row)

@@ -101,3 +101,18 @@ class TensorBoardLog:
 def write_jsonl(rows: Sequence[dict[str, Any]], location: str) -> None:
     """One JSON object per line (NaN -> null) at a local path or URI."""
     dio.write_bytes(location, "".join(json.dumps(to_json_row(r)) + "\n" for r in rows).encode())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: VmHWM (Linux), which an exec resets, unlike ru_maxrss,
+    which a process inherits from its parent's peak across fork + exec; ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
