@@ -281,7 +281,7 @@ def run_generations(
                 batch_format="pyarrow",
                 batch_size=1,
                 num_cpus=0,
-                compute=ray.data.TaskPoolStrategy(size=light),
+                compute=ray.data.TaskPoolStrategy(size=min(light, len(units))),
                 fn_kwargs={
                     "selection": first.selection,
                     "n_shards": n_shards,

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from inbol_ray import schema as S
@@ -56,11 +57,33 @@ class ReferenceScorer:
                 token_logps = shared_prefix_token_logprobs(self.model, packed, self.chunk_size)
             parts.append(per_response(token_logps, packed).double().cpu().numpy())
         logps = np.concatenate(parts, axis=0)
-        out = batch.select(S.CADPO_PAIRS.names)
+        out = batch.select(S.CADPO_PAIRS.names + [c for c in (BLOCK, POSITION) if c in batch.column_names])
         for i, kind in enumerate(DPO_KINDS):
             col = logps[:, i]
             out = out.append_column(S.REF_LOGP[kind], pa.array(col, mask=np.isnan(col), type=pa.float64()))
         return out
+
+
+BLOCK, POSITION = "_block", "_position"
+"""Where a row came from (row group of the pairs table, place in it): the driver puts each block back
+together and writes it as its own file, in the input's order."""
+
+
+def read_block(batch: pa.Table, uri: str) -> pa.Table:
+    """Ray Data task: the pairs table's row group named in `batch`, with its block and row positions."""
+    import pyarrow.parquet as pq
+
+    from inbol_ray.train.table_rows import open_blocks
+
+    table = open_blocks(uri)
+    parts = []
+    for b in batch.column(BLOCK).to_pylist():
+        block = table.blocks[b]
+        with table.fs.open_input_file(block.path) as f:
+            rows = pq.ParquetFile(f).read_row_group(block.row_group, columns=S.CADPO_PAIRS.names)
+        rows = rows.append_column(BLOCK, pa.array(np.full(rows.num_rows, b), pa.int64()))
+        parts.append(rows.append_column(POSITION, pa.array(np.arange(rows.num_rows), pa.int64())))
+    return pa.concat_tables(parts)
 
 
 def run_reference_pass(
@@ -69,11 +92,19 @@ def run_reference_pass(
     """Score `layout.table("cadpo_pairs")` with the frozen reference (`layout.reference_model()`, the DPO
     methods' start model) and write it with ref_logp_* columns to `layout.reference_table()`; return counts.
 
-    The table is written once, whole, at the end, so a crash never leaves a half-written table. Runs on
-    max(1, train.num_workers) actors at most (one GPU each when train.use_gpu), one block per actor call,
-    `train.reference_batch_size` items per forward (the memory knob of a large model's pass).
+    Streams: the pairs table goes through by row groups (read by light tasks, scored by the actor pool), and
+    the driver writes each input row group as its own output file once all its rows are back, so it holds
+    only the row groups in flight, never the table. Files are written under hidden names and renamed when
+    every one is written (a file move works on object storage; a folder move does not), so a crash never
+    leaves a table that looks complete. Output order = input order (row group by row group). Runs on
+    max(1, train.num_workers) actors at most (one GPU each when train.use_gpu), `train.reference_batch_size`
+    items per forward (the memory knob of a large model's pass).
     """
+    import ray.data
     from ray.data import ActorPoolStrategy
+
+    from inbol_ray.generation.stage import light_tasks
+    from inbol_ray.train.table_rows import open_blocks
 
     t0 = time.time()
     pairs_uri, model, out_uri = (
@@ -83,44 +114,70 @@ def run_reference_pass(
     )
     log(f"[reference] {pairs_uri} scored by {model} -> {out_uri}")
     tc = cfg.train
-    import ray.data
-
-    # Read in the driver and handed over as blocks: a Parquet listing task wants a whole CPU, which the
-    # scorer actors may all hold on a small machine (2 x 0.9 CPUs on 2 cores) and never give back.
-    pairs = dio.read_table(pairs_uri, columns=S.CADPO_PAIRS.names)
-    n_in = pairs.num_rows
+    blocks = open_blocks(pairs_uri, allow_empty=True)  # footers only
+    n_in = blocks.n_rows
+    dio.remove(out_uri)  # an older run may have left a file or a folder there
+    if n_in == 0:
+        dio.write_table(S.CADPO_PAIRS_WITH_REF.empty_table(), dio.join(out_uri, "part-000000.parquet"))
+        log(f"[reference] {pairs_uri} has no rows: wrote an empty table")
+        return {"rows": 0, "seconds": round(time.time() - t0, 1)}
     micro = tc.reference_batch_size or tc.batch_size  # items per forward
-    rows = max(tc.batch_size, micro) * 4  # one actor call (as before when micro is batch_size)
-    ds = ray.data.from_arrow([pairs.slice(i, rows) for i in range(0, n_in, rows)] or [pairs])
+    rows = max(tc.batch_size, micro) * 4  # one actor call
     actors = max(1, min(tc.num_workers, -(-n_in // rows)))  # no more actors than batches
-    scored = ds.map_batches(
-        ReferenceScorer,
-        fn_constructor_kwargs={
-            "model_dir": model,
-            "dtype": cfg.model.dtype,
-            "chunk_size": tc.logprob_chunk_size,
-            "micro_batch": micro,
-            "threads": torch_threads(tc.cpus_per_worker),
-        },
-        batch_format="pyarrow",
-        batch_size=rows,
-        compute=ActorPoolStrategy(size=actors),
-        num_cpus=tc.cpus_per_worker if not tc.use_gpu else 1,
-        num_gpus=1 if tc.use_gpu else 0,
-        accelerator_type=tc.accelerator_type or None,
+    # Read units as items, not `ray.data.read_parquet`: its listing task wants a whole CPU, which the scorer
+    # actors may all hold on a small machine; the light read tasks ask for none.
+    units = [{BLOCK: b} for b in range(len(blocks.blocks))]
+    scored = (
+        ray.data.from_items(units, override_num_blocks=len(units))
+        .map_batches(
+            read_block,
+            fn_kwargs={"uri": pairs_uri},
+            batch_format="pyarrow",
+            batch_size=1,
+            num_cpus=0,
+            compute=ray.data.TaskPoolStrategy(size=min(light_tasks(), len(units))),
+        )
+        .map_batches(
+            ReferenceScorer,
+            fn_constructor_kwargs={
+                "model_dir": model,
+                "dtype": cfg.model.dtype,
+                "chunk_size": tc.logprob_chunk_size,
+                "micro_batch": micro,
+                "threads": torch_threads(tc.cpus_per_worker),
+            },
+            batch_format="pyarrow",
+            batch_size=rows,
+            compute=ActorPoolStrategy(size=actors),
+            num_cpus=tc.cpus_per_worker if not tc.use_gpu else 1,
+            num_gpus=1 if tc.use_gpu else 0,
+            accelerator_type=tc.accelerator_type or None,
+        )
     )
-    # Collected in the driver and written as one table (atomic on every filesystem): Ray Data's write tasks
-    # want a CPU that the scorer actors may all hold on a small machine, and a folder move fails on S3.
-    parts = list(scored.iter_batches(batch_format="pyarrow", batch_size=None))
-    table = pa.concat_tables(parts) if parts else S.CADPO_PAIRS_WITH_REF.empty_table()
-    if table.num_rows != n_in:
-        raise RuntimeError(f"reference pass lost rows: {n_in} in, {table.num_rows} out")
-    table = S.conform(table.sort_by(S.ID), S.CADPO_PAIRS_WITH_REF, "reference pass output")
-    dio.remove(out_uri)  # an older run may have left a folder of shards there
-    dio.write_table(table, out_uri)
-    counts: dict[str, Any] = {"rows": table.num_rows, "seconds": round(time.time() - t0, 1)}
-    for kind in DPO_KINDS:
-        col = table.column(S.REF_LOGP[kind])
-        counts[f"scored_{kind}"] = len(col) - col.null_count
+    pending: dict[int, list[pa.Table]] = {}
+    written: list[str] = []
+    counts: dict[str, Any] = {"rows": 0, **{f"scored_{kind}": 0 for kind in DPO_KINDS}}
+    for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
+        for b in sorted(set(batch.column(BLOCK).to_pylist())):
+            pending.setdefault(b, []).append(batch.filter(pc.equal(batch.column(BLOCK), b)))
+            if sum(t.num_rows for t in pending[b]) < blocks.blocks[b].rows:
+                continue
+            part = pa.concat_tables(pending.pop(b)).sort_by(POSITION).drop_columns([BLOCK, POSITION])
+            if part.num_rows != blocks.blocks[b].rows:
+                raise RuntimeError(f"reference pass: row group {b} came back with {part.num_rows} rows")
+            part = S.conform(part, S.CADPO_PAIRS_WITH_REF, "reference pass output")
+            hidden = dio.join(out_uri, f".pending-part-{b:06d}.parquet")
+            dio.write_table(part, hidden)
+            written.append(hidden)
+            counts["rows"] += part.num_rows
+            for kind in DPO_KINDS:
+                col = part.column(S.REF_LOGP[kind])
+                counts[f"scored_{kind}"] += len(col) - col.null_count
+    if pending or counts["rows"] != n_in:
+        raise RuntimeError(f"reference pass lost rows: {n_in} in, {counts['rows']} out")
+    fs, _ = dio.resolve(out_uri)
+    for hidden in written:
+        fs.move(dio.resolve(hidden)[1], dio.resolve(hidden.replace("/.pending-part-", "/part-"))[1])
+    counts["seconds"] = round(time.time() - t0, 1)
     log(f"[reference] {counts}")
     return counts

@@ -59,7 +59,7 @@ class TableBlocks:
         return max((b.rows for b in self.blocks), default=0)
 
 
-def open_blocks(uri: str) -> TableBlocks:
+def open_blocks(uri: str, allow_empty: bool = False) -> TableBlocks:
     """The row groups of `uri` (one Parquet file or a folder of them) in table order."""
     fs, path = dio.resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.File:
@@ -76,7 +76,7 @@ def open_blocks(uri: str) -> TableBlocks:
             if n:
                 blocks.append(Block(file, g, start, n))
                 start += n
-    if start == 0:
+    if start == 0 and not allow_empty:
         raise ValueError(f"training table {uri} is empty")
     return TableBlocks(uri, tuple(blocks), start, fs)
 

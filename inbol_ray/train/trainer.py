@@ -91,6 +91,8 @@ def _columns(table_uri: str) -> set[str]:
     import pyarrow.parquet as pq
 
     fs, path = dio.resolve(table_uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory and not dio.list_files(table_uri, ".parquet"):
+        return set()  # only hidden files: a reference pass that did not finish
     return set(pq.ParquetDataset(path, filesystem=fs).schema.names)
 
 
