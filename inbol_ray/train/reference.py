@@ -29,6 +29,7 @@ from inbol_ray.run_layout import RunLayout
 from inbol_ray.train.data import DPO_KINDS, encode_table, make_batch
 from inbol_ray.train.loop import torch_threads
 from inbol_ray.train.shared_prefix import per_response, shared_prefix_token_logprobs
+from inbol_ray.train.table_rows import TableBlocks, open_blocks
 
 
 class ReferenceScorer:
@@ -69,18 +70,11 @@ BLOCK, POSITION = "_block", "_position"
 together and writes it as its own file, in the input's order."""
 
 
-def read_block(batch: pa.Table, uri: str) -> pa.Table:
+def read_block(batch: pa.Table, table: TableBlocks) -> pa.Table:
     """Ray Data task: the pairs table's row group named in `batch`, with its block and row positions."""
-    import pyarrow.parquet as pq
-
-    from inbol_ray.train.table_rows import open_blocks
-
-    table = open_blocks(uri)
     parts = []
     for b in batch.column(BLOCK).to_pylist():
-        block = table.blocks[b]
-        with table.fs.open_input_file(block.path) as f:
-            rows = pq.ParquetFile(f).read_row_group(block.row_group, columns=S.CADPO_PAIRS.names)
+        rows = table.read(b, columns=S.CADPO_PAIRS.names)
         rows = rows.append_column(BLOCK, pa.array(np.full(rows.num_rows, b), pa.int64()))
         parts.append(rows.append_column(POSITION, pa.array(np.arange(rows.num_rows), pa.int64())))
     return pa.concat_tables(parts)
@@ -104,7 +98,6 @@ def run_reference_pass(
     from ray.data import ActorPoolStrategy
 
     from inbol_ray.generation.stage import light_tasks
-    from inbol_ray.train.table_rows import open_blocks
 
     t0 = time.time()
     pairs_uri, model, out_uri = (
@@ -131,7 +124,7 @@ def run_reference_pass(
         ray.data.from_items(units, override_num_blocks=len(units))
         .map_batches(
             read_block,
-            fn_kwargs={"uri": pairs_uri},
+            fn_kwargs={"table": blocks},  # the footers read once here, not once per task
             batch_format="pyarrow",
             batch_size=1,
             num_cpus=0,

@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from inbol_ray import schema as S
 from inbol_ray.data import io as dio
+from inbol_ray.train.data import sort_by_id
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,12 @@ class TableBlocks:
     @property
     def largest_block(self) -> int:
         return max((b.rows for b in self.blocks), default=0)
+
+    def read(self, b: int, columns: list[str] | None = None) -> pa.Table:
+        """The rows of block `b` (its row group only)."""
+        block = self.blocks[b]
+        with self.fs.open_input_file(block.path) as f:
+            return pq.ParquetFile(f).read_row_group(block.row_group, columns=columns)
 
 
 def open_blocks(uri: str, allow_empty: bool = False) -> TableBlocks:
@@ -166,7 +172,7 @@ class RowReader:
         indices = np.asarray(indices, dtype=np.int64)
         if self.table.n_rows <= self.window_rows:
             if self._whole is None:
-                self._whole = dio.read_table(self.table.uri).sort_by(S.ID)
+                self._whole = sort_by_id(dio.read_table(self.table.uri))
             return self._whole.take(pa.array(indices))
         which = np.searchsorted(self._starts, indices, side="right") - 1
         needed = sorted(set(which.tolist()))
@@ -181,7 +187,5 @@ class RowReader:
 
     def _block(self, b: int) -> pa.Table:
         if b not in self._cache:
-            block = self.table.blocks[b]
-            with self.table.fs.open_input_file(block.path) as f:
-                self._cache[b] = pq.ParquetFile(f).read_row_group(block.row_group)
+            self._cache[b] = self.table.read(b)
         return self._cache[b]
