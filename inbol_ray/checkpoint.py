@@ -6,8 +6,8 @@ What a "checkpoint" can be here, and what every consumer needs from it:
 - a bare peft adapter directory, whose base is named in `adapter_config.json` (or passed explicitly).
 A LoRA run stores one base and an adapter per method, never merged copies (~14 GB each at 7B): every loader
 takes base + adapter. `load_model` / `load_for_training` merge the adapter in memory (transformers), vLLM
-serves it with a `LoRARequest` on the base (sampling/vllm_engine.py). `resolve` says what a location holds,
-`adapter_base` what an adapter's base is, and `local_dir` copies a checkpoint from object storage
+serves it with a `LoRARequest` on the base (sampling/vllm_engine.py). `resolve` says what a location holds
+(and an adapter's base), and `local_dir` copies a checkpoint from object storage
 (`s3://...`) to a local cache, because `from_pretrained` and vLLM read local files only.
 
 Why `to_llava_hf_layout` lives here: transformers 5 saves the CLIP tower as `vision_tower.X`, vLLM's LLaVA
@@ -236,9 +236,3 @@ def load_processor(location: str):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(local_dir(resolve(location).model_dir))
-
-
-def adapter_base(location: str) -> str:
-    """The full model under `location`: itself, or the base its adapter applies to. What a LoRA trained
-    from `location` records as its base, so every method's adapter names the one base of the run."""
-    return resolve(location).model_dir

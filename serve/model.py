@@ -8,7 +8,8 @@ meanwhile. In confidence mode it also samples K answers and reports their agreem
 
 Why apart from `serve/app.py`: nothing here needs a running Serve, so tests and the benchmark use the
 class in-process; `serve/app.py` wraps it with `serve.deployment` and builds the ingress around it.
-Checkpoints are resolved, copied from object storage and merged by `inbol_ray.checkpoint`;
+Checkpoints are resolved and copied from object storage by `inbol_ray.checkpoint`; an adapter is applied
+to its base by the engine (in memory, or as a vLLM LoRARequest);
 `trust_remote_code` is never enabled: a checkpoint is data, not code.
 """
 
@@ -141,11 +142,7 @@ class RefusalAwareModel:
         # The engine loads the checkpoint itself: copied from object storage to a node-local cache, and an
         # adapter applied to its base (merged in memory by transformers, a LoRARequest in vLLM).
         self.sampler: Sampler | None = build_sampler(
-            self.engine,
-            checkpoint,
-            cfg.sampling,
-            cfg.model.dtype,
-            base=found.model_dir if found.adapter_dir else None,
+            self.engine, checkpoint, cfg.sampling, cfg.model.dtype, base
         )
         self.adapter = found.adapter_dir
         # One engine thread: calls run one at a time (the engines are not re-entrant, and on CPU two

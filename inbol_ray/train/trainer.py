@@ -244,7 +244,7 @@ def _export(
 ) -> tuple[str | None, str | None]:
     """Rebuild the policy from the start model and the checkpoint's trainable tensors, save adapter/merged
     model under `out` (in place when local, else through a local temporary folder); return their URIs."""
-    from inbol_ray.checkpoint import adapter_base, load_processor
+    from inbol_ray.checkpoint import load_processor, resolve
     from inbol_ray.train.lora import export_model, load_policy, load_trainable_state, read_trainable
 
     policy = load_policy(start_model, dtype, train)  # float32 master weights when the loop had them
@@ -255,7 +255,7 @@ def _export(
     with contextlib.nullcontext(out_path) if local else tempfile.TemporaryDirectory() as export_dir:
         processor = load_processor(start_model)
         model_dir, adapter_dir = export_model(
-            policy, processor, export_dir, train.merge, dtype=cast, base=adapter_base(start_model)
+            policy, processor, export_dir, train.merge, dtype=cast, base=resolve(start_model).model_dir
         )
         if not local:
             upload_dir(export_dir, out)
