@@ -158,3 +158,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The gpu tier's device (tests/gpu, `make test-gpu`, under 10 minutes on one GPU): CUDA, or the one
+    INBOL_GPU_TESTS_DEVICE names (`cpu` checks the tests' own logic on a CPU machine; it proves nothing
+    about CUDA)."""
+    import torch
+
+    dev = torch.device(os.environ.get(GPU_DEVICE_ENV, "cuda"))
+    if dev.type == "cuda":
+        assert torch.cuda.is_available(), f"the gpu tier needs CUDA (or {GPU_DEVICE_ENV}=cpu)"
+        print(
+            f"\n[gpu] {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+        )
+    return dev
