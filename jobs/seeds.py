@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from inbol_ray import methods as M
     from inbol_ray.config import ConfigError, load_config
     from inbol_ray.data import io as dio
-    from inbol_ray.eval.report import dataset_splits, read_item_keys, recipe_section
+    from inbol_ray.eval.recipe import recipe_section
+    from inbol_ray.eval.report import dataset_splits, read_item_keys
     from inbol_ray.eval.seeds import seeds_markdown, stack
     from inbol_ray.run_layout import RunLayout
     from jobs import pipeline

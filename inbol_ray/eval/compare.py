@@ -21,7 +21,8 @@ import pandas as pd
 
 from inbol_ray import schema as S
 from inbol_ray.data import io as dio
-from inbol_ray.eval.report import markdown_table, method_order, pct
+from inbol_ray.eval.markdown import markdown_table
+from inbol_ray.eval.report import method_order, pct
 from inbol_ray.run_layout import RunLayout
 
 METHOD_A, METHOD_B = "method_a", "method_b"

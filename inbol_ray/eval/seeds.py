@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from inbol_ray import schema as S
-from inbol_ray.eval.report import SECTIONS, markdown_table, method_order, short_names
+from inbol_ray.eval.markdown import markdown_table
+from inbol_ray.eval.report import SECTIONS, method_order, short_names
 
 SPLIT_SECTIONS = {section.split: section for section in SECTIONS}
 """The splits a seed table shows, in the report's order, titles and metrics (an unanswerable split: RefR)."""

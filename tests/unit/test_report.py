@@ -20,11 +20,11 @@ from inbol_ray import schema as S
 from inbol_ray.config import Config
 from inbol_ray.data import io as dio
 from inbol_ray.eval.figures import ACCURACY_FIGURE, GROUP, N_ANSWERED, REFUSAL_FIGURE, boundary_table
+from inbol_ray.eval.markdown import markdown_table
+from inbol_ray.eval.recipe import recipe_section
 from inbol_ray.eval.report import (
     HOW_TO_READ,
-    markdown_table,
     pct,
-    recipe_section,
     render_report,
     write_report,
 )
