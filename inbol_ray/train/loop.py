@@ -8,8 +8,9 @@ setup → (restore) → steps → final checkpoint. What makes it exact under fa
   epoch's order (the tail shorter than a batch is dropped), worker r takes every world-th of them and
   splits its share into grad_accum micro-batches. Tokenising is per step (the step's B rows, cheap next to
   the forward), so token ids never exist for the whole table. A resumed run recomputes the same schedule
-  and starts at the checkpoint's step, so nothing is skipped or repeated; the torch RNG is reseeded per step (LoRA
-  dropout) and the learning rate is a pure function of the step (schedule.py) for the same reason.
+  and starts at the checkpoint's step, so nothing is skipped or repeated; the torch RNG is reseeded per
+  step (LoRA dropout) and the learning rate is a pure function of the step (schedule.py) for the same
+  reason.
 - A checkpoint holds the trainable tensors, the optimizer state and the metric history up to its step
   (loop_checkpoint.py).
 Reports happen only at checkpoints (each costs ~1 s), never per step.
