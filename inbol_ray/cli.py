@@ -38,13 +38,15 @@ def _input_problems(cfg: Config, layout: RunLayout, names: Sequence[str]) -> tup
     extras: dict[str, Any] = {}
     if "prepare" in names:
         from inbol_ray.data.loaders import DataFormatError
-        from inbol_ray.data.prepare import input_problems, read_sources
+        from inbol_ray.data.prepare import input_problems, read_sources, staging_root
 
         missing = input_problems(cfg.data)
         problems += missing
         if not missing:
             try:
-                extras["prepare"] = read_sources(cfg)  # formats fail while parsing: before Ray, too
+                extras["prepare"] = read_sources(
+                    cfg, staging_root(layout)
+                )  # formats fail while parsing: before Ray
             except DataFormatError as exc:
                 problems.append(f"data format error: {exc}")
     return problems, extras

@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     from inbol_ray.data.export import export_shapes
-    from inbol_ray.data.prepare import read_sources
+    from inbol_ray.data.prepare import shapes_items
 
-    manifest = export_shapes(read_sources(cfg).items, args.out)
+    manifest = export_shapes(shapes_items(cfg), args.out)
     files = manifest["files"]
     width = max((len(f) for f in files), default=4)
     print(f"{'file':<{width}}  rows")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -146,6 +146,52 @@ def read_table(location: str, columns: list[str] | None = None) -> pa.Table:
     """Read a Parquet file or a folder of Parquet shards (only `columns`, when given: cheap projections)."""
     fs, path = resolve(location)
     return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+class TableFile:
+    """One Parquet file written a table at a time, then moved into place (see `write_table`): a stage whose
+    output outgrows memory (prepare's quarantine of a bad million-row file) writes it without holding it."""
+
+    def __init__(self, location: str, schema: pa.Schema) -> None:
+        self.fs, self.path = resolve(location)
+        self.fs.create_dir(parent(self.path), recursive=True)
+        self.tmp = f"{parent(self.path)}/.tmp-{uuid.uuid4().hex}-{self.path.rsplit('/', 1)[-1]}"
+        self.schema, self.rows = schema, 0
+        self.writer = pq.ParquetWriter(self.tmp, schema, filesystem=self.fs)
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write_table(table.cast(self.schema), row_group_size=ROW_GROUP_ROWS)
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        """Finish the file (an empty one still says the stage ran) and move it into place."""
+        self.writer.close()
+        self.fs.move(self.tmp, self.path)
+
+    def __enter__(self) -> TableFile:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is None:
+            self.close()
+        else:  # a failed stage leaves no half file under the real name
+            self.writer.close()
+            self.fs.delete_file(self.tmp)
+
+
+def iter_batches(
+    location: str, columns: list[str] | None = None, batch_rows: int = 8192
+) -> Iterator[pa.RecordBatch]:
+    """A Parquet file's or folder's rows a batch at a time, files in name order: reads what one batch needs."""
+    fs, path = resolve(location)
+    files = (
+        [path]
+        if fs.get_file_info(path).type == pafs.FileType.File
+        else [resolve(uri)[1] for uri in list_files(location, suffix=".parquet")]
+    )
+    for name in files:
+        with fs.open_input_file(name) as handle:
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns)
 
 
 def quarantine_uri(run_dir: str, stage: str) -> str:

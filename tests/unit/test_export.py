@@ -75,9 +75,9 @@ def test_every_config_path_finds_its_file(exported) -> None:
     assert json.loads((out / MANIFEST).read_text())["files"] == manifest["files"]
 
 
-def test_round_trip_through_the_prepare_entry_point(exported) -> None:
+def test_round_trip_through_the_prepare_entry_point(exported, tmp_path) -> None:
     items, _, manifest, cfg = exported
-    sources = read_sources(cfg)
+    sources = read_sources(cfg, str(tmp_path / "staging"))
     assert sources.quarantine == []
     checked = check_images(sources.items, storage="bytes", max_bytes=10**7, max_pixels=10**7)
     assert checked[S.REASON].null_count == checked.num_rows  # every image file decodes

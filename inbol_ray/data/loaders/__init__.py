@@ -48,7 +48,7 @@ from collections.abc import Callable
 
 from inbol_ray.config import DatasetSpec
 from inbol_ray.data import io as dio
-from inbol_ray.data.loaders.common import DataFormatError, Parsed
+from inbol_ray.data.loaders.common import CHUNK_ROWS, DataFormatError, Parsed, Sink
 from inbol_ray.data.loaders.embedded import items_table, parse_items, parse_mmbench, parse_mmmu
 from inbol_ray.data.loaders.evaluation import (
     parse_aokvqa,
@@ -60,7 +60,7 @@ from inbol_ray.data.loaders.evaluation import (
 )
 from inbol_ray.data.loaders.training import parse_oven, parse_scienceqa, parse_vqav2, vqav2_annotations_path
 
-LOADERS: dict[str, Callable[[DatasetSpec], Parsed]] = {
+LOADERS: dict[str, Callable[[DatasetSpec, Parsed | None], Parsed]] = {
     "vqav2": parse_vqav2,
     "scienceqa": parse_scienceqa,
     "oven": parse_oven,
@@ -85,6 +85,7 @@ __all__ = [
     "dataset_names",
     "items_table",
     "load",
+    "load_streaming",
     "spec_problems",
 ]
 
@@ -125,13 +126,25 @@ def spec_problems(spec: DatasetSpec) -> list[str]:
     return problems
 
 
-def load(spec: DatasetSpec) -> Parsed:
-    """Parse one data set spec with its format's loader (file-level problems raise DataFormatError).
-
-    Local paths are made absolute first: `source` columns and image paths must mean the same file to every
-    Ray worker, whatever its working directory.
-    """
+def _absolute(spec: DatasetSpec) -> DatasetSpec:
+    """Local paths made absolute: `source` columns and image paths must mean the same file to every Ray
+    worker, whatever its working directory."""
     if spec.format not in LOADERS:
         raise DataFormatError(f"{spec.name}: unknown format {spec.format!r}; known: {', '.join(LOADERS)}")
     images = dio.absolute(spec.images) if spec.images else ""
-    return LOADERS[spec.format](dataclasses.replace(spec, path=dio.absolute(spec.path), images=images))
+    return dataclasses.replace(spec, path=dio.absolute(spec.path), images=images)
+
+
+def load(spec: DatasetSpec) -> Parsed:
+    """Parse one data set spec with its format's loader (file-level problems raise DataFormatError)."""
+    return LOADERS[spec.format](_absolute(spec), None)
+
+
+def load_streaming(spec: DatasetSpec, on_items: Sink, on_bad: Sink, chunk_rows: int = CHUNK_ROWS) -> int:
+    """`load`, handing rows to `on_items` / `on_bad` in chunks of at most `chunk_rows` instead of returning
+    them; returns the rows read. What the caller holds is one chunk: JSONL formats (OVEN's millions of rows)
+    are read line by line; a JSON document (VQAv2, GQA, ...) is parsed whole by nature, then released."""
+    out = Parsed.streaming(on_items, on_bad, chunk_rows)
+    LOADERS[spec.format](_absolute(spec), out)
+    out.flush()
+    return out.n_input

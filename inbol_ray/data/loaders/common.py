@@ -13,7 +13,7 @@ Every input row ends up in exactly one of `items` or `quarantine` (the prepare s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,16 +43,56 @@ class DataFormatError(ValueError):
     """A data file is not in the format its loader reads: the message names the file and the field."""
 
 
+CHUNK_ROWS = 50_000
+"""Rows a streaming loader hands over at a time: the most a loader holds of a multi-million-row file."""
+
+Sink = Callable[[list[dict[str, Any]]], None]
+
+
+class Spool(list):
+    """A loader's output rows. Without a sink it is a plain list (tests, `load`); with one, every
+    `chunk_rows` appended rows are handed to the sink and dropped, so the prepare stage parses a file of
+    millions of rows holding one chunk (`load_streaming`)."""
+
+    def __init__(self, sink: Sink | None = None, chunk_rows: int = CHUNK_ROWS) -> None:
+        super().__init__()
+        self.sink, self.chunk_rows, self.handed = sink, chunk_rows, 0
+
+    def append(self, row: dict[str, Any]) -> None:
+        super().append(row)
+        if self.sink is not None and len(self) >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.sink is not None and len(self):
+            self.sink(list(self))
+            self.handed += len(self)
+            self.clear()
+
+    @property
+    def total(self) -> int:
+        """Rows appended so far, handed over or not."""
+        return self.handed + len(self)
+
+
 @dataclass
 class Parsed:
     """A loader's output: item dicts (ITEMS columns) and quarantine dicts (QUARANTINE columns + dataset)."""
 
-    items: list[dict[str, Any]] = field(default_factory=list)
-    quarantine: list[dict[str, Any]] = field(default_factory=list)
+    items: Spool = field(default_factory=Spool)
+    quarantine: Spool = field(default_factory=Spool)
 
     @property
     def n_input(self) -> int:
-        return len(self.items) + len(self.quarantine)
+        return self.items.total + self.quarantine.total
+
+    @classmethod
+    def streaming(cls, on_items: Sink, on_bad: Sink, chunk_rows: int = CHUNK_ROWS) -> Parsed:
+        return cls(Spool(on_items, chunk_rows), Spool(on_bad, chunk_rows))
+
+    def flush(self) -> None:
+        self.items.flush()
+        self.quarantine.flush()
 
 
 def item_id(spec: DatasetSpec, key: Any) -> str:
@@ -110,15 +150,28 @@ def read_json(uri: str) -> Any:
         raise DataFormatError(f"{uri}: malformed JSON ({exc})") from exc
 
 
-def read_jsonl(uri: str, spec: DatasetSpec, out: Parsed) -> list[tuple[int, dict[str, Any]]]:
-    """Parse a JSONL file line by line: a malformed line is quarantined, the other lines are kept.
+def iter_lines(uri: str, block_bytes: int = 1 << 18) -> Iterator[bytes]:
+    """A file's lines (without the newline), read a block at a time: a JSONL of millions of rows is never
+    held whole. Lines split on `\\n` only (a JSON string may hold U+2028, which `str.splitlines` would cut)."""
+    fs, path = dio.resolve(uri)
+    with fs.open_input_stream(path) as stream:
+        tail = b""
+        while block := stream.read(block_bytes):
+            lines = (tail + block).split(b"\n")
+            tail = lines.pop()
+            yield from lines
+        if tail:
+            yield tail
 
-    Returns (line number, object) pairs; blank lines are not rows. `limit` counts lines read.
+
+def read_jsonl(uri: str, spec: DatasetSpec, out: Parsed) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Parse a JSONL file line by line, as a stream: a malformed line is quarantined, the others yielded.
+
+    Yields (line number, object) pairs; blank lines are not rows. `limit` counts lines read.
     """
-    text = dio.read_bytes(uri).decode("utf-8", errors="replace")
-    rows: list[tuple[int, dict[str, Any]]] = []
     seen = 0
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(iter_lines(uri), start=1):
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
         if not line.strip():
             continue
         if spec.limit and seen >= spec.limit:
@@ -134,8 +187,7 @@ def read_jsonl(uri: str, spec: DatasetSpec, out: Parsed) -> list[tuple[int, dict
         if not isinstance(obj, dict):
             out.quarantine.append(make_bad(spec, f"line{number}", uri, f"line {number} is not a JSON object"))
             continue
-        rows.append((number, obj))
-    return rows
+        yield number, obj
 
 
 def expect_key(obj: Any, key: str, uri: str, kind: type = list) -> Any:
@@ -153,6 +205,10 @@ def expect_type(obj: Any, kind: type, uri: str, what: str) -> Any:
     return obj
 
 
+def _no_row_has(name: str, required: Sequence[str], uri: str) -> DataFormatError:
+    return DataFormatError(f"{uri}: missing field '{name}' (no row has it; expected fields {list(required)})")
+
+
 def check_fields(rows: Iterable[Mapping[str, Any]], required: Sequence[str], uri: str) -> None:
     """File-level schema check: a required field that *no* row has was renamed or never existed.
 
@@ -163,9 +219,25 @@ def check_fields(rows: Iterable[Mapping[str, Any]], required: Sequence[str], uri
         return
     for name in required:
         if not any(isinstance(r, Mapping) and name in r for r in rows):
-            raise DataFormatError(
-                f"{uri}: missing field '{name}' (no row has it; expected fields {list(required)})"
-            )
+            raise _no_row_has(name, required, uri)
+
+
+class FieldCheck:
+    """`check_fields` for rows read as a stream: it cannot look ahead, so it watches every row and judges at
+    the end of the file (`done`). The rows spooled meanwhile are thrown away with the failed stage."""
+
+    def __init__(self, required: Sequence[str], uri: str) -> None:
+        self.required, self.uri = tuple(required), uri
+        self.unseen, self.rows = set(required), 0
+
+    def see(self, row: Mapping[str, Any]) -> None:
+        self.rows += 1
+        if self.unseen:
+            self.unseen.difference_update(row.keys())
+
+    def done(self) -> None:
+        if self.rows and self.unseen:
+            raise _no_row_has(next(n for n in self.required if n in self.unseen), self.required, self.uri)
 
 
 def check_columns(names: Sequence[str], required: Sequence[str], uri: str) -> None:

@@ -107,14 +107,14 @@ def _mmmu_row(spec: DatasetSpec, row: dict[str, Any], source: str) -> tuple[dict
     return item, ""
 
 
-def parse_mmmu(spec: DatasetSpec) -> Parsed:
+def parse_mmmu(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """MMMU Parquet (a file, or a folder: its `validation-*.parquet` files, one per subject).
 
     Loaded: multiple-choice questions whose question and options reference exactly one image (`<image k>`),
     with that image embedded. Quarantined as `skipped:` open questions and multi-image (or image-less)
     questions; the question text keeps its `<image k>` tag. metric mc_letter; category = subject.
     """
-    out = Parsed()
+    out = Parsed() if out is None else out
     for uri in _parquet_files(spec.path, prefix="validation"):
         table = dio.read_table(uri)
         check_columns(table.column_names, MMMU_COLUMNS, uri)
@@ -142,14 +142,14 @@ def read_tsv(uri: str) -> pd.DataFrame:
         raise DataFormatError(f"{uri}: malformed TSV ({exc})") from exc
 
 
-def parse_mmbench(spec: DatasetSpec) -> Parsed:
+def parse_mmbench(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """MMBench TSV (e.g. MMBench_DEV_EN.tsv): options in columns A, B, C, D, base64 image; metric mc_letter.
 
     choices = the non-empty option columns in letter order; question = "Hint: <hint>\\n<question>" when a
     hint is given; category = category. An `image` cell shorter than 64 characters that names another row's
     `index` reuses that row's image (how the published TSVs store repeated images).
     """
-    out = Parsed()
+    out = Parsed() if out is None else out
     frame = read_tsv(spec.path)
     check_columns(list(frame.columns), MMBENCH_COLUMNS, spec.path)
     rows = frame.to_dict("records")
@@ -217,13 +217,13 @@ def _items_row_reason(row: dict[str, Any]) -> str:
     return ""
 
 
-def parse_items(spec: DatasetSpec) -> Parsed:
+def parse_items(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """Parquet already in the `items` schema (a file or a folder of shards): rows are kept as they are.
 
     Their own `dataset`/`split` columns win over the spec (one ShapesWorld file holds several data sets);
     relative `image_path`s are made absolute so Ray workers can open them.
     """
-    out = Parsed()
+    out = Parsed() if out is None else out
     for uri in _parquet_files(spec.path):
         table = dio.read_table(uri)
         check_columns(table.column_names, ITEMS.names, uri)

@@ -9,6 +9,7 @@ from inbol_ray import schema as S
 from inbol_ray.config import DatasetSpec
 from inbol_ray.data import io as dio
 from inbol_ray.data.loaders.common import (
+    FieldCheck,
     Parsed,
     add_limit,
     answer_letter,
@@ -30,8 +31,8 @@ AOKVQA_DA_FIELDS = ("direct_answers",)
 AOKVQA_MC_FIELDS = ("choices", "correct_choice_idx")
 
 
-def _parse_aokvqa(spec: DatasetSpec, multiple_choice: bool) -> Parsed:
-    out = Parsed()
+def _parse_aokvqa(spec: DatasetSpec, multiple_choice: bool, out: Parsed | None) -> Parsed:
+    out = Parsed() if out is None else out
     rows = expect_type(read_json(spec.path), list, spec.path, "list of questions")
     task_fields = AOKVQA_MC_FIELDS if multiple_choice else AOKVQA_DA_FIELDS
     check_fields(rows, (*AOKVQA_FIELDS, *task_fields), spec.path)
@@ -73,7 +74,7 @@ def _parse_aokvqa(spec: DatasetSpec, multiple_choice: bool) -> Parsed:
     return out
 
 
-def parse_aokvqa(spec: DatasetSpec) -> Parsed:
+def parse_aokvqa(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """A-OKVQA aokvqa_v1p0_<split>.json, direct-answer (DA) task: the 10 `direct_answers`, metric vqa_soft.
 
     How it is graded: the free-text response against the ten crowd answers by VQA accuracy
@@ -93,17 +94,17 @@ def parse_aokvqa(spec: DatasetSpec) -> Parsed:
     `difficult_direct_answer` are kept and marked in category (`direct_answer_difficult`) so a table can
     leave them out. Images are COCO 2017 `<image_id:012d>.jpg` in `images`.
     """
-    return _parse_aokvqa(spec, multiple_choice=False)
+    return _parse_aokvqa(spec, False, out)
 
 
-def parse_aokvqa_mc(spec: DatasetSpec) -> Parsed:
+def parse_aokvqa_mc(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """A-OKVQA multiple-choice task from the same file: 4 choices, answer = letter of correct_choice_idx.
 
     Graded with mc_letter: the option the response picks (its letter, or the option's text) must be the
     gold one, as the official MC score compares the chosen option. Unlike the official script, which scores
     MC only on questions without `difficult_direct_answer`, every question is kept.
     """
-    return _parse_aokvqa(spec, multiple_choice=True)
+    return _parse_aokvqa(spec, True, out)
 
 
 # --- GQA ------------------------------------------------------------------------------------------------
@@ -111,12 +112,12 @@ def parse_aokvqa_mc(spec: DatasetSpec) -> Parsed:
 GQA_FIELDS = ("imageId", "question", "answer")
 
 
-def parse_gqa(spec: DatasetSpec) -> Parsed:
+def parse_gqa(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """GQA questions JSON {qid: question}: short answer, metric exact; images `<images>/<imageId>.jpg`.
 
     category = types.structural (verify, query, choose, logical, compare) when present.
     """
-    out = Parsed()
+    out = Parsed() if out is None else out
     questions = expect_type(read_json(spec.path), dict, spec.path, "object {question_id: question}")
     check_fields(questions.values(), GQA_FIELDS, spec.path)
     for qid, q in add_limit(list(questions.items()), spec):
@@ -158,7 +159,7 @@ def vizwiz_answerable_set(spec: DatasetSpec) -> str:
     return f"{spec.name}{ANSWERABLE_SUFFIX}" if spec.split == "unanswerable_test" else ""
 
 
-def parse_vizwiz(spec: DatasetSpec) -> Parsed:
+def parse_vizwiz(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """VizWiz VQA annotations (train.json / val.json): 10 answers, metric vqa_soft, answerable from the file.
 
     `answerable` (0/1) is the annotators' verdict. The paper reports VizWiz as the refusal rate on its
@@ -175,7 +176,7 @@ def parse_vizwiz(spec: DatasetSpec) -> Parsed:
     `<images>/<image>`. Unanswerable rows keep their ten "unanswerable" answers; they are never graded
     correct (answerable is false), only refused or not.
     """
-    out = Parsed()
+    out = Parsed() if out is None else out
     rows = expect_type(read_json(spec.path), list, spec.path, "list of annotations")
     check_fields(rows, VIZWIZ_FIELDS, spec.path)
     answerable_set = vizwiz_answerable_set(spec)
@@ -234,7 +235,7 @@ def _unanswerable_image(spec: DatasetSpec, image: str) -> str:
     return image_location(spec.images or dio.parent(dio.absolute(spec.path)), image)
 
 
-def parse_unanswerable_jsonl(spec: DatasetSpec) -> Parsed:
+def parse_unanswerable_jsonl(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """Our documented JSONL for unanswerable sets; every row has answerable = false.
 
     One object per line: {"id": str, "image": path, "question": str, "answers": [str] (optional),
@@ -247,10 +248,10 @@ def parse_unanswerable_jsonl(spec: DatasetSpec) -> Parsed:
     graders see a response "E" as a refusal because option E's text is one (`grading.is_refusal_response`),
     and nothing is ever graded correct here, so the reported number is the refusal rate.
     """
-    out = Parsed()
-    rows = read_jsonl(spec.path, spec, out)
-    check_fields([r for _, r in rows], UNANSWERABLE_FIELDS, spec.path)
-    for number, r in rows:
+    out = Parsed() if out is None else out
+    fields = FieldCheck(UNANSWERABLE_FIELDS, spec.path)
+    for number, r in read_jsonl(spec.path, spec, out):
+        fields.see(r)
         key = r.get("id") or f"line{number}"
         reason = missing_field(r, UNANSWERABLE_FIELDS)
         answers: list[str] = []
@@ -278,6 +279,7 @@ def parse_unanswerable_jsonl(spec: DatasetSpec) -> Parsed:
                 image_path=_unanswerable_image(spec, str(r["image"])),
             )
         )
+    fields.done()
     return out
 
 

@@ -8,6 +8,7 @@ from inbol_ray.config import DatasetSpec
 from inbol_ray.data import io as dio
 from inbol_ray.data.loaders.common import (
     DataFormatError,
+    FieldCheck,
     Parsed,
     add_limit,
     answer_letter,
@@ -44,13 +45,13 @@ def vqav2_annotations_path(questions_uri: str) -> str:
     return f"{folder}/{match['prefix']}mscoco_{match['subtype']}_annotations.json"
 
 
-def parse_vqav2(spec: DatasetSpec) -> Parsed:
+def parse_vqav2(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """VQAv2: questions JSON + annotations JSON joined on question_id; COCO 2014 images; metric vqa_soft.
 
     answers = the 10 annotator answers (duplicates kept: VQA accuracy counts agreement); category =
     answer_type (yes/no, number, other). Images are `COCO_<data_subtype>_<image_id:012d>.jpg` in `images`.
     """
-    out = Parsed()
+    out = Parsed() if out is None else out
     questions_doc = read_json(spec.path)
     questions = expect_key(questions_doc, "questions", spec.path)
     annotations_uri = vqav2_annotations_path(spec.path)  # also checks the file name follows the release
@@ -114,7 +115,7 @@ def scienceqa_split(spec: DatasetSpec) -> str:
     return "train" if spec.split == "train" else "test"
 
 
-def parse_scienceqa(spec: DatasetSpec) -> Parsed:
+def parse_scienceqa(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """ScienceQA problems.json {pid: problem}: image questions of one publisher split; metric mc_letter.
 
     Only problems of `scienceqa_split(spec)` are input rows (reading another split is like reading another
@@ -122,7 +123,7 @@ def parse_scienceqa(spec: DatasetSpec) -> Parsed:
     question = "Context: <hint>\\n<question>" when there is a hint (LLaVA's ScienceQA prompt); answers = the
     letter of `answer`; category = subject. Images: `<images>/<split>/<pid>/<image>`.
     """
-    out = Parsed()
+    out = Parsed() if out is None else out
     problems = expect_type(read_json(spec.path), dict, spec.path, "object {pid: problem}")
     check_fields(problems.values(), (*SCIENCEQA_FIELDS, "image"), spec.path)
     wanted = scienceqa_split(spec)
@@ -186,7 +187,7 @@ def _oven_path(images: str, image_id: str, sharded: bool, ext: str) -> str:
     return image_location(images, name)
 
 
-def parse_oven(spec: DatasetSpec) -> Parsed:
+def parse_oven(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """OVEN jsonl (oven_entity_* / oven_query_*): entity recognition as VQA with the entity name as answer.
 
     answers = [entity_text] (the Wikipedia title), category = data_split (e.g. val_entity_seen).
@@ -206,11 +207,11 @@ def parse_oven(spec: DatasetSpec) -> Parsed:
     is therefore at most what entity linking would give: more of them land in `unknown` (refusal targets)
     than the benchmark would call wrong.
     """
-    out = Parsed()
-    rows = read_jsonl(spec.path, spec, out)
-    check_fields([r for _, r in rows], OVEN_FIELDS, spec.path)
+    out = Parsed() if out is None else out
+    fields = FieldCheck(OVEN_FIELDS, spec.path)
     layout: tuple[bool, str] | None = None
-    for number, r in rows:
+    for number, r in read_jsonl(spec.path, spec, out):
+        fields.see(r)
         key = r.get("data_id") or f"line{number}"
         reason = missing_field(r, OVEN_FIELDS)
         if reason:
@@ -231,4 +232,5 @@ def parse_oven(spec: DatasetSpec) -> Parsed:
                 image_path=_oven_path(spec.images, image_id, *layout),
             )
         )
+    fields.done()
     return out
