@@ -192,13 +192,16 @@ def stage_hashes(cfg: Config, all_stages: Sequence[Stage]) -> dict[str, str]:
 def _hashed_section(cfg: Config, name: str) -> Any:
     """A config section as stages see it. `train.method` only picks what `jobs.train` runs (each training
     stage is named for its method), so it is left out: a model trained by `jobs.train method=sft` is the
-    pipeline's `train_sft` output, not one "made with another config". ShapesWorld's items are also a
+    pipeline's `train_sft` output, not one "made with another config"; `construct.window_rows` changes
+    memory, not tables. ShapesWorld's items are also a
     function of its generator's version (a changed world must not reuse an old run's items)."""
     section = getattr(cfg, name)
     if name == "data" and section.source == "shapes":
         from inbol_ray.data.shapes import VERSION
 
         return [section, VERSION]
+    if name == "construct":  # bounds memory only: the tables are the same for any window
+        return replace(section, window_rows=0)
     return replace(section, method="") if name == "train" else section
 
 

@@ -9,11 +9,16 @@ checked per table.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from inbol_ray import schema as S
 from inbol_ray.boundary.construct import (
@@ -25,7 +30,6 @@ from inbol_ray.boundary.construct import (
 )
 from inbol_ray.config import Config, ConstructConfig
 from inbol_ray.data import io as dio
-from inbol_ray.generation.shards import write_quarantine
 from inbol_ray.run_layout import RunLayout
 
 BUILDERS: dict[str, tuple[Callable[..., Built], pa.Schema]] = {
@@ -92,19 +96,98 @@ def build_tables(
     return out
 
 
+def _split_points(samples_uri: str, n_rows: int, buckets: int) -> list[str]:
+    """Ids cutting the samples into `buckets` id ranges of about equal size, from a stride sample of the id
+    column (~64 ids per bucket). Any cut gives the same tables: it only sets how much one bucket holds."""
+    stride = max(1, n_rows // (buckets * 64))
+    picked: list[str] = []
+    seen = 0
+    for batch in dio.iter_batches(samples_uri, columns=[S.ID]):
+        picked += batch[S.ID].to_pylist()[(-seen) % stride :: stride]
+        seen += batch.num_rows
+    picked.sort()
+    return sorted({picked[len(picked) * b // buckets] for b in range(1, buckets)})
+
+
+def _partition(uri: str, columns: list[str] | None, splits: list[str], folder: str) -> list[str]:
+    """A table cut into the id ranges `splits` defines, one Parquet file per range, read a batch at a time."""
+    bounds = np.array(splits, dtype=object)
+    writers: dict[int, dio.TableFile] = {}
+    paths = [dio.join(folder, f"bucket-{b:05d}.parquet") for b in range(len(splits) + 1)]
+    try:
+        for batch in dio.iter_batches(uri, columns=columns):
+            table = pa.Table.from_batches([batch])
+            ids = np.array(table[S.ID].to_pylist(), dtype=object)
+            bucket = np.searchsorted(bounds, ids, side="right")
+            for b in np.unique(bucket).tolist():
+                if b not in writers:
+                    writers[b] = dio.TableFile(paths[b], table.schema)
+                writers[b].write(table.filter(pa.array(bucket == b)))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return paths
+
+
+def _buckets(layout: RunLayout, window_rows: int, scratch: str) -> Iterator[tuple[pa.Table | None, pa.Table]]:
+    """(items, samples) per id range: the whole tables when the samples fit `window_rows`, else ranges of
+    about that many rows cut to local scratch files, yielded one range at a time."""
+    n_rows = sum(meta.num_rows for meta in _metadata(layout.samples))
+    if n_rows <= window_rows:
+        yield dio.read_table(layout.items), dio.read_table(layout.samples, columns=S.SAMPLES.names)
+        return
+    splits = _split_points(layout.samples, n_rows, -(-n_rows // window_rows))
+    samples = _partition(layout.samples, S.SAMPLES.names, splits, dio.join(scratch, "samples"))
+    items = _partition(layout.items, None, splits, dio.join(scratch, "items"))
+    for items_b, samples_b in zip(items, samples, strict=True):
+        if dio.exists(samples_b):  # a range with no samples builds nothing
+            yield (dio.read_table(items_b) if dio.exists(items_b) else None), dio.read_table(samples_b)
+
+
+def _metadata(uri: str) -> list[pq.FileMetaData]:
+    fs, path = dio.resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return [pq.read_metadata(path, filesystem=fs)]
+    return [
+        pq.read_metadata(dio.resolve(f)[1], filesystem=fs) for f in dio.list_files(uri, suffix=".parquet")
+    ]
+
+
 def run_construct(cfg: Config, layout: RunLayout) -> ConstructResult:
     """`layout.items` + `layout.samples` -> every table under `layout.table(name)`, buckets from conf under
-    `cfg.construct` (the samples carry no bucket, so a threshold change needs no new samples)."""
-    items = dio.read_table(layout.items)
-    samples = dio.read_table(layout.samples, columns=S.SAMPLES.names)
-    items = items.filter(pc.is_in(items[S.ID], samples[S.ID]))
-    built = build_tables(items, samples, cfg.construct)
-    uris, counts = {}, {}
-    for name, (table, quarantine, tally) in built.items():
-        folder = layout.table(name)
-        # In id order on disk: rows are addressed by position when training streams a big table.
-        dio.write_table(table.sort_by(S.ID), dio.join(folder, "part-0.parquet"))
-        write_quarantine(quarantine.to_pylist(), layout.quarantine(f"construct_{name}"), f"construct_{name}")
-        uris[name] = folder
-        counts[name] = tally
-    return ConstructResult(uris=uris, counts=counts)
+    `cfg.construct` (the samples carry no bucket, so a threshold change needs no new samples).
+
+    Bounded memory: samples beyond `construct.window_rows` rows are cut into id ranges (items likewise) on
+    local scratch disk and built one range at a time; ranges are written in id order, each sorted, so the
+    tables come out in id order whatever the cut (rows are addressed by position when training streams)."""
+    window = cfg.construct.window_rows
+    for name in BUILDERS:
+        dio.remove(layout.table(name))
+    tables = {
+        name: dio.TableFile(dio.join(layout.table(name), "part-0.parquet"), schema)
+        for name, (_, schema) in BUILDERS.items()
+    }
+    quarantines = {
+        name: dio.TableFile(layout.quarantine(f"construct_{name}"), S.QUARANTINE) for name in BUILDERS
+    }
+    counts: dict[str, Counter[str]] = {name: Counter() for name in BUILDERS}
+    with tempfile.TemporaryDirectory(prefix="construct-") as scratch:
+        for items, samples in _buckets(layout, window, scratch):
+            if items is None:
+                raise ValueError(
+                    f"construct: {samples.num_rows} sample id(s) have no item, e.g. {samples[S.ID][0]}"
+                )
+            items = items.filter(pc.is_in(items[S.ID], samples[S.ID]))
+            for name, (table, quarantine, tally) in build_tables(items, samples, cfg.construct).items():
+                tables[name].write(table.sort_by(S.ID))
+                stage = pa.array([f"construct_{name}"] * quarantine.num_rows, pa.string())
+                quarantines[name].write(
+                    quarantine.set_column(quarantine.schema.get_field_index(S.STAGE), S.STAGE, stage)
+                )
+                counts[name].update(tally)
+    uris = {}
+    for name in BUILDERS:
+        tables[name].close()
+        quarantines[name].close()
+        uris[name] = layout.table(name)
+    return ConstructResult(uris=uris, counts={name: dict(c) for name, c in counts.items()})

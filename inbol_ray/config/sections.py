@@ -93,8 +93,12 @@ class ConstructConfig:
     """Index into REFUSAL_TEMPLATES used as the training refusal (-1: rotate by item id)."""
     seed: int = 0
     """Seed of the choices construction makes (which incorrect sample a pair uses)."""
+    window_rows: int = 100_000
+    """Samples (with their items) the stage holds at once: more are cut into id ranges on local scratch disk
+    and built a range at a time. Memory, not results, is what it bounds (the tables are the same)."""
 
     def __post_init__(self) -> None:
+        at_least("construct.window_rows", self.window_rows, 1)
         if not 0.0 <= self.tau_unknown < self.tau_known <= 1.0:
             raise ConfigError(
                 f"construct thresholds need 0 <= tau_unknown < tau_known <= 1, got "
