@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from inbol_ray import manifest
@@ -201,7 +201,7 @@ def _hashed_section(cfg: Config, name: str) -> Any:
 
         return [section, VERSION]
     if name == "construct":  # bounds memory only: the tables are the same for any window
-        return replace(section, window_rows=0)
+        return {k: v for k, v in asdict(section).items() if k != "window_rows"}
     return replace(section, method="") if name == "train" else section
 
 

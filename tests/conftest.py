@@ -174,3 +174,58 @@ def device():
             f"\n[gpu] {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
         )
     return dev
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a free TCP port on 127.0.0.1 (servers under test bind to loopback only)."""
+    import socket
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return port
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1280,1000",
+)
+
+
+@pytest.fixture()
+def browser(tmp_path: Path):
+    """Debian's Chromium, headless, driven by Selenium; Selenium Manager kept offline (`SE_OFFLINE`): the
+    driver is /usr/bin/chromedriver and the browser /usr/bin/chromium (`make browser`), nothing is downloaded."""
+    import shutil
+
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} not installed: `make test` installs them as root "
+            "(apt-get install chromium chromium-driver); install them yourself otherwise"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not download anything
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

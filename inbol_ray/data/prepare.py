@@ -329,6 +329,8 @@ def run_prepare(
     quarantined = _write_quarantine(rejected, quarantine_uri)
     counts = _counts(sources.read, quarantined, _dataset_counts(items_uri))
     dio.remove(sources.root)  # the staged text repeats the items: keep no second copy
+    if dio.exists(parent := dio.parent(sources.root)) and not dio.list_files(parent):
+        dio.remove(parent)  # an empty `staging` folder says nothing
     return PrepareResult(items_uri, quarantine_uri, counts, dict(sources.mismatch))
 
 

@@ -24,15 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def head_node(tmp_path_factory: pytest.TempPathFactory):
-    port, dash = _free_port(), _free_port()
+def head_node(tmp_path_factory: pytest.TempPathFactory, free_port):
+    port, dash = free_port(), free_port()
     temp_dir = Path("/tmp") / f"inbol_head_{os.getpid()}"
     # Ray >= 2.59 protects local clusters with a token; a per-test token shared by head and client
     # keeps the test off the user's ~/.ray/auth_token.
@@ -58,10 +52,10 @@ def head_node(tmp_path_factory: pytest.TempPathFactory):
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
             # fixed default agent ports would collide with any other Ray on the machine (the test session's)
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
         ],
         env=env,
         start_new_session=True,

@@ -13,7 +13,6 @@ loads a trained model straight from its `s3://` location.
 from __future__ import annotations
 
 import base64
-import socket
 from pathlib import Path
 
 import pytest
@@ -39,14 +38,9 @@ STAGES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_pipeline_and_serve_on_s3(
     ray_local,
+    free_port,
     s3_endpoint: str,
     smoke_run: tuple[Path, list[str]],
     tmp_path: Path,
@@ -98,7 +92,7 @@ def test_pipeline_and_serve_on_s3(
 
     from serve.app import APP_NAME, build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         checkpoint = f"{RUN}/models/cadpo"

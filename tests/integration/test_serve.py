@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import statistics
 import tempfile
 import time
@@ -32,12 +31,6 @@ LOAD_CONCURRENCY = 16
 TIMEOUT_S = 60
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def shapes_items(cfg: Config, n: int = 4) -> list:
     from dataclasses import replace
 
@@ -48,7 +41,7 @@ def shapes_items(cfg: Config, n: int = 4) -> list:
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_local, tiny_checkpoint: Path, tiny_config: Config) -> Iterator[str]:
+def base_url(ray_local, tiny_checkpoint: Path, tiny_config: Config, free_port) -> Iterator[str]:
     """The app on a free loopback port; Serve is shut down after this module's tests."""
     from ray import serve
 

@@ -2,15 +2,11 @@
 Ray Serve (127.0.0.1). Pick an example, ask, see an answer, a refusal badge and the confidence; the
 screenshot is saved under the test's tmp dir (its path is printed) for a human to look at.
 
-Selenium Manager is kept offline (`SE_OFFLINE`): the driver is Debian's /usr/bin/chromedriver and the
-browser /usr/bin/chromium, both installed by .ci/run; nothing is downloaded.
+The browser is tests/conftest.py's `browser` fixture (offline Selenium, Debian's Chromium).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,30 +14,11 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 WAIT_S = 90
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1280,1000",
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_local, tiny_checkpoint: Path) -> Iterator[str]:
+def base_url(ray_local, tiny_checkpoint: Path, free_port) -> Iterator[str]:
     from ray import serve
 
     from serve.app import APP_NAME, build_app
@@ -58,29 +35,6 @@ def base_url(ray_local, tiny_checkpoint: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-
-
-@pytest.fixture()
-def browser(tmp_path: Path) -> Iterator[object]:
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
-    if missing:
-        pytest.fail(
-            f"{', '.join(missing)} not installed: `make test` installs them as root "
-            "(apt-get install chromium chromium-driver); install them yourself otherwise"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not download anything
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def test_ask_a_question_in_the_demo(base_url: str, browser, tmp_path: Path) -> None:

@@ -117,6 +117,8 @@ def test_construct_settings_do_not_touch_the_sample_stage() -> None:
     ha, hb = P.stage_hashes(a, P.stages(a)), P.stage_hashes(b, P.stages(b))
     assert ha["sample"] == hb["sample"] and ha["construct"] != hb["construct"]
     assert ha["train_cadpo"] != hb["train_cadpo"]
+    c = load_config("configs/tiny.yaml", ["construct.window_rows=1000"])  # memory, not tables
+    assert P.stage_hashes(c, P.stages(c)) == ha
 
 
 def test_a_model_trained_by_the_train_job_is_the_pipelines_training_stage() -> None:

@@ -1,0 +1,431 @@
+"""The refusal-aware OpenAI ingress: Ray's `OpenAiIngress` plus what is ours (see `serve/llm_app.py`).
+
+Ray provides the protocol: request and response models, streaming, usage, `n`, stop, temperature/top_p/
+max_tokens, multi-LoRA routing by model id. This subclass adds, thinly:
+- model names: a run's methods by name (`cadpo`), routed to Ray's ids (`base:cadpo` for an adapter on the
+  base deployment, the method itself for a full checkpoint); `/v1/models` lists them;
+- the project's prompt: the last user turn of a chat is rendered by `render_prompt` (the short-answer
+  instruction, as sampled, trained and evaluated), unless the request says `"render": false`;
+- input rules: at most one image (LLaVA-1.5 sees one), only `data:` URLs (the server fetches nothing),
+  decodable and within the configured size; a bad request is refused before it reaches a replica;
+- `refused` on every choice (the project's detector; on the last streamed chunk of a choice), and, with
+  `"confidence": true` and `n` = K >= 2, a `confidence` object: the majority answer, the share of the K
+  samples agreeing with it, whether it is a refusal, and the samples;
+- OpenAI's error shape `{"error": {message, type, param, code}}` for every 4xx/5xx, including the 404s
+  Ray and FastAPI answer as `{"detail": ...}`;
+- `/v1/answer` (image + question -> answer, refused, confidence), `/healthz`, `/readyz` (every served
+  model answers a health check), and the Gradio demo at `/demo` (mounted by `__serve_build_asgi_app__`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    OpenAIHTTPException,
+)
+from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inbol_ray.boundary.agreement import answer_agreement
+from inbol_ray.boundary.construct import most_frequent
+from inbol_ray.config import Config
+from inbol_ray.model.prompt import render_prompt
+from inbol_ray.refusal import is_refusal
+from serve.api import (
+    DEMO_PATH,
+    READY_TIMEOUT_S,
+    ApiError,
+    Limits,
+    decode_image_field,
+    parse_answer_request,
+    read_body,
+)
+from serve.model import bind_replica_grpc_to_node_ip
+
+OWNER = "inbol-ray"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One name a client can ask for, and how it is served."""
+
+    name: str
+    """What clients send as `model` (`base`, `sft`, `cadpo`, ...)."""
+    route: str
+    """Ray's model id: the deployment's (`base`) or, for an adapter, `<deployment>:<name>`."""
+    deployment: str
+    """Model id of the deployment that serves it."""
+    checkpoint: str
+    """Where its weights are (the adapter folder for an adapter, else the model folder)."""
+
+    @property
+    def adapter(self) -> bool:
+        return self.route != self.deployment
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, kind: str | None = None
+) -> dict[str, Any]:
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+# --- the request side -------------------------------------------------------------------------------------
+
+
+def _image_urls(content: Any) -> list[str]:
+    if not isinstance(content, list):
+        return []
+    urls = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "image_url":
+            url = part.get("image_url")
+            urls.append(url.get("url") if isinstance(url, dict) else url)
+    return urls
+
+
+def check_chat_images(messages: Sequence[dict[str, Any]], limits: Limits) -> None:
+    """At most one image in the whole conversation, as a `data:` URL, decodable and within the limits."""
+    urls = [url for m in messages for url in _image_urls(m.get("content"))]
+    if len(urls) > 1:
+        raise ApiError(
+            422, f"send at most one image_url (this model sees one image), got {len(urls)}", "messages"
+        )
+    for url in urls:
+        if not isinstance(url, str) or not url.startswith("data:"):
+            raise ApiError(422, "image_url must be a data: URL; the server fetches nothing", "messages")
+        decode_image_field(url, limits, "messages")
+
+
+def _rendered(text: str, cfg: Config) -> str:
+    """The project's prompt for a user question, left alone when the client already rendered it."""
+    stripped = text.strip()
+    if stripped.endswith((cfg.prompt.short_answer, cfg.prompt.multiple_choice)):
+        return stripped
+    return render_prompt(stripped, None, cfg.prompt)
+
+
+def render_last_user_turn(messages: list[dict[str, Any]], cfg: Config) -> None:
+    """Render the last user message's text in place (string content or its text parts, joined)."""
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            message["content"] = _rendered(content, cfg)
+        elif isinstance(content, list):
+            texts = [p for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if texts:
+                joined = " ".join(str(p.get("text", "")) for p in texts)
+                others = [p for p in content if p not in texts]
+                message["content"] = [*others, {"type": "text", "text": _rendered(joined, cfg)}]
+        return
+    raise ApiError(422, "no user message: the last user message holds the question", "messages")
+
+
+# --- the response side ------------------------------------------------------------------------------------
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    message = choice.get("message")
+    if isinstance(message, dict):
+        return str(message.get("content") or "")
+    return str(choice.get("text") or "")
+
+
+def confidence_of(samples: Sequence[str], question: str | None = None) -> dict[str, Any]:
+    """The K samples' majority answer, the share agreeing with it (refusals agree with refusals), and
+    whether it is a refusal: the serving-time reading of InBoL's confidence (no gold answer here)."""
+    refusals = [s for s in samples if is_refusal(s, question=question)]
+    answers = [s for s in samples if not is_refusal(s, question=question)]
+    answer = refusals[0] if len(refusals) > len(answers) else (most_frequent(answers) or "")
+    return {
+        "answer": answer,
+        "agreement": answer_agreement(answer, samples),
+        "refused": is_refusal(answer, question=question),
+        "samples": list(samples),
+    }
+
+
+def annotate(result: dict[str, Any], question: str | None, confidence: bool) -> dict[str, Any]:
+    """`refused` on each choice; `confidence` over the choices when asked for."""
+    texts = []
+    for choice in result.get("choices") or []:
+        text = _choice_text(choice)
+        choice["refused"] = is_refusal(text, question=question)
+        texts.append(text)
+    if confidence:
+        result["confidence"] = confidence_of(texts, question)
+    return result
+
+
+async def annotate_stream(chunks: AsyncIterator[str | bytes], question: str | None) -> AsyncIterator[str]:
+    """The SSE stream with `refused` on each choice's last chunk (the one carrying its finish_reason)."""
+    texts: dict[int, list[str]] = {}
+    pending = ""
+    async for chunk in chunks:
+        pending += chunk.decode() if isinstance(chunk, bytes) else chunk
+        events, pending = pending.split("\n\n")[:-1], pending.split("\n\n")[-1]
+        out = []
+        for event in events:
+            out.append(_annotated_event(event, texts, question))
+        if out:
+            yield "".join(out)
+    if pending:
+        yield pending
+
+
+def _annotated_event(event: str, texts: dict[int, list[str]], question: str | None) -> str:
+    if not event.startswith("data: ") or event == "data: [DONE]":
+        return event + "\n\n"
+    try:
+        data = json.loads(event[len("data: ") :])
+    except json.JSONDecodeError:
+        return event + "\n\n"
+    for choice in data.get("choices") or []:
+        index = int(choice.get("index", 0))
+        delta = choice.get("delta")
+        piece = (delta or {}).get("content") if isinstance(delta, dict) else choice.get("text")
+        texts.setdefault(index, []).append(piece or "")
+        if choice.get("finish_reason") is not None:
+            choice["refused"] = is_refusal("".join(texts[index]), question=question)
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _last_user_text(messages: Sequence[dict[str, Any]]) -> str | None:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return " ".join(
+                    str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
+                )
+    return None
+
+
+# --- the ingress ------------------------------------------------------------------------------------------
+
+
+class RefusalAwareIngress(OpenAiIngress):
+    """`OpenAiIngress` with the run's model names, the project's prompt, refusal flags and OpenAI errors."""
+
+    def __init__(
+        self,
+        llm_deployments: dict[str, Any],
+        model_cards: dict[str, ModelCard],
+        *,
+        served: Sequence[ServedModel],
+        cfg: Config,
+        lora_paths: dict[str, str] | None = None,
+    ) -> None:
+        bind_replica_grpc_to_node_ip()
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        self.served = {m.name: m for m in served}
+        self.routes = {m.route: m for m in served}
+        self.cfg = cfg
+        self.limits = Limits.from_config(cfg)
+
+    # --- models ---
+    async def _get_model_id(self, model: str | None) -> str:
+        if model is None:
+            if len(self.served) == 1:
+                return next(iter(self.served.values())).route
+            raise OpenAIHTTPException(
+                400, f"field 'model' is required; served: {', '.join(self.served)}", "invalid_request_error"
+            )
+        found = self.served.get(model) or self.routes.get(model)
+        if found is None:
+            raise OpenAIHTTPException(
+                404, f"model '{model}' is not served; served: {', '.join(self.served)}", "model_not_found"
+            )
+        return found.route
+
+    def _card(self, m: ServedModel) -> ModelCard:
+        return ModelCard(
+            id=m.name,
+            object="model",
+            owned_by=OWNER,
+            permission=[],
+            metadata={
+                "route": m.route,
+                "adapter": m.adapter,
+                "deployment": m.deployment,
+                "checkpoint": m.checkpoint,
+            },
+        )
+
+    async def models(self) -> ModelList:
+        return ModelList(data=[self._card(m) for m in self.served.values()])
+
+    async def model(self, model_id: str) -> ModelCard | None:
+        found = self.served.get(model_id) or self.routes.get(model_id)
+        return None if found is None else self._card(found)
+
+    # --- OpenAI routes ---
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        extra = body.model_extra or {}
+        confidence = bool(extra.get("confidence"))
+        messages = list(body.messages)
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                messages[i] = message.model_dump()
+            elif not isinstance(message.get("content"), str | None):
+                messages[i] = {**message, "content": list(message["content"])}
+        check_chat_images(messages, self.limits)
+        question = _last_user_text(messages)
+        if extra.get("render", True):
+            render_last_user_turn(messages, self.cfg)
+        if confidence and (body.n or 1) < 2:
+            raise ApiError(422, "confidence needs n >= 2 samples (set n to K)", "n")
+        if confidence and body.stream:
+            raise ApiError(422, "confidence mode does not stream (it reads all K samples at once)", "stream")
+        body.messages = messages
+        body.model = await self._get_model_id(body.model)
+        response = await self._process_llm_request(body, call_method="chat", raw_request=request)
+        return self._annotated(response, question, confidence)
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        body.model = await self._get_model_id(body.model)
+        response = await self._process_llm_request(body, call_method="completions", raw_request=request)
+        return self._annotated(response, None, False)
+
+    @staticmethod
+    def _annotated(response: Response, question: str | None, confidence: bool) -> Response:
+        if isinstance(response, StreamingResponse):
+            return StreamingResponse(
+                annotate_stream(response.body_iterator, question), media_type="text/event-stream"
+            )
+        if response.status_code >= 400:
+            return response
+        return JSONResponse(annotate(json.loads(response.body), question, confidence))
+
+    # --- the simple API ---
+    async def answer(self, request: Request) -> JSONResponse:
+        """`POST /v1/answer {image, question, mode?, model?}` -> `{answer, refused, model, latency_ms}`, plus
+        `confidence` and `samples` in mode `confidence` (K = serve.confidence_k at sampling temperature)."""
+        start = time.perf_counter()
+        raw = await read_body(request, self.limits)
+        model = raw.pop("model", None)
+        if model is not None and not isinstance(model, str):
+            raise ApiError(422, "field 'model' must be a string", "model")
+        req = parse_answer_request(raw, self.limits)
+        result = await self.ask(req.image, req.question, req.mode, model)
+        return JSONResponse({**result, "latency_ms": round((time.perf_counter() - start) * 1000, 2)})
+
+    async def ask(
+        self, image: bytes, question: str, mode: str = "answer", model: str | None = None
+    ) -> dict[str, Any]:
+        """One image + question through the chat route: the greedy answer, and K samples in confidence mode."""
+        import base64
+
+        url = "data:image/png;base64," + base64.b64encode(image).decode()
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ]
+        name = model or ("cadpo" if "cadpo" in self.served else next(iter(self.served)))
+        tokens = self.cfg.eval.max_new_tokens
+        greedy = self._complete(name, messages, n=1, temperature=0.0, max_tokens=tokens)
+        calls = [greedy]
+        if mode == "confidence":
+            s = self.cfg.sampling
+            calls.append(self._complete(name, messages, n=self.cfg.serve.confidence_k, temperature=s.temperature,
+                                        top_p=s.top_p, max_tokens=s.max_new_tokens))  # fmt: skip
+        results = await asyncio.gather(*calls)
+        answer = results[0][0]
+        out: dict[str, Any] = {
+            "answer": answer,
+            "refused": is_refusal(answer, question=question),
+            "model": name,
+        }
+        if mode == "confidence":
+            out.update(confidence=answer_agreement(answer, results[1]), samples=results[1])
+        return out
+
+    async def _complete(self, model: str, messages: list[dict[str, Any]], **params: Any) -> list[str]:
+        body = ChatCompletionRequest(model=model, messages=messages, **params)
+        body.messages = [dict(m) for m in messages]
+        render_last_user_turn(body.messages, self.cfg)
+        body.model = await self._get_model_id(model)
+        response = await self._process_llm_request(body, call_method="chat", raw_request=None)
+        if response.status_code >= 400:
+            detail = json.loads(response.body).get("error", {}).get("message", "model error")
+            raise ApiError(response.status_code, detail)
+        return [_choice_text(c) for c in json.loads(response.body)["choices"]]
+
+    # --- health ---
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def readyz(self) -> JSONResponse:
+        """Ready when every deployment passes its health check and every adapter's files are where they were."""
+        report: dict[str, str] = {}
+
+        async def check(name: str, handle: Any) -> None:
+            try:
+                await asyncio.wait_for(handle.check_health.remote(), READY_TIMEOUT_S)
+                report[name] = "ready"
+            except Exception as exc:
+                report[name] = f"not ready: {type(exc).__name__}: {exc}"
+
+        await asyncio.gather(*(check(n, h) for n, h in self._default_serve_handles.items()))
+        models = {m.name: report.get(m.deployment, "not ready: no deployment") for m in self.served.values()}
+        ready = all(v == "ready" for v in models.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "models": models}, status_code=200 if ready else 503
+        )
+
+    # --- the app ---
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The FastAPI app at replica start: Ray's middleware, OpenAI routes bound to this replica, ours,
+        errors in OpenAI's shape, and the demo."""
+        app = init()
+
+        @app.exception_handler(ApiError)
+        async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+            return JSONResponse(exc.body(), status_code=exc.status)
+
+        @app.exception_handler(OpenAIHTTPException)
+        async def openai_error(_: Request, exc: OpenAIHTTPException) -> JSONResponse:
+            return JSONResponse(
+                error_body(exc.status_code, exc.message, kind=exc.type), status_code=exc.status_code
+            )
+
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+            return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+        app.get("/v1/models", response_model=ModelList)(self.models)
+        app.get("/v1/models/{model:path}", response_model=ModelCard)(self.model_data)
+        app.post("/v1/chat/completions")(self.chat)
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/answer")(self.answer)
+        app.get("/healthz")(self.healthz)
+        app.get("/readyz")(self.readyz)
+
+        @app.get("/", include_in_schema=False)
+        async def root() -> RedirectResponse:
+            return RedirectResponse(DEMO_PATH + "/")
+
+        from serve.compare_demo import mount_compare_demo
+
+        return mount_compare_demo(app, self, self.limits, self.cfg, path=DEMO_PATH)
