@@ -106,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_env()
     cfg = load_config(args.config, args.overrides)
     host, port = args.host or cfg.serve.host, args.port or cfg.serve.port
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _raise_stop)
 
     import ray
     from ray import serve
 
     started = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init: its core worker installs an aborting handler
+        signal.signal(sig, _raise_stop)
     try:
         serve.start(http_options={"host": host, "port": port})
         app, what = build(args)

@@ -1,0 +1,84 @@
+"""`python -m serve` stops cleanly: SIGTERM (what Kubernetes, systemd and Docker send) and Ctrl-C (SIGINT)
+shut Serve down and the Ray it started, and leave no process behind.
+
+Each case starts the real command in a fresh process with its own Ray (as a user would), waits until it
+answers, records every process under it (Ray's GCS, raylet, workers, Serve's controller, proxy and
+replicas), sends the signal, and checks the command exits 0 and every one of those processes is gone.
+SIGTERM runs the default app where vLLM is installed (every model of a run on ray.serve.llm, here a run
+holding only its base); Ctrl-C runs the one-checkpoint transformers app. The shutdown code is the same.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 240
+STOP_TIMEOUT_S = 90
+
+
+def _serve(args: list[str], port: int, tmp: Path) -> subprocess.Popen:
+    temp_dir = Path("/tmp") / f"inbol_sig_{os.getpid()}_{port}"  # Ray's socket paths must stay short
+    cmd = [sys.executable, "-m", "serve", "--config", str(ROOT / "configs" / "tiny.yaml"), "--port", str(port),
+           *args, f"ray.temp_dir={temp_dir}"]  # fmt: skip
+    log = (tmp / "serve.log").open("w")
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""}
+    )
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, tmp: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(
+                f"python -m serve exited {proc.returncode}:\n{(tmp / 'serve.log').read_text()[-3000:]}"
+            )
+        try:
+            if requests.get(url + "/readyz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    proc.kill()
+    pytest.fail(f"not ready in {START_TIMEOUT_S} s:\n{(tmp / 'serve.log').read_text()[-3000:]}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_signal_stops_serve_and_the_ray_it_started(
+    sig: signal.Signals, tmp_path: Path, tiny_checkpoint: Path, free_port
+) -> None:
+    port = free_port()
+    if sig == signal.SIGTERM:
+        shutil.copytree(tiny_checkpoint, tmp_path / "run" / "models" / "base")
+        args = ["--run-dir", str(tmp_path / "run"), "--models", "base", "sampling.cpus_per_actor=0.5"]
+    else:
+        args = ["--checkpoint", str(tiny_checkpoint), "--engine", "transformers"]
+    proc = _serve(args, port, tmp_path)
+    try:
+        _wait_ready(proc, f"http://127.0.0.1:{port}", tmp_path)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        names = {p.name() for p in started}
+        assert any("raylet" in n for n in names) and any("gcs_server" in n for n in names), names
+        proc.send_signal(sig)
+        assert proc.wait(timeout=STOP_TIMEOUT_S) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, [(p.pid, p.name()) for p in alive]
+        assert "shutting down" in (tmp_path / "serve.log").read_text()
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
