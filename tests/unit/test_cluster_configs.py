@@ -21,7 +21,7 @@ import math
 import re
 import shlex
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jsonschema
@@ -273,23 +273,28 @@ def test_rayjob_runs_the_shipped_config_with_room_for_every_stage() -> None:
 def test_rayservice_serves_a_run_of_the_shipped_config() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import BUILD_ARGS, DEPLOYMENT_NAME, INGRESS_NAME
+    from serve.llm_app import BUILD_ARGS, default_models
 
     svc = _yaml("rayservice.yaml")
     serve_config = yaml.safe_load(svc["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve_config)
     (app,) = serve_config["applications"]
-    assert app["import_path"] == "serve.app:build_app"
+    assert app["import_path"] == "serve.llm_app:build_llm_app"
     args = app["args"]
     assert set(args) <= set(BUILD_ARGS)
     configs = [_repo_path(c) for c in args["config"]]
     assert configs[-1] == CLUSTER_LAYER and all(c.is_file() for c in configs)
-    assert M.method(args["method"]).trained, "serve a trained method of the run"
-    for deployment in app.get("deployments", []):
-        assert deployment["name"] in (DEPLOYMENT_NAME, INGRESS_NAME)
     cfg = load_config(configs)
+    models = args.get("models") or default_models(cfg)
+    assert "cadpo" in models and all(m == "base" or M.method(m).trained for m in models)
+    # LoRA: one deployment of the base holds every adapter; full fine-tuning: one deployment per model.
+    deployments = ["base"] if cfg.train.lora else list(models)
+    names = {"OpenAiIngress", *(f"RunLLMServer:{d}" for d in deployments)}
+    for deployment in app.get("deployments", []):
+        assert deployment["name"] in names
     groups = _check_kuberay_cluster(svc["spec"]["rayClusterConfig"])
-    _check_offers(serve_demand(cfg), groups, "rayservice.yaml")
+    demand = serve_demand(cfg)
+    _check_offers(replace(demand, count=demand.count * len(deployments)), groups, "rayservice.yaml")
     assert min(wg["minReplicas"] for wg in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]) >= 1, (
         "a service keeps one model replica's pod up"
     )
