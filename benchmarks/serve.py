@@ -312,15 +312,21 @@ def run_kill(url: str, bodies: list[dict], clients: int, limit_s: float) -> tupl
                 if "SERVE_REPLICA" in a["name"] and deployment in a["name"]]  # fmt: skip
     if len(replicas) < 2:
         raise RuntimeError(f"expected 2 {deployment} replicas, found {replicas}")
+    before = {a["name"] for a in replicas}
+    killed = replicas[0]["name"]
+
+    def recovered() -> bool:  # the killed replica gone, a new one in its place, two running
+        now = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if "SERVE_REPLICA" in a["name"] and deployment in a["name"]}  # fmt: skip
+        return killed not in now and bool(now - before) and running_replicas(deployment) >= 2
+
     load = Load(url, bodies, clients)
     time.sleep(5)
     with load.lock:
         in_flight = load.in_flight
     killed_at = time.perf_counter()
-    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
-    back = wait_for(
-        lambda: running_replicas(deployment) >= 2 and time.perf_counter() - killed_at > 5, limit_s
-    )
+    ray.kill(ray.get_actor(killed, namespace=replicas[0]["namespace"]), no_restart=True)
+    back = wait_for(recovered, limit_s)
     time.sleep(5)
     load.finish()
     end = time.perf_counter()
