@@ -1,7 +1,7 @@
 """Benchmark: the OpenAI endpoint on Ray's LLM stack vs the same vLLM engine in-process, vs the previous
 deployment; autoscaling under a burst; a replica killed under load.
 
-    python -m benchmarks.serve                       # ~8 min on 2 CPU cores (tiny checkpoint + 1 adapter)
+    python -m benchmarks.serve                       # ~17 min on 2 CPU cores (tiny checkpoint + 1 adapter)
     python -m benchmarks.serve --quick               # smoke run; numbers mean nothing
 
 Every request is a real ShapesWorld image and question, greedy, at most `eval.max_new_tokens` tokens; a
