@@ -30,8 +30,8 @@ from inbol_ray.config import Config
 from inbol_ray.data import io as dio
 from inbol_ray.data.images import load_image_bytes
 from inbol_ray.run_layout import RunLayout
-from serve.api import ApiError, Limits, check_image, check_question
-from serve.gradio_demo import CSS, THEME, badge_html
+from serve.api import Limits
+from serve.gradio_demo import CSS, badge_html, demo_input, mount
 
 EXAMPLE_SPLITS = ("id_test", "ood_test", "unanswerable_test")
 EXAMPLES_PER_SET = 2
@@ -116,13 +116,7 @@ def build_compare_demo(asker: Asker, limits: Limits, cfg: Config, examples_dir: 
     k = cfg.serve.confidence_k
 
     async def ask_all(image_path: str | None, question: str, with_confidence: bool) -> tuple[str, str]:
-        if not image_path:
-            raise gr.Error("Upload an image or pick an example first.")
-        try:
-            data = check_image(Path(image_path).read_bytes(), limits)
-            text = check_question(question or "", limits)
-        except ApiError as exc:
-            raise gr.Error(exc.message) from None
+        data, text = demo_input(image_path, question, limits)
         mode = "confidence" if with_confidence else "answer"
         start = time.perf_counter()
 
@@ -175,16 +169,4 @@ def build_compare_demo(asker: Asker, limits: Limits, cfg: Config, examples_dir: 
 def mount_compare_demo(app: FastAPI, asker: Asker, limits: Limits, cfg: Config, path: str) -> FastAPI:
     """Mount the comparison demo on `app` at `path` (as `serve/gradio_demo.mount_demo` does)."""
     examples_dir = Path(tempfile.mkdtemp(prefix="inbol-compare-"))
-    demo = build_compare_demo(asker, limits, cfg, examples_dir)
-    return gr.mount_gradio_app(
-        app,
-        demo,
-        path=path,
-        css=COMPARE_CSS,
-        theme=THEME,
-        pwa=False,
-        root_path=path,
-        allowed_paths=[str(examples_dir)],
-        ssr_mode=False,
-        footer_links=["api"],
-    )
+    return mount(app, build_compare_demo(asker, limits, cfg, examples_dir), path, COMPARE_CSS, examples_dir)

@@ -107,6 +107,16 @@ def confidence_html(result: dict[str, Any] | None) -> str:
     )
 
 
+def demo_input(image_path: str | None, question: str | None, limits: Limits) -> tuple[bytes, str]:
+    """The picked image and the question, through the same checks as `POST /v1/answer` (shown in the page)."""
+    if not image_path:
+        raise gr.Error("Upload an image or pick an example first.")
+    try:
+        return check_image(Path(image_path).read_bytes(), limits), check_question(question or "", limits)
+    except ApiError as exc:
+        raise gr.Error(exc.message) from None
+
+
 def build_demo(
     client: ModelClient, limits: Limits, cfg: Config, model_name: str, examples_dir: Path
 ) -> gr.Blocks:
@@ -114,13 +124,7 @@ def build_demo(
     k = cfg.serve.confidence_k
 
     async def ask(image_path: str | None, question: str, with_confidence: bool) -> tuple[str, str, str, str]:
-        if not image_path:
-            raise gr.Error("Upload an image or pick an example first.")
-        try:
-            data = check_image(Path(image_path).read_bytes(), limits)
-            text = check_question(question or "", limits)
-        except ApiError as exc:
-            raise gr.Error(exc.message) from None
+        data, text = demo_input(image_path, question, limits)
         start = time.perf_counter()
         result = await client.answer(data, text, "confidence" if with_confidence else "answer")
         latency = (time.perf_counter() - start) * 1000
@@ -178,12 +182,16 @@ def mount_demo(
 ) -> FastAPI:
     """Mount the demo on `app` at `path` (no server-side rendering: it needs a Node server)."""
     examples_dir = Path(tempfile.mkdtemp(prefix="inbol-demo-"))
-    demo = build_demo(client, limits, cfg, model_name, examples_dir)
+    return mount(app, build_demo(client, limits, cfg, model_name, examples_dir), path, CSS, examples_dir)
+
+
+def mount(app: FastAPI, demo: gr.Blocks, path: str, css: str, examples_dir: Path) -> FastAPI:
+    """Mount a demo on `app` at `path` (no server-side rendering: it needs a Node server)."""
     return gr.mount_gradio_app(
         app,
         demo,
         path=path,
-        css=CSS,
+        css=css,
         theme=THEME,
         pwa=False,
         root_path=path,  # under Serve the mounted app misses its prefix in file URLs (example images 404)
