@@ -135,6 +135,15 @@ def render_last_user_turn(messages: list[dict[str, Any]], cfg: Config) -> None:
     raise ApiError(422, "no user message: the last user message holds the question", "messages")
 
 
+def with_bos(body: ChatCompletionRequest) -> None:
+    """Tokenise the chat with the tokenizer's special tokens (BOS), unless the client chose: vLLM's chat
+    route leaves them to the chat template, and LLaVA-1.5's template (llava-hf's, and the tiny checkpoint's)
+    has no BOS, while every other stage tokenises the same text with it. Without this the served model
+    answered other questions than the evaluated one (different greedy answers from the first token)."""
+    if "add_special_tokens" not in body.model_fields_set:
+        body.add_special_tokens = True
+
+
 # --- the response side ------------------------------------------------------------------------------------
 
 
@@ -294,6 +303,7 @@ class RefusalAwareIngress(OpenAiIngress):
         if confidence and body.stream:
             raise ApiError(422, "confidence mode does not stream (it reads all K samples at once)", "stream")
         body.messages = messages
+        with_bos(body)
         body.model = await self._get_model_id(body.model)
         response = await self._process_llm_request(body, call_method="chat", raw_request=request)
         return self._annotated(response, question, confidence)
@@ -365,6 +375,7 @@ class RefusalAwareIngress(OpenAiIngress):
         body = ChatCompletionRequest(model=model, messages=messages, **params)
         body.messages = [dict(m) for m in messages]
         render_last_user_turn(body.messages, self.cfg)
+        with_bos(body)
         body.model = await self._get_model_id(model)
         response = await self._process_llm_request(body, call_method="chat", raw_request=None)
         if response.status_code >= 400:

@@ -292,3 +292,33 @@ def test_the_demo_compares_every_method_in_a_browser(served: dict, browser, tmp_
     shot = tmp_path / "compare_demo.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     print(f"\ncomparison demo screenshot: {shot}")
+
+
+def test_the_endpoint_backend_scores_the_served_model_as_evaluated_in_process(
+    served: dict, tiny_config: Config
+) -> None:
+    """`jobs.evaluate_endpoint` on the served `sft` gives exactly the evaluate stage's in-process greedy
+    answers on the run's test items, and both models land side by side in the run's metrics and report."""
+    from inbol_ray.config import load_config
+    from inbol_ray.data import io as dio
+    from inbol_ray.eval.evaluate import run_evaluation
+    from inbol_ray.eval.report import render_report
+    from inbol_ray.run_layout import RunLayout
+    from jobs import evaluate_endpoint
+
+    run = served["run"]
+    overrides = [f"run_dir={run}", "model.build_tiny=true", f"eval.max_new_tokens={MAX_TOKENS}",
+                 "sampling.engine=transformers", "sampling.num_actors=1", "sampling.cpus_per_actor=0.5"]  # fmt: skip
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    run_evaluation(cfg, RunLayout.of(cfg), methods=["sft"], log=lambda _: None)
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *overrides, "--name", "served-sft",
+            "--base-url", served["url"] + "/v1", "--model", "sft"]  # fmt: skip
+    assert evaluate_endpoint.main(argv) == 0
+    predictions = dio.read_table(str(run / "predictions.parquet")).to_pandas()
+    local = predictions[predictions["model"] == "sft"].set_index("id")["response"]
+    remote = predictions[predictions["model"] == "served-sft"].set_index("id")["response"]
+    assert len(local) == 12 and remote.sort_index().to_dict() == local.sort_index().to_dict()
+    metrics = dio.read_table(str(run / "metrics.parquet")).to_pandas()
+    assert {"sft", "served-sft"} <= set(metrics["method"])
+    text = render_report(metrics, {d: "id_test" for d in metrics["dataset"]}, ["sft"])
+    assert "served-sft" in text and "| sft " in text

@@ -1,0 +1,156 @@
+"""Evaluating a model behind an OpenAI-compatible endpoint that fails: a test server on loopback answers
+deterministically, but errs (500, 429 with Retry-After, a reply slower than the client's timeout) on a share
+of requests, and is down for half the items during the first run (the "interruption"). The evaluation must
+end complete, with nothing lost, and no item that had an answer asked again on the resumed run."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from inbol_ray import schema as S
+from inbol_ray.config import load_config
+from inbol_ray.data import io as dio
+from inbol_ray.data.shapes import generate_items
+from inbol_ray.eval.endpoint import EndpointSpec, chat_body, evaluate_endpoint
+from inbol_ray.generation.shards import Selection
+from inbol_ray.model.prompt import render_prompt
+from inbol_ray.run_layout import RunLayout
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def answer_for(text: str) -> str:
+    """The server's deterministic 'model': refuses questions whose hash is odd, answers 'red' otherwise."""
+    return "I don't know." if int(hashlib.sha1(text.encode()).hexdigest(), 16) % 2 else "red"
+
+
+class FlakyServer:
+    def __init__(self) -> None:
+        self.down: set[str] = set()  # texts answered with 503 whatever the attempt
+        self.attempts: Counter[str] = Counter()
+        self.answered: Counter[str] = Counter()
+        self.bodies: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                text = body["messages"][0]["content"][-1]["text"]
+                server.bodies.append(body)
+                server.attempts[text] += 1
+                n = server.attempts[text]
+                kind = int(hashlib.md5(text.encode()).hexdigest(), 16) % 5
+                if text in server.down:
+                    return self._send(503, {"error": {"message": "down"}})
+                if n == 1 and kind == 0:
+                    return self._send(500, {"error": {"message": "boom"}})
+                if n == 1 and kind == 1:
+                    return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+                reply = {
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer_for(text)}}]
+                }
+                if n == 1 and kind == 2:
+                    time.sleep(1.0)  # past the client's timeout: this answer is never read (not counted)
+                    with contextlib.suppress(OSError):
+                        self._send(200, reply)
+                    return None
+                server.answered[text] += 1
+                return self._send(200, reply)
+
+            def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                for k, v in {"content-type": "application/json", **(headers or {})}.items():
+                    self.send_header(k, v)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def server():
+    s = FlakyServer()
+    yield s
+    s.close()
+
+
+def test_a_failing_endpoint_still_gives_a_complete_evaluation_and_resumes_without_reasking(
+    tmp_path: Path, server: FlakyServer
+) -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path}"])
+    shapes = dataclasses.replace(cfg.data.shapes, n_pretrain=0, n_train=0, n_val=0, n_id_test=12, n_ood_test=4,
+                                 n_unanswerable_test=8)  # fmt: skip
+    items = generate_items(shapes, cfg.model.image_size)
+    dio.write_table(items, str(tmp_path / "items" / "part-0.parquet"))
+    layout = RunLayout.of(cfg)
+    selection = Selection(splits=("id_test", "ood_test", "unanswerable_test"))
+    texts = {r[S.ID]: render_prompt(r[S.QUESTION], r[S.CHOICES], cfg.prompt) for r in items.to_pylist()}
+    ids = sorted(texts)
+    server.down = {texts[i] for i in ids[::2]}  # half the items cannot be answered in the first run
+    spec = EndpointSpec(
+        "flaky", server.url, "m", concurrency=4, timeout_s=0.5, max_attempts=3, backoff_s=0.01
+    )
+
+    graded, run = evaluate_endpoint(cfg, layout, spec, selection.mask, log=lambda _: None)
+    assert run.asked == len(ids) and run.reused == 0
+    assert set(run.failed) == set(ids[::2]) and all("503" in why for why in run.failed.values())
+    assert sorted(graded[S.ID]) == ids[1::2]
+    quarantined = dio.read_table(layout.quarantine("evaluate_flaky")).to_pylist()
+    assert sorted(q[S.ROW_KEY] for q in quarantined) == ids[::2]  # nothing lost: listed with the reason
+    first = Counter(server.answered)
+
+    server.down = set()
+    graded, run = evaluate_endpoint(cfg, layout, spec, selection.mask, log=lambda _: None)
+    assert run.asked == len(ids) // 2 and run.reused == len(ids) // 2 and not run.failed
+    assert sorted(graded[S.ID]) == ids  # complete
+    for i in ids[1::2]:  # answered in the first run: not asked again
+        assert server.answered[texts[i]] == first[texts[i]] == 1
+    assert all(server.answered[texts[i]] == 1 for i in ids)  # retries never double-count an answer
+    assert any(server.attempts[t] > 1 for t in texts.values())  # the faults did happen and were retried
+    by_id = graded.set_index(S.ID)
+    for i in ids:
+        assert by_id.loc[i, S.RESPONSE] == answer_for(texts[i])
+        assert bool(by_id.loc[i, S.REFUSED]) == (answer_for(texts[i]) == "I don't know.")
+    assert dio.read_table(layout.quarantine("evaluate_flaky")).num_rows == 0
+    metrics = dio.read_table(layout.metrics).to_pandas()
+    assert set(metrics[S.METHOD if S.METHOD in metrics else S.MODEL]) == {"flaky"}
+    body = server.bodies[0]
+    assert body["temperature"] == 0 and body["render"] is False
+    assert body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+def test_a_text_only_item_is_sent_without_an_image(tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    row = {
+        S.ID: "t:1",
+        S.QUESTION: "What is the capital of France?",
+        S.CHOICES: None,
+        S.IMAGE: None,
+        S.IMAGE_PATH: None,
+    }
+    body = chat_body(row, cfg, "m")
+    assert body["messages"][0]["content"] == [
+        {"type": "text", "text": render_prompt(row[S.QUESTION], None, cfg.prompt)}
+    ]
