@@ -297,20 +297,31 @@ def test_the_demo_compares_every_method_in_a_browser(served: dict, browser, tmp_
 def test_the_endpoint_backend_scores_the_served_model_as_evaluated_in_process(
     served: dict, tiny_config: Config
 ) -> None:
-    """`jobs.evaluate_endpoint` on the served `sft` gives exactly the evaluate stage's in-process greedy
-    answers on the run's test items, and both models land side by side in the run's metrics and report."""
+    """`jobs.evaluate_endpoint` on the served `sft` gives exactly the in-process greedy answers (the
+    evaluate stage's generation, transformers) on the run's test items, and both models land side by side
+    in the run's metrics and report."""
+    from inbol_ray.checkpoint import load_model
     from inbol_ray.config import load_config
     from inbol_ray.data import io as dio
-    from inbol_ray.eval.evaluate import run_evaluation
+    from inbol_ray.eval.endpoint import merge_model
     from inbol_ray.eval.report import render_report
+    from inbol_ray.generation.grade import grade_predictions
+    from inbol_ray.model.generation import clean_response, generate_responses
+    from inbol_ray.model.prompt import render_prompt
     from inbol_ray.run_layout import RunLayout
     from jobs import evaluate_endpoint
 
     run = served["run"]
-    overrides = [f"run_dir={run}", "model.build_tiny=true", f"eval.max_new_tokens={MAX_TOKENS}",
-                 "sampling.engine=transformers", "sampling.num_actors=1", "sampling.cpus_per_actor=0.5"]  # fmt: skip
+    overrides = [f"run_dir={run}", "model.build_tiny=true", f"eval.max_new_tokens={MAX_TOKENS}"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
-    run_evaluation(cfg, RunLayout.of(cfg), methods=["sft"], log=lambda _: None)
+    items = dio.read_table(str(run / "items")).to_pandas()
+    model, processor = load_model(str(run / "models" / "sft"))
+    prompts = [
+        render_prompt(q, c, cfg.prompt) for q, c in zip(items["question"], items["choices"], strict=True)
+    ]
+    out = generate_responses(model, processor, list(items["image"]), prompts, max_new_tokens=MAX_TOKENS)
+    items["responses"] = [[clean_response(r[0])] for r in out]
+    merge_model(RunLayout.of(cfg), "sft", grade_predictions(items, "sft", cfg.grading.vqa_correct_at))
     argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *overrides, "--name", "served-sft",
             "--base-url", served["url"] + "/v1", "--model", "sft"]  # fmt: skip
     assert evaluate_endpoint.main(argv) == 0
