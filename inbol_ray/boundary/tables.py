@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from inbol_ray import schema as S
 from inbol_ray.boundary.construct import (
@@ -132,7 +130,7 @@ def _partition(uri: str, columns: list[str] | None, splits: list[str], folder: s
 def _buckets(layout: RunLayout, window_rows: int, scratch: str) -> Iterator[tuple[pa.Table | None, pa.Table]]:
     """(items, samples) per id range: the whole tables when the samples fit `window_rows`, else ranges of
     about that many rows cut to local scratch files, yielded one range at a time."""
-    n_rows = sum(meta.num_rows for meta in _metadata(layout.samples))
+    n_rows = dio.row_count(layout.samples)
     if n_rows <= window_rows:
         yield dio.read_table(layout.items), dio.read_table(layout.samples, columns=S.SAMPLES.names)
         return
@@ -142,15 +140,6 @@ def _buckets(layout: RunLayout, window_rows: int, scratch: str) -> Iterator[tupl
     for items_b, samples_b in zip(items, samples, strict=True):
         if dio.exists(samples_b):  # a range with no samples builds nothing
             yield (dio.read_table(items_b) if dio.exists(items_b) else None), dio.read_table(samples_b)
-
-
-def _metadata(uri: str) -> list[pq.FileMetaData]:
-    fs, path = dio.resolve(uri)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        return [pq.read_metadata(path, filesystem=fs)]
-    return [
-        pq.read_metadata(dio.resolve(f)[1], filesystem=fs) for f in dio.list_files(uri, suffix=".parquet")
-    ]
 
 
 def run_construct(cfg: Config, layout: RunLayout) -> ConstructResult:

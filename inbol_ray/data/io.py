@@ -179,16 +179,25 @@ class TableFile:
             self.fs.delete_file(self.tmp)
 
 
+def parquet_files(location: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and the Parquet files of a table location (one file, or a folder's in name order)."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return fs, [path]
+    return fs, [resolve(uri)[1] for uri in list_files(location, suffix=".parquet")]
+
+
+def row_count(location: str) -> int:
+    """Rows of a Parquet file or folder, from the footers alone."""
+    fs, files = parquet_files(location)
+    return sum(pq.read_metadata(name, filesystem=fs).num_rows for name in files)
+
+
 def iter_batches(
     location: str, columns: list[str] | None = None, batch_rows: int = 8192
 ) -> Iterator[pa.RecordBatch]:
     """A Parquet file's or folder's rows a batch at a time, files in name order: reads what one batch needs."""
-    fs, path = resolve(location)
-    files = (
-        [path]
-        if fs.get_file_info(path).type == pafs.FileType.File
-        else [resolve(uri)[1] for uri in list_files(location, suffix=".parquet")]
-    )
+    fs, files = parquet_files(location)
     for name in files:
         with fs.open_input_file(name) as handle:
             yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns)

@@ -67,11 +67,7 @@ class TableBlocks:
 
 def open_blocks(uri: str, allow_empty: bool = False) -> TableBlocks:
     """The row groups of `uri` (one Parquet file or a folder of them) in table order."""
-    fs, path = dio.resolve(uri)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        files = [path]
-    else:
-        files = [dio.resolve(f)[1] for f in dio.list_files(uri, suffix=".parquet")]
+    fs, files = dio.parquet_files(uri)
     if not files:
         raise FileNotFoundError(f"training table {uri}: no Parquet files")
     blocks, start = [], 0
