@@ -94,8 +94,12 @@ class Sources:
     def items(self) -> pa.Table:
         """The usable staged rows as one ITEMS table (for tests and small exports: this one is whole)."""
         staged = dio.read_table(self.items_parts)
-        keep = pc.invert(pc.is_in(staged[SEQ], pa.array(sorted(self.duplicates), pa.int64())))
-        return staged.filter(keep).sort_by(SEQ).select(ITEMS.names).cast(ITEMS)
+        return (
+            staged.filter(first_rows(staged, positions(self.duplicates)))
+            .sort_by(SEQ)
+            .select(ITEMS.names)
+            .cast(ITEMS)
+        )
 
     @property
     def quarantine(self) -> list[dict[str, Any]]:
@@ -208,14 +212,25 @@ def _repeated_ids(stager: _Stager) -> frozenset[int]:
     return frozenset(repeated)
 
 
+def positions(seqs: frozenset[int]) -> pa.Array:
+    """Input positions as the Arrow array `first_rows` filters by (built once per stage, not per batch)."""
+    return pa.array(sorted(seqs), pa.int64())
+
+
+def first_rows(table: pa.Table, repeated: pa.Array) -> pa.Array:
+    """Mask of the staged rows that are not a later row of an id an earlier row has."""
+    return pc.invert(pc.is_in(table[SEQ], value_set=repeated))
+
+
 def _mismatches(cfg: Config, stager: _Stager, repeated: frozenset[int]) -> dict[str, int]:
     """Build the mismatched unanswerable rows from the staged answerable training rows, and stage them."""
     data = cfg.data
     rows: list[dict[str, Any]] = []
+    skip = positions(repeated)
     for batch in dio.iter_batches(dio.join(stager.root, "items")):
         table = pa.Table.from_batches([batch])
         wanted = pc.and_(pc.equal(table[SPLIT], "train"), table[ANSWERABLE])
-        wanted = pc.and_(wanted, pc.invert(pc.is_in(table[SEQ], pa.array(sorted(repeated), pa.int64()))))
+        wanted = pc.and_(wanted, first_rows(table, skip))
         rows += table.filter(wanted).drop_columns([SEQ]).to_pylist()
     built = build_mismatches(
         rows,
@@ -253,11 +268,11 @@ def read_sources(cfg: Config, staging: str | None = None, chunk_rows: int = CHUN
 # --- the Ray Data stage ---------------------------------------------------------------------------------
 
 
-def _check_staged(batch: pa.Table, repeated: frozenset[int], **limits: Any) -> pa.Table:
+def _check_staged(batch: pa.Table, repeated: pa.Array, **limits: Any) -> pa.Table:
     """Ray Data UDF: staged rows in, checked ITEMS rows + `reason` out; repeated ids were quarantined by
     `read_sources` already, so they are dropped here without opening their images."""
-    if repeated:
-        batch = batch.filter(pc.invert(pc.is_in(batch[SEQ], pa.array(sorted(repeated), pa.int64()))))
+    if len(repeated):
+        batch = batch.filter(first_rows(batch, repeated))
     return check_images(batch.select(ITEMS.names).cast(ITEMS), **limits)
 
 
@@ -305,7 +320,7 @@ def run_prepare(
                 batch_format="pyarrow",
                 batch_size=batch_size,
                 fn_kwargs={
-                    "repeated": sources.duplicates,
+                    "repeated": positions(sources.duplicates),
                     "storage": data.image_storage,
                     "max_bytes": data.max_image_bytes,
                     "max_pixels": data.max_image_pixels,
