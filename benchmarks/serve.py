@@ -117,7 +117,7 @@ def run_direct(run: Path, cfg: Config, cases: list[tuple[int, int]]) -> list[dic
         os.environ.setdefault(key, value)
     found = resolve(str(run / "models" / MODEL))
     kwargs = engine_kwargs(found.model_dir, cfg.sampling, cfg.model.dtype, gpu=False)
-    kwargs.update(lora_kwargs(found.adapter_dir))
+    kwargs.update(lora_kwargs([found.adapter_dir]))
     items = [
         (decode_image(img), format_prompt(render_prompt(q, None, cfg.prompt))) for img, q in workload(cfg)
     ]

@@ -18,7 +18,6 @@ Build after `ray.init` (Ray's builder otherwise starts a cluster of its own).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -33,7 +32,7 @@ from inbol_ray import methods as M
 from inbol_ray.config import Config, load_config
 from inbol_ray.data import io as dio
 from inbol_ray.run_layout import RunLayout
-from inbol_ray.sampling.vllm_engine import CPU_ENV, VLLM_LORA_RANKS, engine_kwargs
+from inbol_ray.sampling.vllm_engine import CPU_ENV, engine_kwargs, lora_kwargs
 from serve.app import autoscaling_config, ingress_capacity
 from serve.llm_ingress import RefusalAwareIngress, ServedModel
 from serve.llm_server import RunLLMServer
@@ -81,10 +80,6 @@ def served_models(layout: RunLayout, names: Sequence[str]) -> tuple[list[ServedM
     return served, deployments
 
 
-def adapter_rank(adapter_dir: str) -> int:
-    return int(json.loads(dio.read_bytes(dio.join(adapter_dir, ckpt.ADAPTER_CONFIG)).decode())["r"])
-
-
 def cpu_share(cfg: Config, deployments: int, cluster_cpus: float) -> float:
     """CPUs one CPU replica reserves: `sampling.cpus_per_actor`, shrunk so every deployment's
     `serve.max_replicas` replicas fit the cluster. The tiny default trains seven full models: seven vLLM
@@ -110,11 +105,7 @@ def llm_config(
     ):  # Ray sets the model; Serve reports engine metrics
         kwargs.pop(key)
     if adapters:
-        rank = max(adapter_rank(a) for a in adapters)
-        allowed = [r for r in VLLM_LORA_RANKS if r >= rank]
-        if not allowed:
-            raise ValueError(f"LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
-        kwargs.update(enable_lora=True, max_loras=len(adapters), max_lora_rank=allowed[0])
+        kwargs.update(lora_kwargs(adapters))
     deployment: dict[str, Any] = {
         "autoscaling_config": autoscaling_config(cfg.serve),
         "max_ongoing_requests": cfg.serve.max_ongoing_requests,

@@ -25,6 +25,7 @@ from PIL import Image
 
 from inbol_ray import checkpoint
 from inbol_ray.config import SamplingConfig
+from inbol_ray.data import io as dio
 from inbol_ray.model.generation import clean_response
 from inbol_ray.model.prompt import format_prompt
 from inbol_ray.sampling.base import check_request, check_seeds
@@ -75,15 +76,29 @@ def engine_kwargs(model_dir: str, cfg: SamplingConfig, dtype: str, gpu: bool) ->
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
-def lora_kwargs(adapter_dir: str) -> dict[str, Any]:
-    """`vllm.LLM(...)` arguments that let it apply the adapter saved in `adapter_dir` (its rank sized)."""
-    with open(os.path.join(adapter_dir, checkpoint.ADAPTER_CONFIG)) as f:
-        rank = int(json.load(f)["r"])
-    # vLLM sizes its LoRA buffers for one of a few ranks: the smallest that holds this adapter's.
+def adapter_rank(adapter_dir: str) -> int:
+    """The LoRA rank `r` a peft adapter folder (local path or URI) was saved with."""
+    return int(json.loads(dio.read_bytes(dio.join(adapter_dir, checkpoint.ADAPTER_CONFIG)).decode())["r"])
+
+
+def lora_rank_slot(adapter_dirs: Sequence[str]) -> int:
+    """vLLM sizes its LoRA buffers for one of a few ranks: the smallest that holds every adapter's."""
+    rank = max(adapter_rank(a) for a in adapter_dirs)
     allowed = [r for r in VLLM_LORA_RANKS if r >= rank]
     if not allowed:
-        raise ValueError(f"{adapter_dir}: LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
-    return {"enable_lora": True, "max_loras": 1, "max_lora_rank": allowed[0]}
+        raise ValueError(
+            f"{', '.join(adapter_dirs)}: LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})"
+        )
+    return allowed[0]
+
+
+def lora_kwargs(adapter_dirs: Sequence[str]) -> dict[str, Any]:
+    """`vllm.LLM(...)` / engine arguments that let it apply these adapters, one slot each, rank sized."""
+    return {
+        "enable_lora": True,
+        "max_loras": len(adapter_dirs),
+        "max_lora_rank": lora_rank_slot(adapter_dirs),
+    }
 
 
 class VLLMSampler:
@@ -108,7 +123,7 @@ class VLLMSampler:
             from vllm.lora.request import LoRARequest
 
             adapter = checkpoint.local_dir(found.adapter_dir)
-            kwargs.update(lora_kwargs(adapter))
+            kwargs.update(lora_kwargs([adapter]))
             self.lora_request = LoRARequest(
                 os.path.basename(self.model_dir.rstrip("/")) or "adapter", 1, adapter
             )
