@@ -38,8 +38,8 @@ from inbol_ray import schema as S
 from inbol_ray.config import Config
 from inbol_ray.data import io as dio
 from inbol_ray.data.images import load_image_bytes
+from inbol_ray.eval.evaluate import write_predictions
 from inbol_ray.generation.grade import grade_predictions
-from inbol_ray.metrics import metrics_table
 from inbol_ray.model.generation import clean_response
 from inbol_ray.model.prompt import render_prompt
 from inbol_ray.run_layout import RunLayout
@@ -149,8 +149,11 @@ class EndpointRun:
     """Item id -> why it has no answer; asked again on the next run."""
 
 
-async def ask_all(spec: EndpointSpec, bodies: dict[str, dict[str, Any]], journal: Journal) -> EndpointRun:
-    """Ask every item without an answer in `journal`, `spec.concurrency` at a time; record as they arrive."""
+async def ask_all(
+    spec: EndpointSpec, bodies: dict[str, dict[str, Any]], journal: Journal
+) -> tuple[EndpointRun, dict[str, str]]:
+    """Ask every item without an answer in `journal`, `spec.concurrency` at a time; record as they arrive.
+    Returns what happened and every answer (earlier runs' and this one's)."""
     import httpx
 
     done = journal.answered()
@@ -166,10 +169,11 @@ async def ask_all(spec: EndpointSpec, bodies: dict[str, dict[str, Any]], journal
                 run.failed[item_id] = str(exc)
                 return
             await asyncio.to_thread(journal.record, item_id, response)
+            done[item_id] = response
 
     async with httpx.AsyncClient() as client:
         await asyncio.gather(*(one(client, i, b) for i, b in todo.items()))
-    return run
+    return run, done
 
 
 def evaluate_endpoint(
@@ -188,8 +192,7 @@ def evaluate_endpoint(
     rows = items.to_pylist()
     bodies = {row[S.ID]: chat_body(row, cfg, spec.model) for row in rows}
     journal = Journal(layout.path("eval", "endpoint", spec.name, "answers"))
-    run = asyncio.run(ask_all(spec, bodies, journal))
-    answers = journal.answered()
+    run, answers = asyncio.run(ask_all(spec, bodies, journal))
     log(
         f"  {spec.name}: {run.asked} asked, {run.reused} answered before, {len(run.failed)} without an answer"
     )
@@ -215,7 +218,4 @@ def merge_model(layout: RunLayout, name: str, graded: pd.DataFrame) -> None:
         old = S.conform(dio.read_table(layout.predictions), S.PREDICTIONS, layout.predictions)
         old = old.filter(pc.not_equal(old[S.MODEL], name))
         new = pa.concat_tables([old, new])
-    new = new.sort_by([(S.MODEL, "ascending"), (S.DATASET, "ascending"), (S.ID, "ascending")])
-    dio.write_table(new, layout.predictions)
-    metrics = pa.Table.from_pandas(metrics_table(new.to_pandas()), preserve_index=False)
-    dio.write_table(S.conform(metrics, S.METRICS_TABLE, "metrics"), layout.metrics)
+    write_predictions(layout, new)

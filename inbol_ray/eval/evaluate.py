@@ -159,11 +159,16 @@ def run_evaluation(
         frame = table.to_pandas()
         for dataset, graded in frame.groupby(S.DATASET, sort=True):
             log("    " + score_line(str(dataset), graded))
-    predictions = pa.concat_tables(tables).sort_by(
-        [(S.MODEL, "ascending"), (S.DATASET, "ascending"), (S.ID, "ascending")]
-    )
-    dio.write_table(predictions, result.predictions_uri)
-    result.metrics = metrics_table(predictions.to_pandas())
-    metrics = pa.Table.from_pandas(result.metrics, preserve_index=False)
-    dio.write_table(S.conform(metrics, S.METRICS_TABLE, "metrics"), result.metrics_uri)
+    result.metrics = write_predictions(layout, pa.concat_tables(tables))
     return result
+
+
+def write_predictions(layout: RunLayout, predictions: pa.Table) -> pd.DataFrame:
+    """Write the run's `predictions` (sorted by model, data set, id) and the `metrics` computed from them;
+    returns the metrics."""
+    predictions = predictions.sort_by([(S.MODEL, "ascending"), (S.DATASET, "ascending"), (S.ID, "ascending")])
+    dio.write_table(predictions, layout.predictions)
+    metrics = metrics_table(predictions.to_pandas())
+    table = pa.Table.from_pandas(metrics, preserve_index=False)
+    dio.write_table(S.conform(table, S.METRICS_TABLE, "metrics"), layout.metrics)
+    return metrics
