@@ -44,9 +44,8 @@ def _input_problems(cfg: Config, layout: RunLayout, names: Sequence[str]) -> tup
         problems += missing
         if not missing:
             try:
-                extras["prepare"] = read_sources(
-                    cfg, staging_root(layout)
-                )  # formats fail while parsing: before Ray
+                # formats fail while parsing: before Ray, too
+                extras["prepare"] = read_sources(cfg, staging_root(layout))
             except DataFormatError as exc:
                 problems.append(f"data format error: {exc}")
     return problems, extras

@@ -15,6 +15,7 @@ max_tokens, multi-LoRA routing by model id. This subclass adds, thinly:
   Ray and FastAPI answer as `{"detail": ...}`;
 - `/v1/answer` (image + question -> answer, refused, confidence), `/healthz`, `/readyz` (every served
   model answers a health check), and the Gradio demo at `/demo` (mounted by `__serve_build_asgi_app__`).
+The request and response rules themselves are `serve/chat_rules.py` (pure, tested without Ray).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,18 +40,26 @@ from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inbol_ray.boundary.agreement import answer_agreement
-from inbol_ray.boundary.construct import most_frequent
 from inbol_ray.config import Config
-from inbol_ray.model.prompt import render_prompt
+from inbol_ray.model.prompt import chat_user_message
 from inbol_ray.refusal import is_refusal
 from serve.api import (
     DEMO_PATH,
     READY_TIMEOUT_S,
     ApiError,
     Limits,
-    decode_image_field,
+    error_body,
     parse_answer_request,
     read_body,
+)
+from serve.chat_rules import (
+    annotate,
+    annotate_stream,
+    check_chat_images,
+    choice_text,
+    last_user_text,
+    render_last_user_turn,
+    with_bos,
 )
 from serve.model import bind_replica_grpc_to_node_ip
 
@@ -73,157 +82,6 @@ class ServedModel:
     @property
     def adapter(self) -> bool:
         return self.route != self.deployment
-
-
-def error_body(
-    status: int, message: str, param: str | None = None, kind: str | None = None
-) -> dict[str, Any]:
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
-
-
-# --- the request side -------------------------------------------------------------------------------------
-
-
-def _image_urls(content: Any) -> list[str]:
-    if not isinstance(content, list):
-        return []
-    urls = []
-    for part in content:
-        if isinstance(part, dict) and part.get("type") == "image_url":
-            url = part.get("image_url")
-            urls.append(url.get("url") if isinstance(url, dict) else url)
-    return urls
-
-
-def check_chat_images(messages: Sequence[dict[str, Any]], limits: Limits) -> None:
-    """At most one image in the whole conversation, as a `data:` URL, decodable and within the limits."""
-    urls = [url for m in messages for url in _image_urls(m.get("content"))]
-    if len(urls) > 1:
-        raise ApiError(
-            422, f"send at most one image_url (this model sees one image), got {len(urls)}", "messages"
-        )
-    for url in urls:
-        if not isinstance(url, str) or not url.startswith("data:"):
-            raise ApiError(422, "image_url must be a data: URL; the server fetches nothing", "messages")
-        decode_image_field(url, limits, "messages")
-
-
-def _rendered(text: str, cfg: Config) -> str:
-    """The project's prompt for a user question, left alone when the client already rendered it."""
-    stripped = text.strip()
-    if stripped.endswith((cfg.prompt.short_answer, cfg.prompt.multiple_choice)):
-        return stripped
-    return render_prompt(stripped, None, cfg.prompt)
-
-
-def render_last_user_turn(messages: list[dict[str, Any]], cfg: Config) -> None:
-    """Render the last user message's text in place (string content or its text parts, joined)."""
-    for message in reversed(messages):
-        if message.get("role") != "user":
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            message["content"] = _rendered(content, cfg)
-        elif isinstance(content, list):
-            texts = [p for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if texts:
-                joined = " ".join(str(p.get("text", "")) for p in texts)
-                others = [p for p in content if p not in texts]
-                message["content"] = [*others, {"type": "text", "text": _rendered(joined, cfg)}]
-        return
-    raise ApiError(422, "no user message: the last user message holds the question", "messages")
-
-
-def with_bos(body: ChatCompletionRequest) -> None:
-    """Tokenise the chat with the tokenizer's special tokens (BOS), unless the client chose: vLLM's chat
-    route leaves them to the chat template, and LLaVA-1.5's template (llava-hf's, and the tiny checkpoint's)
-    has no BOS, while every other stage tokenises the same text with it. Without this the served model
-    answered other questions than the evaluated one (different greedy answers from the first token)."""
-    if "add_special_tokens" not in body.model_fields_set:
-        body.add_special_tokens = True
-
-
-# --- the response side ------------------------------------------------------------------------------------
-
-
-def _choice_text(choice: dict[str, Any]) -> str:
-    message = choice.get("message")
-    if isinstance(message, dict):
-        return str(message.get("content") or "")
-    return str(choice.get("text") or "")
-
-
-def confidence_of(samples: Sequence[str], question: str | None = None) -> dict[str, Any]:
-    """The K samples' majority answer, the share agreeing with it (refusals agree with refusals), and
-    whether it is a refusal: the serving-time reading of InBoL's confidence (no gold answer here)."""
-    refusals = [s for s in samples if is_refusal(s, question=question)]
-    answers = [s for s in samples if not is_refusal(s, question=question)]
-    answer = refusals[0] if len(refusals) > len(answers) else (most_frequent(answers) or "")
-    return {
-        "answer": answer,
-        "agreement": answer_agreement(answer, samples),
-        "refused": is_refusal(answer, question=question),
-        "samples": list(samples),
-    }
-
-
-def annotate(result: dict[str, Any], question: str | None, confidence: bool) -> dict[str, Any]:
-    """`refused` on each choice; `confidence` over the choices when asked for."""
-    texts = []
-    for choice in result.get("choices") or []:
-        text = _choice_text(choice)
-        choice["refused"] = is_refusal(text, question=question)
-        texts.append(text)
-    if confidence:
-        result["confidence"] = confidence_of(texts, question)
-    return result
-
-
-async def annotate_stream(chunks: AsyncIterator[str | bytes], question: str | None) -> AsyncIterator[str]:
-    """The SSE stream with `refused` on each choice's last chunk (the one carrying its finish_reason)."""
-    texts: dict[int, list[str]] = {}
-    pending = ""
-    async for chunk in chunks:
-        pending += chunk.decode() if isinstance(chunk, bytes) else chunk
-        events, pending = pending.split("\n\n")[:-1], pending.split("\n\n")[-1]
-        out = []
-        for event in events:
-            out.append(_annotated_event(event, texts, question))
-        if out:
-            yield "".join(out)
-    if pending:
-        yield pending
-
-
-def _annotated_event(event: str, texts: dict[int, list[str]], question: str | None) -> str:
-    if not event.startswith("data: ") or event == "data: [DONE]":
-        return event + "\n\n"
-    try:
-        data = json.loads(event[len("data: ") :])
-    except json.JSONDecodeError:
-        return event + "\n\n"
-    for choice in data.get("choices") or []:
-        index = int(choice.get("index", 0))
-        delta = choice.get("delta")
-        piece = (delta or {}).get("content") if isinstance(delta, dict) else choice.get("text")
-        texts.setdefault(index, []).append(piece or "")
-        if choice.get("finish_reason") is not None:
-            choice["refused"] = is_refusal("".join(texts[index]), question=question)
-    return f"data: {json.dumps(data)}\n\n"
-
-
-def _last_user_text(messages: Sequence[dict[str, Any]]) -> str | None:
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, str):
-                return content
-            if isinstance(content, list):
-                return " ".join(
-                    str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
-                )
-    return None
 
 
 # --- the ingress ------------------------------------------------------------------------------------------
@@ -295,7 +153,7 @@ class RefusalAwareIngress(OpenAiIngress):
             elif not isinstance(message.get("content"), str | None):
                 messages[i] = {**message, "content": list(message["content"])}
         check_chat_images(messages, self.limits)
-        question = _last_user_text(messages)
+        question = last_user_text(messages)
         if extra.get("render", True):
             render_last_user_turn(messages, self.cfg)
         if confidence and (body.n or 1) < 2:
@@ -340,18 +198,7 @@ class RefusalAwareIngress(OpenAiIngress):
         self, image: bytes, question: str, mode: str = "answer", model: str | None = None
     ) -> dict[str, Any]:
         """One image + question through the chat route: the greedy answer, and K samples in confidence mode."""
-        import base64
-
-        url = "data:image/png;base64," + base64.b64encode(image).decode()
-        messages = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": url}},
-                    {"type": "text", "text": question},
-                ],
-            }
-        ]
+        messages = [chat_user_message(question, image)]
         name = model or ("cadpo" if "cadpo" in self.served else next(iter(self.served)))
         tokens = self.cfg.eval.max_new_tokens
         greedy = self._complete(name, messages, n=1, temperature=0.0, max_tokens=tokens)
@@ -381,7 +228,7 @@ class RefusalAwareIngress(OpenAiIngress):
         if response.status_code >= 400:
             detail = json.loads(response.body).get("error", {}).get("message", "model error")
             raise ApiError(response.status_code, detail)
-        return [_choice_text(c) for c in json.loads(response.body)["choices"]]
+        return [choice_text(c) for c in json.loads(response.body)["choices"]]
 
     # --- health ---
     async def healthz(self) -> dict[str, str]:

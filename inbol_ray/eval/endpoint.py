@@ -21,7 +21,6 @@ run's `predictions` and `metrics`, beside the run's methods, for the report and 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import os
@@ -41,7 +40,7 @@ from inbol_ray.data.images import load_image_bytes
 from inbol_ray.eval.evaluate import write_predictions
 from inbol_ray.generation.grade import grade_predictions
 from inbol_ray.model.generation import clean_response
-from inbol_ray.model.prompt import render_prompt
+from inbol_ray.model.prompt import chat_user_message, render_prompt
 from inbol_ray.run_layout import RunLayout
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -73,15 +72,10 @@ class EndpointError(RuntimeError):
 def chat_body(row: dict[str, Any], cfg: Config, model: str) -> dict[str, Any]:
     """The chat request for one `items` row: rendered text, the image as a data URL when there is one."""
     text = render_prompt(row[S.QUESTION], row.get(S.CHOICES), cfg.prompt)
-    content: list[dict[str, Any]] = []
-    if row.get(S.IMAGE) is not None or row.get(S.IMAGE_PATH):
-        image = load_image_bytes(row)
-        url = "data:image/png;base64," + base64.b64encode(image).decode()
-        content.append({"type": "image_url", "image_url": {"url": url}})
-    content.append({"type": "text", "text": text})
+    has_image = row.get(S.IMAGE) is not None or bool(row.get(S.IMAGE_PATH))
     return {
         "model": model,
-        "messages": [{"role": "user", "content": content}],
+        "messages": [chat_user_message(text, load_image_bytes(row) if has_image else None)],
         "temperature": 0,
         "max_tokens": cfg.eval.max_new_tokens,
         "render": False,

@@ -73,3 +73,16 @@ def format_prompt(prompt: str) -> str:
 def format_response(answer: str) -> str:
     """The assistant's text as it follows the prompt (leading space; EOS is appended by the encoder)."""
     return " " + answer.strip()
+
+
+def chat_user_message(text: str, image: bytes | None = None) -> dict:
+    """One user turn in the OpenAI chat format: the image (if any) as a `data:` URL, then the text. What an
+    OpenAI-compatible endpoint is sent, ours or another's; its chat template turns it into `format_prompt`."""
+    import base64
+
+    content: list[dict] = []
+    if image is not None:
+        url = "data:image/png;base64," + base64.b64encode(image).decode()
+        content.append({"type": "image_url", "image_url": {"url": url}})
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}

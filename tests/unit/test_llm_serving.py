@@ -15,14 +15,14 @@ from inbol_ray.config import load_config
 from inbol_ray.model.prompt import render_prompt
 from inbol_ray.run_layout import RunLayout
 from serve.api import ApiError, Limits
-from serve.llm_app import cpu_share, llm_config, served_models
-from serve.llm_ingress import (
+from serve.chat_rules import (
     annotate,
     annotate_stream,
     check_chat_images,
     confidence_of,
     render_last_user_turn,
 )
+from serve.llm_app import cpu_share, llm_config, served_models
 
 ROOT = Path(__file__).resolve().parents[2]
 
