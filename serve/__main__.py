@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.start(http_options={"host": host, "port": port})
         app, what = build(args)
-        serve.run(app, name="inbol", route_prefix="/")
+        from serve.app import APP_NAME
+
+        serve.run(app, name=APP_NAME, route_prefix="/")
         base = f"http://{host}:{port}"
         print(
             f"serving {what}\n  demo:   {base}/demo/\n  API:    {base}/v1 (OpenAI: models, chat/completions), "

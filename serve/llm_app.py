@@ -98,11 +98,8 @@ def llm_config(
     s = cfg.sampling
     gpu = s.gpus_per_actor > 0
     kwargs = engine_kwargs(model_dir, s, cfg.model.dtype, gpu)
-    for key in (
-        "model",
-        "tokenizer",
-        "disable_log_stats",
-    ):  # Ray sets the model; Serve reports engine metrics
+    # Ray sets the model and tokenizer from model_source; Serve reports engine metrics (needs log stats).
+    for key in ("model", "tokenizer", "disable_log_stats"):
         kwargs.pop(key)
     if adapters:
         kwargs.update(lora_kwargs(adapters))
