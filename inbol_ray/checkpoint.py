@@ -206,11 +206,12 @@ def load_model(location: str, dtype: str = "float32", device: str = "cpu", base:
     """(model, processor) for generation: eval mode, left padding, from a local dir or a URI; an adapter
     location loads its base and merges the adapter in memory (nothing written)."""
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     found = resolve(location, base)
     path = local_dir(found.model_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+    # LLaVA-1.5 and every other image-text-to-text architecture transformers knows (Qwen2-VL, ...).
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
     model = _with_adapter(model, found).to(device)
     model.eval()
     processor = AutoProcessor.from_pretrained(path)

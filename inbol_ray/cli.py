@@ -103,3 +103,36 @@ def run_job(
 def fixed(*names: str) -> Callable[[Config, argparse.Namespace], Selection]:
     """A job that always runs the same stages."""
     return lambda cfg, args: (list(names), "")
+
+
+def model_job(
+    prog: str, doc: str, argv: Sequence[str] | None, add_arguments: Callable[[argparse.ArgumentParser], None]
+) -> tuple[Config, argparse.Namespace] | int:
+    """The shared front of the jobs that score one more model on a run's sets (`jobs.evaluate_checkpoint`,
+    `jobs.evaluate_endpoint`): layered configs, the run, the model's name and data sets, then the job's own
+    arguments. Returns (config, arguments), or an exit code after a config error."""
+    parser = argparse.ArgumentParser(prog=f"python -m jobs.{prog}", description=doc.split("\n\n")[0])
+    parser.add_argument("--config", action="append", required=True, help="YAML config; repeat to layer files")
+    parser.add_argument("--run-dir", default="", help="the run whose items are asked (default: the config's)")
+    parser.add_argument("--name", required=True, help="the model's name in the run's tables")
+    parser.add_argument(
+        "--datasets", default="", help="comma-separated data sets (default: every evaluation set)"
+    )
+    add_arguments(parser)
+    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(
+            args.config, [*args.overrides, *([f"run_dir={args.run_dir}"] if args.run_dir else [])]
+        )
+    except ConfigError as exc:
+        return _fail(prog, f"config error: {exc}", [])
+    args.datasets = [d for d in args.datasets.split(",") if d] or cfg.eval.datasets or None
+    return cfg, args
+
+
+def finish_model_job(cfg: Config, layout: RunLayout) -> None:
+    """After another model joined the run's predictions: rewrite the report with it beside the methods."""
+    from inbol_ray.eval.report import write_report
+
+    write_report(cfg, layout)

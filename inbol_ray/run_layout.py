@@ -13,7 +13,9 @@ path or `scheme://...`), joined with `/`, so the same layout works on a laptop a
       models/init, models/base     embedded default: the built tiny checkpoint and its trained base
       models/<method>/             a trained method: merged HF dir and/or adapter/, metrics.jsonl
       models/<method>/ray/         Ray Train's run storage (checkpoints for resume)
-      eval/predictions/<method>/   evaluate: one shard per (method, data set)
+      eval/predictions/<method>/   evaluate: one shard per (method, data set); likewise other models'
+      eval/models.json             other models scored on the run's sets (checkpoints, endpoints)
+      eval/endpoint/<name>/        an endpoint model's answers as they arrived (resume without re-asking)
       eval/base_confidence/        the base model's K samples on the test items (report figures)
       predictions.parquet, metrics.parquet, report.md, figures/
       manifests/<stage>.json       what each finished stage was made from
@@ -112,6 +114,10 @@ class RunLayout:
     # --- evaluation and report ------------------------------------------------------------------------
     def eval_shards(self, method: str) -> str:
         return self.path("eval", "predictions", method)
+
+    @property
+    def external_models(self) -> str:
+        return self.path("eval", "models.json")
 
     @property
     def base_confidence(self) -> str:

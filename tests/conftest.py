@@ -139,6 +139,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_config) -> Pa
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny Qwen2-VL checkpoint: a second, non-LLaVA architecture, built once per session."""
+    from inbol_ray.model.tiny_qwen2_vl import build_tiny_qwen2_vl
+
+    return Path(build_tiny_qwen2_vl(str(tmp_path_factory.mktemp("tiny_qwen2_vl") / "model")))
+
+
 GPU_DEVICE_ENV = "INBOL_GPU_TESTS_DEVICE"
 """`cuda` by default; `cpu` runs tests/gpu's logic on a CPU machine (a check of the tests, not of CUDA)."""
 REQUIRE_GPU_ENV = "INBOL_REQUIRE_GPU"

@@ -114,12 +114,20 @@ class DatasetSpec:
     one of the test splits."""
     limit: int = 0
     """Read at most this many rows (0 = all)."""
+    text_only: bool = False
+    """Keep questions that have no image as text-only items (ScienceQA's text problems, MMMU's image-less
+    questions, `items` rows without an image) instead of quarantining them as skipped. Off by default: the
+    paper's ScienceQA is its image subset (ScienceQA-IMG). Evaluation splits only: training needs images."""
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("data.datasets: every data set needs a name")
         if not self.path:
             raise ConfigError(f"data.datasets[{self.name}]: path is empty")
+        if self.text_only and self.split == "train":
+            raise ConfigError(
+                f"data.datasets[{self.name}]: text_only is for evaluation splits (training items need an image)"
+            )
 
 
 def under_root(root: str, path: str) -> str:

@@ -6,7 +6,9 @@ rows they read, so the rules for "a usable image" live in exactly one place.
 
 An `items` row holds its image in one of two ways (DESIGN.md section 3): encoded bytes in `image`, or a
 location in `image_path` (a local path or a pyarrow filesystem URI) read lazily. Bytes win when both are
-present, since they are what was validated at prepare time.
+present, since they are what was validated at prepare time. A row with neither is a text-only item (a
+question that needs no picture, e.g. ScienceQA's text problems): valid where its data set allows it
+(`DatasetSpec.text_only`, enforced by the loaders), asked without an image by every engine and endpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from inbol_ray.schema import IMAGE, IMAGE_PATH, ITEMS, REASON
 
 CHECKED = ITEMS.append(pa.field(REASON, pa.string()))
 """`check_images`' output: ITEMS + why the row is bad (null when good)."""
+
+
+def has_image(item: Mapping[str, Any]) -> bool:
+    """False for a text-only item (neither `image` bytes nor an `image_path`)."""
+    return item.get(IMAGE) is not None or bool(item.get(IMAGE_PATH))
 
 
 def load_image_bytes(item: Mapping[str, Any], fs: pafs.FileSystem | None = None) -> bytes:
@@ -86,6 +93,8 @@ def decode_image(data: bytes) -> Image.Image:
 
 def _check_row(row: dict[str, Any], storage: str, max_bytes: int, max_pixels: int) -> str:
     """Load + validate one row's image in place; return the reason it is bad, or ''."""
+    if not has_image(row):
+        return ""  # a text-only item: nothing to check (its loader decided it may have no image)
     field_name = IMAGE if row[IMAGE] is not None else IMAGE_PATH
     try:
         data = load_image_bytes(row)

@@ -14,8 +14,9 @@ dropped connections retried with exponential backoff (a `Retry-After` header win
 Every answer is stored the moment it arrives (`Journal`: one small JSON file per item under
 `<run>/eval/endpoint/<name>/answers`), so an interrupted or partly failed evaluation resumes asking only
 what has no answer yet; items still failing after their attempts are listed with the reason, written to
-the stage's quarantine, and asked again on the next run. The model's rows then replace its old rows in the
-run's `predictions` and `metrics`, beside the run's methods, for the report and `jobs.compare`.
+the stage's quarantine, and asked again on the next run. The graded answers go to
+`eval/predictions/<name>/` and the model into the run's registry (`eval.models`), so the run's
+`predictions` and `metrics` hold it beside the run's methods, for the report and `jobs.compare`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ import pyarrow.compute as pc
 from inbol_ray import schema as S
 from inbol_ray.config import Config
 from inbol_ray.data import io as dio
-from inbol_ray.data.images import load_image_bytes
-from inbol_ray.eval.evaluate import write_predictions
+from inbol_ray.data.images import has_image, load_image_bytes
+from inbol_ray.eval import models
+from inbol_ray.eval.evaluate import log_scores, run_methods, write_predictions
 from inbol_ray.generation.grade import grade_predictions
 from inbol_ray.model.generation import clean_response
 from inbol_ray.model.prompt import chat_user_message, render_prompt
@@ -72,10 +74,9 @@ class EndpointError(RuntimeError):
 def chat_body(row: dict[str, Any], cfg: Config, model: str) -> dict[str, Any]:
     """The chat request for one `items` row: rendered text, the image as a data URL when there is one."""
     text = render_prompt(row[S.QUESTION], row.get(S.CHOICES), cfg.prompt)
-    has_image = row.get(S.IMAGE) is not None or bool(row.get(S.IMAGE_PATH))
     return {
         "model": model,
-        "messages": [chat_user_message(text, load_image_bytes(row) if has_image else None)],
+        "messages": [chat_user_message(text, load_image_bytes(row) if has_image(row) else None)],
         "temperature": 0,
         "max_tokens": cfg.eval.max_new_tokens,
         "render": False,
@@ -177,8 +178,9 @@ def evaluate_endpoint(
     selection_mask: Callable[[pa.Table], pa.Array],
     log: Callable[[str], None] = print,
 ) -> tuple[pd.DataFrame, EndpointRun]:
-    """Ask, grade and merge one endpoint model over the items `selection_mask` keeps; returns its graded
+    """Ask, grade and register one endpoint model over the items `selection_mask` keeps; returns its graded
     predictions (answered items) and what happened."""
+    models.check_name(spec.name)
     items = dio.read_table(layout.items)
     items = items.filter(selection_mask(items))
     if items.num_rows == 0:
@@ -201,15 +203,9 @@ def evaluate_endpoint(
         render_prompt(q, c, cfg.prompt) for q, c in zip(frame[S.QUESTION], frame[S.CHOICES], strict=True)
     ]
     graded = grade_predictions(frame, spec.name, cfg.grading.vqa_correct_at)
-    merge_model(layout, spec.name, graded)
+    table = S.conform(pa.Table.from_pandas(graded, preserve_index=False), S.PREDICTIONS, spec.name)
+    dio.write_table(table, dio.join(layout.eval_shards(spec.name), "endpoint.parquet"))
+    log_scores(layout.eval_shards(spec.name), log)
+    models.register(layout, models.ExternalModel(spec.name, "endpoint", spec.base_url, spec.model))
+    write_predictions(layout, run_methods(cfg, layout))
     return graded, run
-
-
-def merge_model(layout: RunLayout, name: str, graded: pd.DataFrame) -> None:
-    """Replace `name`'s rows in the run's predictions and metrics (other models' rows are kept)."""
-    new = S.conform(pa.Table.from_pandas(graded, preserve_index=False), S.PREDICTIONS, name)
-    if dio.exists(layout.predictions):
-        old = S.conform(dio.read_table(layout.predictions), S.PREDICTIONS, layout.predictions)
-        old = old.filter(pc.not_equal(old[S.MODEL], name))
-        new = pa.concat_tables([old, new])
-    write_predictions(layout, new)

@@ -73,15 +73,18 @@ def eval_job(
     model_dir: str,
     selection: Selection,
     shard_rows: int = SHARD_ROWS,
+    refusal: bool | None = None,
 ) -> Job:
-    """Greedy answers of `method` (its prompt variant) graded into predictions under its shard folder."""
+    """Greedy answers of `method` (its prompt variant; `refusal` overrides it, for models that are not
+    methods) graded into predictions under its shard folder."""
+    refusal = method_refuses(method) if refusal is None else refusal
     return Job(
         stage=f"evaluate_{method}",
         items_uri=layout.items,
         out_uri=layout.eval_shards(method),
         quarantine_uri=layout.quarantine(f"evaluate_{method}"),
         model_dir=model_dir,
-        decoding=Decoding.greedy(cfg.eval.max_new_tokens, method_refuses(method), cfg.sampling.seed),
+        decoding=Decoding.greedy(cfg.eval.max_new_tokens, refusal, cfg.sampling.seed),
         output=PREDICTIONS,
         selection=selection,
         method=method,
@@ -146,26 +149,77 @@ def run_evaluation(
     for batch in passes:
         for job, run in zip(batch, run_generations(cfg, batch, log=log), strict=True):
             result.runs[job.method] = run
-    tables = []
     for method, run in result.runs.items():
-        if run.items == 0:
-            raise ValueError(f"no evaluation items in {layout.items} ({selection})")
-        if selection.datasets and set(run.datasets) != set(selection.datasets):
-            missing = sorted(set(selection.datasets) - set(run.datasets))
-            raise ValueError(f"evaluation data set(s) not in items: {missing}")
-        table = S.conform(dio.read_table(run.out_uri), S.PREDICTIONS, run.out_uri)
-        tables.append(table)
+        check_run(run, selection, layout)
         log(f"  {method}: {run.summary_line()}")
-        frame = table.to_pandas()
-        for dataset, graded in frame.groupby(S.DATASET, sort=True):
-            log("    " + score_line(str(dataset), graded))
-    result.metrics = write_predictions(layout, pa.concat_tables(tables))
+        log_scores(run.out_uri, log)
+    result.metrics = write_predictions(layout, list(result.runs))
     return result
 
 
-def write_predictions(layout: RunLayout, predictions: pa.Table) -> pd.DataFrame:
-    """Write the run's `predictions` (sorted by model, data set, id) and the `metrics` computed from them;
-    returns the metrics."""
+def check_run(run: GenerationResult, selection: Selection, layout: RunLayout) -> None:
+    if run.items == 0:
+        raise ValueError(f"no evaluation items in {layout.items} ({selection})")
+    if selection.datasets and set(run.datasets) != set(selection.datasets):
+        missing = sorted(set(selection.datasets) - set(run.datasets))
+        raise ValueError(f"evaluation data set(s) not in items: {missing}")
+
+
+def log_scores(shards_uri: str, log: Callable[[str], None]) -> pd.DataFrame:
+    """Print one score line per data set of a model's graded answers; returns them."""
+    frame = S.conform(dio.read_table(shards_uri), S.PREDICTIONS, shards_uri).to_pandas()
+    for dataset, graded in frame.groupby(S.DATASET, sort=True):
+        log("    " + score_line(str(dataset), graded))
+    return frame
+
+
+def evaluate_checkpoint(
+    cfg: Config,
+    layout: RunLayout,
+    name: str,
+    location: str,
+    *,
+    datasets: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[pd.DataFrame, GenerationResult]:
+    """Score any local image-text-to-text checkpoint (`location`: a directory or URI) on the run's
+    evaluation sets under `name`, with the methods' prompts, greedy decoding and grading (Ray must be
+    initialised). LLaVA-1.5 checkpoints go the methods' way; other architectures are asked through their
+    own chat template (`model.chat_format`), by vLLM or transformers as `sampling.engine` says. The model is
+    registered (`eval.models`) and the run's predictions and metrics rebuilt with it; returns its graded
+    answers and the generation's result (rerunning reuses its answers while checkpoint and items hold)."""
+    from inbol_ray.eval import models
+    from inbol_ray.model.chat_format import model_type
+
+    models.check_name(name)
+    arch = model_type(location)  # fails here, with the path, when the location is no checkpoint
+    selection = eval_selection(datasets or cfg.eval.datasets or None)
+    job = eval_job(cfg, layout, name, location, selection, refusal=False)
+    (run,) = run_generations(cfg, [job], log=log)
+    check_run(run, selection, layout)
+    log(f"  {name} ({arch}): {run.summary_line()}")
+    graded = log_scores(run.out_uri, log)
+    models.register(layout, models.ExternalModel(name, "checkpoint", location, arch))
+    write_predictions(layout, run_methods(cfg, layout))
+    return graded, run
+
+
+def run_methods(cfg: Config, layout: RunLayout) -> list[str]:
+    """The run's methods that have evaluation answers (what the run's predictions hold besides other
+    models)."""
+    return [m for m in cfg.eval.methods if dio.exists(layout.eval_shards(m))]
+
+
+def write_predictions(layout: RunLayout, methods: Sequence[str]) -> pd.DataFrame:
+    """Rebuild the run's `predictions` (sorted by model, data set, id) from the answers of `methods` and of
+    every registered model (`eval.models`), and the `metrics` computed from them; returns the metrics."""
+    from inbol_ray.eval.models import registered
+
+    names = [n for n in dict.fromkeys([*methods, *registered(layout)]) if dio.exists(layout.eval_shards(n))]
+    tables = [
+        S.conform(dio.read_table(layout.eval_shards(n)), S.PREDICTIONS, layout.eval_shards(n)) for n in names
+    ]
+    predictions = pa.concat_tables(tables)
     predictions = predictions.sort_by([(S.MODEL, "ascending"), (S.DATASET, "ascending"), (S.ID, "ascending")])
     dio.write_table(predictions, layout.predictions)
     metrics = metrics_table(predictions.to_pandas())

@@ -81,9 +81,18 @@ def method_order(names: Sequence[str]) -> list[str]:
     return known + sorted(set(names) - set(known))
 
 
-def methods_line(names: Sequence[str]) -> str:
-    """What each reported method is, from the method table's summaries."""
-    parts = [f"`{m}` ({M.METHODS[m].summary})" if m in M.METHODS else f"`{m}`" for m in names]
+def methods_line(names: Sequence[str], others: Mapping[str, str] | None = None) -> str:
+    """What each reported model is: a method's summary from the method table; for other models scored on
+    the same sets (`others`: name -> where it came from, `eval.models`) that description."""
+    others = others or {}
+    parts = [
+        f"`{m}` ({M.METHODS[m].summary})"
+        if m in M.METHODS
+        else f"`{m}` ({others[m]})"
+        if m in others
+        else f"`{m}`"
+        for m in names
+    ]
     return "Methods: " + "; ".join(parts) + "."
 
 
@@ -206,9 +215,11 @@ def render_report(
     run_dir: str = "",
     note: str = "",
     recipe: Sequence[str] = (),
+    others: Mapping[str, str] | None = None,
 ) -> str:
     """The Markdown text (pure: no I/O). `splits`: data set -> split; `figures`: relative PNG links;
-    `recipe`: the training-recipe section's lines (`recipe_section`), placed after the result tables.
+    `recipe`: the training-recipe section's lines (`recipe_section`), placed after the result tables;
+    `others`: models that are not methods (name -> where they came from), listed after the methods.
 
     Rows follow `methods` (the caller orders them, see `method_order`); evaluated methods not in
     `methods` come last.
@@ -218,7 +229,7 @@ def render_report(
     out = ["# InBoL evaluation report", ""]
     if run_dir:
         out.append(f"Run `{run_dir}`, written {time.strftime('%Y-%m-%d %H:%M')}.")
-    out.append(methods_line(order))
+    out.append(methods_line(order, others))
     missing = [m for m in methods if m not in order]
     if missing:
         out.append(f"Not evaluated (no checkpoint or not run): {', '.join(missing)}.")
@@ -283,8 +294,10 @@ def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) 
     `layout.base_confidence`; without it the report says so and skips them. Returns the report's URI.
     """
     from inbol_ray.eval.base_confidence import read_confidence
+    from inbol_ray.eval.models import registered
 
-    methods = method_order(cfg.eval.methods)
+    others = {name: model.describe() for name, model in registered(layout).items()}
+    methods = method_order(cfg.eval.methods) + list(others)
     metrics = dio.read_table(layout.metrics).to_pandas()
     keys = read_item_keys(layout.items)
     splits = dataset_splits(keys)
@@ -305,7 +318,15 @@ def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) 
         log(f"report: {note}")
     recipe = recipe_section(cfg, M.training_order(cfg.eval.methods, cfg.train.dpo_init))
     text = render_report(
-        metrics, splits, methods, boundary, links, run_dir=layout.root, note=note, recipe=recipe
+        metrics,
+        splits,
+        methods,
+        boundary,
+        links,
+        run_dir=layout.root,
+        note=note,
+        recipe=recipe,
+        others=others,
     )
     uri = dio.write_bytes(layout.report, text.encode())
     log(f"report: {uri}")

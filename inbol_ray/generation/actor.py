@@ -128,7 +128,7 @@ class GenerateActor:
     def _generate(self, images: list[bytes], prompts: list[str], seeds: list[int]) -> list[list[str]]:
         d = self.decodings[self.loaded]
         return self.sampler.generate(
-            [decode_image(b) for b in images],
+            [None if b is None else decode_image(b) for b in images],  # None: a text-only item
             prompts,
             k=d.k,
             temperature=d.temperature,

@@ -31,10 +31,14 @@ def pixel_values(processor, images: Sequence[bytes | Image.Image]) -> torch.Tens
     ]
 
 
-def encode_prompts(processor, prompts: Sequence[str]) -> list[list[int]]:
+def encode_prompts(
+    processor, prompts: Sequence[str], has_image: Sequence[bool] | None = None
+) -> list[list[int]]:
     """Token ids of rendered prompts (`prompt.render_prompt`), chat format applied, with the image
-    placeholder already expanded to the model's image-token count."""
-    texts = [format_prompt(p) for p in prompts]
+    placeholder already expanded to the model's image-token count (`has_image[i]` False: a text-only
+    item, no placeholder)."""
+    flags = [True] * len(prompts) if has_image is None else list(has_image)
+    texts = [format_prompt(p, image) for p, image in zip(prompts, flags, strict=True)]
     tok = processor.tokenizer
     n_image = _image_tokens(processor)
     expanded = [t.replace(processor.image_token, processor.image_token * n_image) for t in texts]

@@ -72,7 +72,7 @@ def padded_width(length: int, multiple: int = PAD_MULTIPLE) -> int:
 def generate_responses(
     model,
     processor,
-    images: Sequence[bytes | Image.Image],
+    images: Sequence[bytes | Image.Image | None],
     prompts: Sequence[str],
     *,
     k: int = 1,
@@ -87,7 +87,8 @@ def generate_responses(
 
     `seeds`: one per item (see `inbol_ray.sampling.item_seed`); sample j of item i depends only on
     (seeds[i], j), never on the batch. `seed` (when `seeds` is None) seeds items by position instead.
-    Neither: unseeded (torch's global generator).
+    Neither: unseeded (torch's global generator). An image of None is a text-only item: it is encoded
+    without the image placeholder and goes through forwards of text-only rows (no vision tower).
     """
     if not do_sample and k != 1:
         raise ValueError("greedy decoding gives one response per prompt; use do_sample=True for k > 1")
@@ -98,20 +99,26 @@ def generate_responses(
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     tok = processor.tokenizer
-    rows = encode_prompts(processor, prompts)
-    pixels = pixel_values(processor, images).to(model.device, dtype=model.dtype)
-    by_width: dict[int, list[int]] = {}
+    has_image = [image is not None for image in images]
+    rows = encode_prompts(processor, prompts, has_image)
+    with_image = [i for i, h in enumerate(has_image) if h]
+    pixels = pixel_values(processor, [images[i] for i in with_image]).to(model.device, dtype=model.dtype) \
+        if with_image else None  # fmt: skip
+    pixel_row = {i: n for n, i in enumerate(with_image)}
+    # Forwards group rows by (has an image, padded width): both fixed by the item alone.
+    by_shape: dict[tuple[bool, int], list[int]] = {}
     for i, row in enumerate(rows):
-        by_width.setdefault(padded_width(len(row)), []).append(i)
+        by_shape.setdefault((has_image[i], padded_width(len(row))), []).append(i)
     texts: list[list[str]] = [[] for _ in prompts]
     per_forward = ROWS_PER_FORWARD if do_sample else GREEDY_ROWS_PER_FORWARD
-    for width, members in sorted(by_width.items()):
+    for (image, width), members in sorted(by_shape.items()):
         for start in range(0, len(members), per_forward):
             chunk = members[start : start + per_forward]
             fill = chunk + [chunk[0]] * (per_forward - len(chunk))
             ids, mask = _left_pad([rows[i] for i in fill], tok.pad_token_id, width)
+            pv = pixels[[pixel_row[i] for i in fill]] if image else None
             new = sample_shared_prefill(
-                model, ids.to(model.device), mask.to(model.device), pixels[fill], k, temperature, top_p,
+                model, ids.to(model.device), mask.to(model.device), pv, k, temperature, top_p,
                 max_new_tokens, tok.eos_token_id, tok.pad_token_id, greedy=not do_sample,
                 seeds=None if seeds is None else [seeds[i] for i in fill], live=len(chunk),
             )  # fmt: skip
@@ -151,7 +158,7 @@ def sample_shared_prefill(
     model,
     ids: torch.Tensor,
     mask: torch.Tensor,
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | None,
     k: int,
     temperature: float,
     top_p: float,

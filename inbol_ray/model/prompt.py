@@ -65,9 +65,10 @@ def render_prompt(
     return "\n".join(lines)
 
 
-def format_prompt(prompt: str) -> str:
-    """The generation prompt (chat template applied) for one image and a rendered user text."""
-    return f"USER: {IMAGE_TOKEN}\n{prompt} ASSISTANT:"
+def format_prompt(prompt: str, image: bool = True) -> str:
+    """The generation prompt (chat template applied) for a rendered user text, after its image unless
+    `image` is False (a text-only item: the template then shows the text alone)."""
+    return f"USER: {IMAGE_TOKEN}\n{prompt} ASSISTANT:" if image else f"USER: {prompt} ASSISTANT:"
 
 
 def format_response(answer: str) -> str:

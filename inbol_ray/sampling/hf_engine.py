@@ -2,7 +2,8 @@
 
 A thin wrapper over `inbol_ray.model.generation`, which holds the batching (left padding, the shared
 prompt format, fixed batch shapes, per-item random streams); this class only adds the `Sampler` contract: load once, the
-greedy/sampling rule of `base.check_request`, and `close`.
+greedy/sampling rule of `base.check_request`, and `close`. A checkpoint of another architecture (Qwen2-VL,
+...) is asked through its own chat template and processor instead (`model.chat_format.generate_chat`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from inbol_ray.checkpoint import load_model
+from inbol_ray.model.chat_format import generate_chat, uses_own_template
 from inbol_ray.model.generation import generate_responses
 from inbol_ray.sampling.base import check_request, check_seeds
 
@@ -24,7 +26,7 @@ def default_device() -> str:
 
 
 class HFSampler:
-    """`Sampler` over `LlavaForConditionalGeneration.generate`; one instance holds one model."""
+    """`Sampler` over a transformers image-text-to-text model; one instance holds one model."""
 
     engine = "transformers"
 
@@ -33,10 +35,11 @@ class HFSampler:
     ) -> None:
         self.model_dir = str(model_dir)
         self.model, self.processor = load_model(self.model_dir, dtype, device or default_device(), base)
+        self.own_template = uses_own_template(self.model.config.model_type)
 
     def generate(
         self,
-        images: Sequence[Image.Image],
+        images: Sequence[Image.Image | None],
         prompts: Sequence[str],
         *,
         k: int = 1,
@@ -48,7 +51,8 @@ class HFSampler:
         check_request(images, prompts, k, temperature, top_p)
         check_seeds(seeds, len(prompts))
         sampling = temperature > 0
-        return generate_responses(
+        generate = generate_chat if self.own_template else generate_responses
+        return generate(
             self.model,
             self.processor,
             images,

@@ -26,6 +26,7 @@ from PIL import Image
 from inbol_ray import checkpoint
 from inbol_ray.config import SamplingConfig
 from inbol_ray.data import io as dio
+from inbol_ray.model.chat_format import chat_text, model_type, uses_own_template
 from inbol_ray.model.generation import clean_response
 from inbol_ray.model.prompt import format_prompt
 from inbol_ray.sampling.base import check_request, check_seeds
@@ -128,10 +129,25 @@ class VLLMSampler:
                 os.path.basename(self.model_dir.rstrip("/")) or "adapter", 1, adapter
             )
         self.llm = LLM(**kwargs)
+        # Another architecture is asked through its own chat template (`model.chat_format`).
+        self.processor = None
+        if uses_own_template(model_type(self.model_dir)):
+            from transformers import AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(checkpoint.local_dir(found.model_dir))
+
+    def _request(self, image: Image.Image | None, prompt: str) -> dict[str, Any]:
+        has_image = image is not None
+        text = (
+            chat_text(self.processor, prompt, has_image)
+            if self.processor
+            else format_prompt(prompt, has_image)
+        )
+        return {"prompt": text, "multi_modal_data": {"image": image}} if has_image else {"prompt": text}
 
     def generate(
         self,
-        images: Sequence[Image.Image],
+        images: Sequence[Image.Image | None],
         prompts: Sequence[str],
         *,
         k: int = 1,
@@ -146,10 +162,7 @@ class VLLMSampler:
         check_seeds(seeds, len(prompts))
         if not prompts:
             return []
-        requests = [
-            {"prompt": format_prompt(p), "multi_modal_data": {"image": img}}
-            for img, p in zip(images, prompts, strict=True)
-        ]
+        requests = [self._request(img, p) for img, p in zip(images, prompts, strict=True)]
         # One seed per request, the item's own (`item_seed`): its K samples come from that request's
         # generator whatever else is in the batch. (The logits themselves can still differ in the last bits
         # with the batch on GPUs, where vLLM batches continuously; see DESIGN.md 1.6.)

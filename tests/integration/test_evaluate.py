@@ -1,8 +1,10 @@
 """The evaluate job end to end on a real local Ray: the tiny checkpoint on three ShapesWorld sets.
 
 Runs `python -m jobs.evaluate` (in-process, on the session's Ray) with two methods - the base checkpoint
-and the refusal-prompt baseline - over an in-domain, an OOD and an unanswerable set of a few items, then
-checks the tables against each other and against the grader, and that the report and figures exist.
+and the refusal-prompt baseline - over an in-domain, an OOD and an unanswerable set of a few items and a
+set of text-only questions (no image), then checks the tables against each other and against the grader,
+and that the report and figures exist; then a checkpoint of another architecture (a tiny Qwen2-VL) is
+scored on the same run through `jobs.evaluate_checkpoint`.
 The checkpoint is untrained, so answers are wrong: the checks are about bookkeeping, not accuracy.
 """
 
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -38,7 +41,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_YAML = ROOT / "configs" / "tiny.yaml"
-SETS = ["shapes_id_test", "shapes_ood_scene", "shapes_unanswerable"]
+SETS = ["shapes_id_test", "shapes_ood_scene", "shapes_unanswerable", "text_probe"]
+METHODS = ["base", "refusal_prompt"]
 OVERRIDES = [f"eval.datasets=[{', '.join(SETS)}]", "eval.methods=[base, refusal_prompt]", "sampling.k=2"]
 
 
@@ -60,12 +64,44 @@ def evaluated(
     dio.write_table(
         generate_items(shapes, tiny_config.model.image_size), str(run_dir / "items" / "part-0.parquet")
     )
+    dio.write_table(text_only_items(), str(run_dir / "items" / "part-1.parquet"))
     cfg = load_config(TINY_YAML, OVERRIDES)
     layout = layout_of(run_dir)
     run_evaluation(cfg, layout)
     compute_base_confidence(cfg, layout)
     write_report(cfg, layout)
     return run_dir
+
+
+def text_only_items():
+    """Questions that need no picture (an open one, a multiple-choice one): valid items with no image."""
+    rows = [
+        ("text-0", "How many sides does a triangle have?", ["3"], None, "vqa_soft"),
+        ("text-1", "Which shape has four equal sides?", ["B"], ["circle", "square", "triangle"], "mc_letter"),
+    ]
+    return S.conform(
+        pa.Table.from_pylist(
+            [
+                {
+                    S.ID: i,
+                    S.DATASET: "text_probe",
+                    S.SPLIT: "ood_test",
+                    S.IMAGE: None,
+                    S.IMAGE_PATH: None,
+                    S.QUESTION: q,
+                    S.ANSWERS: a,
+                    S.CHOICES: c,
+                    S.METRIC: m,
+                    S.ANSWERABLE: True,
+                    S.CATEGORY: "text",
+                    S.SOURCE: "test",
+                }
+                for i, q, a, c, m in rows
+            ]  # fmt: skip
+        ),
+        S.ITEMS,
+        "text_probe",
+    )
 
 
 def layout_of(run_dir: Path) -> RunLayout:
@@ -79,8 +115,9 @@ def items_of(run_dir: Path) -> pd.DataFrame:
 
 def test_every_item_is_answered_once_per_method(evaluated: Path) -> None:
     pred = dio.read_table(str(evaluated / "predictions.parquet")).to_pandas()
+    pred = pred[pred[S.MODEL].isin(METHODS)]  # other models scored on the run come later in this module
     items = items_of(evaluated)
-    assert len(pred) == 2 * len(items) == 20
+    assert len(pred) == 2 * len(items) == 24
     assert not pred.duplicated([S.MODEL, S.DATASET, S.ID]).any()
     for method in ("base", REFUSAL_PROMPT):
         mine = pred[pred[S.MODEL] == method]
@@ -104,7 +141,7 @@ def test_metrics_are_the_trust_scores_of_the_predictions(evaluated: Path) -> Non
     metrics = dio.read_table(str(evaluated / "metrics.parquet"))
     assert metrics.schema.names == S.METRICS_TABLE.names
     rows = metrics.to_pandas()
-    assert len(rows) == 2 * len(SETS)
+    assert len(rows[rows[S.METHOD].isin(METHODS)]) == 2 * len(SETS)
     for row in rows.itertuples(index=False):
         group = pred[(pred[S.MODEL] == row.method) & (pred[S.DATASET] == row.dataset)]
         expected = trust_scores(group[S.CORRECT].to_numpy(), group[S.REFUSED].to_numpy())
@@ -198,7 +235,7 @@ def test_one_pass_over_two_models_equals_two_passes(evaluated: Path, tmp_path: P
     assert tables[0] == tables[2] and tables[1] == tables[3]
     assert [r[S.RESPONSE] for r in tables[0]] != [r[S.RESPONSE] for r in tables[1]]
     assert {r[S.MODEL] for r in tables[1]} == {"sft"}
-    assert [r.done for r in shared] == [10, 10]
+    assert [r.done for r in shared] == [12, 12]
 
 
 def test_adapter_only_checkpoint_loads_on_its_base_in_memory(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -223,3 +260,39 @@ def test_adapter_only_checkpoint_loads_on_its_base_in_memory(tiny_checkpoint: Pa
     )  # non-trivial
     assert sorted(p.name for p in (tmp_path / "idk_it").iterdir()) == ["adapter"]
     assert processor.tokenizer.vocab_size == load_processor(str(tiny_checkpoint)).tokenizer.vocab_size
+
+
+def test_another_architecture_is_scored_on_the_same_items(evaluated: Path, tiny_qwen2_vl: Path) -> None:
+    """`jobs.evaluate_checkpoint` scores a non-LLaVA checkpoint (a tiny Qwen2-VL, asked through its own chat
+    template) on every item of the run, text-only ones included, exactly as its engine answers them outside
+    the stage; it joins the run's predictions, metrics, report and figures beside the methods, with where it
+    came from, and the run's own evaluation, rerun, keeps it."""
+    from inbol_ray.data.images import decode_image
+    from inbol_ray.eval.models import registered
+    from inbol_ray.sampling import build_sampler
+    from jobs import evaluate_checkpoint
+
+    argv = ["--config", str(TINY_YAML), "--run-dir", str(evaluated), "--name", "qwen-tiny",
+            "--checkpoint", str(tiny_qwen2_vl), *OVERRIDES]  # fmt: skip
+    assert evaluate_checkpoint.main(argv) == 0
+    cfg = load_config(TINY_YAML, OVERRIDES)
+    pred = dio.read_table(str(evaluated / "predictions.parquet")).to_pandas()
+    mine = pred[pred[S.MODEL] == "qwen-tiny"].set_index(S.ID)
+    items = dio.read_table(str(evaluated / "items")).to_pandas().set_index(S.ID).loc[sorted(mine.index)]
+    assert sorted(mine.index) == sorted(items_of(evaluated)[S.ID]) and items[S.IMAGE].isna().sum() == 2
+    sampler = build_sampler("transformers", str(tiny_qwen2_vl))
+    expected = sampler.generate(
+        [None if b is None else decode_image(b) for b in items[S.IMAGE]],
+        [render_prompt(q, c, cfg.prompt) for q, c in zip(items[S.QUESTION], items[S.CHOICES], strict=True)],
+        max_new_tokens=cfg.eval.max_new_tokens,
+    )
+    assert list(mine.loc[items.index, S.RESPONSE]) == [r[0] for r in expected]
+    assert registered(layout_of(evaluated))["qwen-tiny"].model == "qwen2_vl"
+    metrics = dio.read_table(str(evaluated / "metrics.parquet")).to_pandas()
+    assert set(metrics.loc[metrics[S.METHOD] == "qwen-tiny", S.DATASET]) == set(SETS)
+    text = (evaluated / "report.md").read_text()
+    assert f"`qwen-tiny` (qwen2_vl checkpoint `{tiny_qwen2_vl}`)" in text and "| qwen-tiny " in text
+    assert f"](figures/{REFUSAL_FIGURE})" in text
+    run_evaluation(cfg, layout_of(evaluated))  # the methods again: the other model stays in the tables
+    again = dio.read_table(str(evaluated / "predictions.parquet")).to_pandas()
+    assert (again[S.MODEL] == "qwen-tiny").sum() == len(mine)

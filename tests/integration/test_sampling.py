@@ -223,12 +223,17 @@ def test_killed_actor_work_is_retried(
 def test_vllm_greedy_answers_equal_transformers(
     ray_local, tiny_checkpoint: Path, items_table: pa.Table
 ) -> None:
-    """Same prompt (with and without the refusal clause), same float32 weights: identical greedy text.
+    """Same prompt (with and without the refusal clause), same float32 weights: identical greedy text,
+    image questions and text-only ones (no image) alike.
 
     Runs in a Ray worker that exits afterwards (`max_calls=1`): an in-process vLLM engine changes process
     state (environment, torch's thread setter) that must not leak into the test process or other tests.
     """
     rows = [r for r in items_table.to_pylist() if not r[S.ID].startswith("bad-")][:6]
+    rows += [
+        {**rows[0], S.IMAGE: None, S.QUESTION: "Which shapes can a scene hold?"},
+        {**rows[1], S.IMAGE: None},
+    ]
     images = [r[S.IMAGE] for r in rows]
     questions = [render_prompt(r[S.QUESTION], r[S.CHOICES]) for r in rows]
     refusing = [render_prompt(r[S.QUESTION], r[S.CHOICES], refusal=True) for r in rows]
@@ -239,7 +244,7 @@ def test_vllm_greedy_answers_equal_transformers(
         from inbol_ray.data.images import decode_image
         from inbol_ray.sampling import build_sampler
 
-        pil = [decode_image(b) for b in images]
+        pil = [None if b is None else decode_image(b) for b in images]
         out: dict[str, list] = {}
         for engine in ("transformers", "vllm"):
             sampler = build_sampler(engine, model_dir, cfg, "float32")
@@ -261,6 +266,34 @@ def test_vllm_greedy_answers_equal_transformers(
     first, second = out["vllm sampled twice"]
     assert first == second, "the same item seeds must sample the same responses"
     assert all(len(r) == 4 for r in first)
+
+
+def test_vllm_asks_another_architecture_as_transformers_does(ray_local, tiny_qwen2_vl: Path) -> None:
+    """A Qwen2-VL checkpoint goes through its own chat template in both engines (`model.chat_format`):
+    vLLM's greedy answers equal transformers', for image questions and a text-only one."""
+    image = Image.new("RGB", (60, 44), (200, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    images = [buffer.getvalue(), None, buffer.getvalue()]
+    questions = [render_prompt("What colour is the shape?"), render_prompt("What is two plus two?"),
+                 render_prompt("Which shape is it?", ["circle", "square"])]  # fmt: skip
+
+    @ray_local.remote(num_cpus=1, max_calls=1)
+    def both_engines(model_dir: str, cfg: SamplingConfig) -> dict[str, list]:
+        from inbol_ray.data.images import decode_image
+        from inbol_ray.sampling import build_sampler
+
+        pil = [None if b is None else decode_image(b) for b in images]
+        out = {}
+        for engine in ("transformers", "vllm"):
+            sampler = build_sampler(engine, model_dir, cfg, "float32")
+            out[engine] = sampler.generate(pil, questions, max_new_tokens=6)
+            sampler.close()
+        return out
+
+    out = ray_local.get(both_engines.remote(str(tiny_qwen2_vl), config("vllm").sampling))
+    assert out["vllm"] == out["transformers"] and len(out["vllm"]) == 3
+    assert all(len(r) == 1 and r[0] for r in out["vllm"]), "every item answered (an untrained model's words)"
 
 
 def test_vllm_applies_a_lora_adapter_as_its_merge(

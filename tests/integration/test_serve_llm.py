@@ -300,11 +300,12 @@ def test_the_endpoint_backend_scores_the_served_model_as_evaluated_in_process(
     """`jobs.evaluate_endpoint` on the served `sft` gives exactly the in-process greedy answers (the
     evaluate stage's generation, transformers) on the run's test items, and both models land side by side
     in the run's metrics and report."""
+    import pyarrow as pa
+
     from inbol_ray.checkpoint import load_model
     from inbol_ray.config import load_config
     from inbol_ray.data import io as dio
-    from inbol_ray.eval.endpoint import merge_model
-    from inbol_ray.eval.report import render_report
+    from inbol_ray.eval.evaluate import write_predictions
     from inbol_ray.generation.grade import grade_predictions
     from inbol_ray.model.generation import clean_response, generate_responses
     from inbol_ray.model.prompt import render_prompt
@@ -321,7 +322,12 @@ def test_the_endpoint_backend_scores_the_served_model_as_evaluated_in_process(
     ]
     out = generate_responses(model, processor, list(items["image"]), prompts, max_new_tokens=MAX_TOKENS)
     items["responses"] = [[clean_response(r[0])] for r in out]
-    merge_model(RunLayout.of(cfg), "sft", grade_predictions(items, "sft", cfg.grading.vqa_correct_at))
+    layout = RunLayout.of(cfg)
+    graded = grade_predictions(items.drop(columns=["image"]), "sft", cfg.grading.vqa_correct_at)
+    dio.write_table(
+        pa.Table.from_pandas(graded, preserve_index=False), layout.eval_shards("sft") + "/part.parquet"
+    )
+    write_predictions(layout, ["sft"])  # the evaluate stage's answers of `sft`, computed in this process
     argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *overrides, "--name", "served-sft",
             "--base-url", served["url"] + "/v1", "--model", "sft"]  # fmt: skip
     assert evaluate_endpoint.main(argv) == 0
@@ -331,5 +337,6 @@ def test_the_endpoint_backend_scores_the_served_model_as_evaluated_in_process(
     assert len(local) == 12 and remote.sort_index().to_dict() == local.sort_index().to_dict()
     metrics = dio.read_table(str(run / "metrics.parquet")).to_pandas()
     assert {"sft", "served-sft"} <= set(metrics["method"])
-    text = render_report(metrics, {d: "id_test" for d in metrics["dataset"]}, ["sft"])
-    assert "served-sft" in text and "| sft " in text
+    text = (run / "report.md").read_text()  # the job rewrote the run's report with the endpoint model
+    assert f"`served-sft` (endpoint {served['url']}/v1, model `sft`)" in text
+    assert "| sft " in text and "| served-sft " in text

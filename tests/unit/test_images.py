@@ -115,12 +115,15 @@ def test_check_images_tags_bad_rows_and_keeps_order(png: bytes, tmp_path) -> Non
         {**base, ID: "file", IMAGE_PATH: str(tmp_path / "a.png")},
         {**base, ID: "missing", IMAGE_PATH: str(tmp_path / "nope.png")},
         {**base, ID: "garbage", IMAGE: b"not an image"},
+        {**base, ID: "text-only"},  # no image at all: a text-only item (its loader allowed it)
+        {**base, ID: "empty", IMAGE: b""},  # empty bytes are a broken image, not a text-only item
     ]
     batch = pa.Table.from_pylist(rows, schema=ITEMS)
     out = check_images(batch, "path", BIG, BIG)
-    assert out.schema == CHECKED and out.column(ID).to_pylist() == ["bytes", "file", "missing", "garbage"]
+    assert out.column(ID).to_pylist() == ["bytes", "file", "missing", "garbage", "text-only", "empty"]
+    assert out.schema == CHECKED
     reasons = out.column(REASON).to_pylist()
-    assert reasons[:2] == [None, None]
+    assert reasons[:2] == [None, None] and reasons[4] is None and "empty image data" in reasons[5]
     assert "image file not found" in reasons[2] and "not a decodable image" in reasons[3]
     images = out.column(IMAGE).to_pylist()
     assert images[0] == png and images[1] is None  # path storage keeps the file lazy

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from inbol_ray.config import DatasetSpec
+from inbol_ray.config import ConfigError, DatasetSpec
 from inbol_ray.data import io as dio
 from inbol_ray.data.loaders import LOADERS, DataFormatError, dataset_names, load, spec_problems
 from inbol_ray.data.loaders.training import vqav2_annotations_path
@@ -104,13 +104,28 @@ def test_scienceqa_image_questions_of_one_split() -> None:
     assert row[CATEGORY] == "natural science"
     assert row[IMAGE_PATH] == str(FIX / "scienceqa/images/train/1/image.png")
     assert reasons(parsed) == {
-        "scienceqa:2": "skipped: field 'image' is null (text-only question; only image questions are loaded)",
+        "scienceqa:2": "skipped: field 'image' is null (text-only question; set text_only: true to load it)",
         "scienceqa:3": "field 'answer' (5) is not an index into 3 choices",
     }
     test_split = load(
         spec("scienceqa", "scienceqa", "scienceqa/problems.json", "scienceqa/images", split="id_test")
     )
-    assert [r[ID] for r in test_split.items] == ["scienceqa:4"] and not test_split.quarantine
+    assert [r[ID] for r in test_split.items] == ["scienceqa:4"] and list(reasons(test_split)) == [
+        "scienceqa:6"
+    ]
+
+
+def test_scienceqa_text_only_problems_on_request() -> None:
+    """`text_only: true` keeps problems without an image as items with no image (evaluation splits only)."""
+    parsed = load(spec("scienceqa", "scienceqa", "scienceqa/problems.json", "scienceqa/images", split="id_test",
+                       text_only=True))  # fmt: skip
+    items = by_id(parsed.items)
+    assert sorted(items) == ["scienceqa:4", "scienceqa:6"] and not parsed.quarantine
+    row = items["scienceqa:6"]
+    assert row[IMAGE] is None and row[IMAGE_PATH] is None and row[ANSWERS] == ["B"]
+    assert row[QUESTION] == "Which word names a colour?" and row[CHOICES] == ["square", "green", "three"]
+    with pytest.raises(ConfigError, match="text_only is for evaluation splits"):
+        spec("scienceqa", "scienceqa", "scienceqa/problems.json", split="train", text_only=True)
 
 
 def test_oven_entity_answers_and_malformed_lines() -> None:
@@ -357,6 +372,17 @@ def test_wrong_top_level(tmp_path: Path) -> None:
     (tmp_path / "vizwiz.json").write_text('{"image": "a.jpg"}')
     with pytest.raises(DataFormatError, match="top level must be a JSON list"):
         load(DatasetSpec(name="z", format="vizwiz", path=str(tmp_path / "vizwiz.json")))
+
+
+def test_items_parquet_text_only_rows_need_text_only(tmp_path: Path) -> None:
+    rows = load(spec("shapes", "items", "items/items.parquet")).items
+    rows[0] = {**rows[0], IMAGE: None, IMAGE_PATH: None}
+    dio.write_table(pa.Table.from_pylist(rows, schema=ITEMS), str(tmp_path / "x.parquet"))
+    default = load(DatasetSpec(name="s", format="items", path=str(tmp_path / "x.parquet"), split="ood_test"))
+    assert reasons(default)[rows[0][ID]].startswith("missing field 'image' (and 'image_path'; set text_only")
+    kept = load(DatasetSpec(name="s", format="items", path=str(tmp_path / "x.parquet"), split="ood_test",
+                            text_only=True))  # fmt: skip
+    assert by_id(kept.items)[rows[0][ID]][IMAGE] is None and not kept.quarantine
 
 
 def test_items_parquet_with_a_missing_column(tmp_path: Path) -> None:

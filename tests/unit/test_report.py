@@ -254,3 +254,24 @@ def test_recipe_says_when_the_loss_departs_from_the_paper() -> None:
 def test_s_trust_formula_names_its_units() -> None:
     text = " ".join(HOW_TO_READ.split())
     assert "s_trust = 2·Acc + RefR − 100** (all three in %; 2·Acc + RefR − 1 as fractions)" in text
+
+
+def test_other_models_are_described_where_they_came_from(tmp_path) -> None:
+    """Models scored beside the methods are registered by name (never a method's name) and the report
+    says where each came from."""
+    from inbol_ray.eval.models import ExternalModel, check_name, register, registered
+    from inbol_ray.eval.report import methods_line
+    from inbol_ray.run_layout import RunLayout
+
+    layout = RunLayout(str(tmp_path))
+    register(layout, ExternalModel("gpt-x", "endpoint", "http://127.0.0.1:9/v1", "gpt-x-2026"))
+    register(layout, ExternalModel("qwen", "checkpoint", "/models/qwen", "qwen2_vl"))
+    register(layout, ExternalModel("qwen", "checkpoint", "/models/qwen2", "qwen2_vl"))  # replaced, not added
+    found = registered(layout)
+    assert list(found) == ["gpt-x", "qwen"] and found["qwen"].location == "/models/qwen2"
+    line = methods_line(["base", "qwen", "gpt-x"], {n: m.describe() for n, m in found.items()})
+    assert "`qwen` (qwen2_vl checkpoint `/models/qwen2`)" in line
+    assert "`gpt-x` (endpoint http://127.0.0.1:9/v1, model `gpt-x-2026`)" in line
+    for bad, why in (("cadpo", "is a method"), ("a/b", "letters, digits"), ("", "letters, digits")):
+        with pytest.raises(ValueError, match=why):
+            check_name(bad)

@@ -79,6 +79,13 @@ def test_chat_template_matches_prompt_format(tiny_checkpoint: Path) -> None:
         == format_prompt("What colour is the circle?")
         == "USER: <image>\nWhat colour is the circle? ASSISTANT:"
     )
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "What is two plus two?"}]}]
+    rendered = processor.apply_chat_template(text_only, add_generation_prompt=True)
+    assert (
+        rendered
+        == format_prompt("What is two plus two?", image=False)
+        == "USER: What is two plus two? ASSISTANT:"
+    )
 
 
 def test_tokenizer_keeps_benchmark_words_whole(tiny_checkpoint: Path) -> None:

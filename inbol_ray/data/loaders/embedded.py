@@ -81,15 +81,17 @@ def _mmmu_row(spec: DatasetSpec, row: dict[str, Any], source: str) -> tuple[dict
     if reason:
         return None, reason
     refs = sorted(set(_IMAGE_TAG.findall(" ".join([row["question"], *choices]))))
-    if len(refs) != 1:
-        return (
-            None,
-            f"skipped: {len(refs)} images referenced in question/options (only single-image questions)",
-        )
-    column = f"image_{refs[0]}"
-    image = row.get(column)
-    if not isinstance(image, dict) or not image.get("bytes"):
-        return None, f"missing field '{column}' (referenced by the question)"
+    image = None
+    if refs or not spec.text_only:  # no reference at all + text_only: a text-only item
+        if len(refs) != 1:
+            return (
+                None,
+                f"skipped: {len(refs)} images referenced in question/options (only single-image questions)",
+            )
+        column = f"image_{refs[0]}"
+        image = row.get(column)
+        if not isinstance(image, dict) or not image.get("bytes"):
+            return None, f"missing field '{column}' (referenced by the question)"
     answer = str(row["answer"]).strip()
     if answer not in LETTERS[: len(choices)]:
         return None, f"field 'answer' ({answer!r}) is not one of the {len(choices)} option letters"
@@ -102,7 +104,7 @@ def _mmmu_row(spec: DatasetSpec, row: dict[str, Any], source: str) -> tuple[dict
         choices=choices,
         metric="mc_letter",
         category=_mmmu_subject(str(row["id"])),
-        image=bytes(image["bytes"]),
+        image=None if image is None else bytes(image["bytes"]),
     )
     return item, ""
 
@@ -111,8 +113,8 @@ def parse_mmmu(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """MMMU Parquet (a file, or a folder: its `validation-*.parquet` files, one per subject).
 
     Loaded: multiple-choice questions whose question and options reference exactly one image (`<image k>`),
-    with that image embedded. Quarantined as `skipped:` open questions and multi-image (or image-less)
-    questions; the question text keeps its `<image k>` tag. metric mc_letter; category = subject.
+    with that image embedded. Quarantined as `skipped:` open questions and multi-image (or image-less, unless
+    the spec keeps them as text-only items: `text_only`) questions; the question text keeps its `<image k>` tag. metric mc_letter; category = subject.
     """
     out = Parsed() if out is None else out
     for uri in _parquet_files(spec.path, prefix="validation"):
@@ -202,7 +204,7 @@ def parse_mmbench(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
 _ITEMS_REQUIRED = (ID, DATASET, SPLIT, QUESTION, METRIC, CATEGORY, SOURCE)
 
 
-def _items_row_reason(row: dict[str, Any]) -> str:
+def _items_row_reason(row: dict[str, Any], text_only: bool) -> str:
     reason = missing_field(row, _ITEMS_REQUIRED)
     if reason:
         return reason
@@ -212,8 +214,8 @@ def _items_row_reason(row: dict[str, Any]) -> str:
         return f"missing field '{ANSWERABLE}'"
     if row[METRIC] not in METRICS:
         return f"field '{METRIC}' ({row[METRIC]!r}) is not one of {list(METRICS)}"
-    if row[IMAGE] is None and not row[IMAGE_PATH]:
-        return f"missing field '{IMAGE}' (and '{IMAGE_PATH}')"
+    if row[IMAGE] is None and not row[IMAGE_PATH] and not text_only:
+        return f"missing field '{IMAGE}' (and '{IMAGE_PATH}'; set text_only: true for text-only items)"
     return ""
 
 
@@ -230,7 +232,7 @@ def parse_items(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
         for number, row in enumerate(table.select(ITEMS.names).to_pylist()):
             if spec.limit and out.n_input >= spec.limit:
                 return out
-            reason = _items_row_reason(row)
+            reason = _items_row_reason(row, spec.text_only)
             if reason:
                 key = row.get(ID) or f"{spec.name}:row{number}"
                 dataset = row.get(DATASET) or spec.name

@@ -119,7 +119,8 @@ def parse_scienceqa(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """ScienceQA problems.json {pid: problem}: image questions of one publisher split; metric mc_letter.
 
     Only problems of `scienceqa_split(spec)` are input rows (reading another split is like reading another
-    file). Text-only problems (`image` null) are quarantined as skipped, so the counts still add up.
+    file). Text-only problems (`image` null) are quarantined as skipped, so the counts still add up, unless
+    the spec keeps them (`text_only`: items without an image).
     question = "Context: <hint>\\n<question>" when there is a hint (LLaVA's ScienceQA prompt); answers = the
     letter of `answer`; category = subject. Images: `<images>/<split>/<pid>/<image>`.
     """
@@ -134,8 +135,8 @@ def parse_scienceqa(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
         reason = "row is not a JSON object" if not isinstance(p, dict) else missing_field(p, SCIENCEQA_FIELDS)
         choices: list[str] = []
         letter = ""
-        if not reason and not p.get("image"):
-            reason = "skipped: field 'image' is null (text-only question; only image questions are loaded)"
+        if not reason and not p.get("image") and not spec.text_only:
+            reason = "skipped: field 'image' is null (text-only question; set text_only: true to load it)"
         if not reason:
             choices, reason = string_list(p["choices"], "choices")
         if not reason:
@@ -154,7 +155,9 @@ def parse_scienceqa(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
                 choices=choices,
                 metric="mc_letter",
                 category=str(p.get("subject") or "scienceqa"),
-                image_path=image_location(spec.images, p["split"], str(pid), p["image"]),
+                image_path=image_location(spec.images, p["split"], str(pid), p["image"])
+                if p["image"]
+                else None,
             )
         )
     return out
