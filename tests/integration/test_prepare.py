@@ -53,9 +53,14 @@ ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures"
 
 
-def spec(name: str, fmt: str, path: str, images: str = "", split: str = "id_test") -> DatasetSpec:
+def spec(name: str, fmt: str, path: str, images: str = "", split: str = "id_test", **kw) -> DatasetSpec:
     return DatasetSpec(
-        name=name, format=fmt, path=str(FIX / path), images=str(FIX / images) if images else "", split=split
+        name=name,
+        format=fmt,
+        path=str(FIX / path),
+        images=str(FIX / images) if images else "",
+        split=split,
+        **kw,
     )
 
 
@@ -71,12 +76,14 @@ ALL_SPECS = [
     spec("vizwiz", "vizwiz", "vizwiz/val.json", "vizwiz/val", "unanswerable_test"),
     spec("beyondvisqa", "unanswerable_jsonl", "unanswerable/beyondvisqa.jsonl", split="unanswerable_test"),
     spec("shapes", "items", "items/items.parquet"),
+    spec("scienceqa_test", "scienceqa", "scienceqa/problems.json", "scienceqa/images", text_only=True),
 ]
 
 # data set -> (read, items, quarantined)
 EXPECTED = {
     "vqav2": (6, 2, 4),  # no annotation, no question | truncated JPEG, missing file
     "scienceqa": (4, 1, 3),  # text-only, answer out of range | image.png is text
+    "scienceqa_test": (2, 2, 0),  # an image problem and a text-only one (text_only: true)
     "oven": (4, 2, 2),  # malformed line, no entity_text
     "aokvqa": (3, 2, 1),
     "aokvqa_mc": (3, 2, 1),
@@ -118,7 +125,8 @@ def test_every_format_through_ray_data(ray_local, tmp_path: Path) -> None:
     rows = {r[ID]: r for r in items.to_pylist()}
     assert len(rows) == items.num_rows == sum(e[1] for e in EXPECTED.values())
     for row in rows.values():  # bytes mode: every kept image is stored and decodes
-        assert decode_image(row[IMAGE]).mode == "RGB"
+        assert row[ID] == "scienceqa_test:6" or decode_image(row[IMAGE]).mode == "RGB"
+    assert rows["scienceqa_test:6"][IMAGE] is None and rows["scienceqa_test:6"][IMAGE_PATH] is None
     vqa = rows["vqav2:1001"]
     assert (
         vqa[METRIC] == "vqa_soft" and len(vqa[ANSWERS]) == 10 and vqa[IMAGE_PATH].endswith("000000000001.jpg")
