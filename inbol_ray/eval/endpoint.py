@@ -180,7 +180,7 @@ def evaluate_endpoint(
 ) -> tuple[pd.DataFrame, EndpointRun]:
     """Ask, grade and register one endpoint model over the items `selection_mask` keeps; returns its graded
     predictions (answered items) and what happened."""
-    models.check_name(spec.name)
+    models.claim(layout, spec.name, "endpoint")
     items = dio.read_table(layout.items)
     items = items.filter(selection_mask(items))
     if items.num_rows == 0:

@@ -191,7 +191,7 @@ def evaluate_checkpoint(
     from inbol_ray.eval import models
     from inbol_ray.model.chat_format import model_type
 
-    models.check_name(name)
+    models.claim(layout, name, "checkpoint")
     arch = model_type(location)  # fails here, with the path, when the location is no checkpoint
     selection = eval_selection(datasets or cfg.eval.datasets or None)
     job = eval_job(cfg, layout, name, location, selection, refusal=False)

@@ -56,6 +56,15 @@ def registered(layout: RunLayout) -> dict[str, ExternalModel]:
     return {name: ExternalModel(**entry) for name, entry in sorted(entries.items())}
 
 
+def claim(layout: RunLayout, name: str, backend: str) -> None:
+    """Before `name`'s answers are written by `backend`: check the name, and drop answers another backend
+    left under it (a name reused for a checkpoint after an endpoint must not mix the two)."""
+    check_name(name)
+    earlier = registered(layout).get(name)
+    if earlier is not None and earlier.backend != backend and dio.exists(layout.eval_shards(name)):
+        dio.remove(layout.eval_shards(name))
+
+
 def register(layout: RunLayout, model: ExternalModel) -> None:
     """Add or replace `model` in the registry (its answers are written by the caller)."""
     check_name(model.name)

@@ -259,7 +259,7 @@ def test_s_trust_formula_names_its_units() -> None:
 def test_other_models_are_described_where_they_came_from(tmp_path) -> None:
     """Models scored beside the methods are registered by name (never a method's name) and the report
     says where each came from."""
-    from inbol_ray.eval.models import ExternalModel, check_name, register, registered
+    from inbol_ray.eval.models import ExternalModel, check_name, claim, register, registered
     from inbol_ray.eval.report import methods_line
     from inbol_ray.run_layout import RunLayout
 
@@ -275,3 +275,10 @@ def test_other_models_are_described_where_they_came_from(tmp_path) -> None:
     for bad, why in (("cadpo", "is a method"), ("a/b", "letters, digits"), ("", "letters, digits")):
         with pytest.raises(ValueError, match=why):
             check_name(bad)
+    answers = tmp_path / "eval" / "predictions" / "gpt-x" / "endpoint.parquet"
+    answers.parent.mkdir(parents=True)
+    answers.write_bytes(b"x")
+    claim(layout, "gpt-x", "endpoint")  # the same backend again: its answers stay (reused, resumed)
+    assert answers.exists()
+    claim(layout, "gpt-x", "checkpoint")  # the name reused by another backend: the old answers go
+    assert not answers.parent.exists()
