@@ -24,6 +24,7 @@ clause (`Method.refusal_prompt`), and that clause is its only difference from `b
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -193,6 +194,10 @@ def evaluate_checkpoint(
 
     models.claim(layout, name, "checkpoint")
     arch = model_type(location)  # fails here, with the path, when the location is no checkpoint
+    engine = engine_for(cfg.sampling.engine, location, arch)
+    if engine != cfg.sampling.engine:
+        log(f"  {name}: vLLM has no implementation of this {arch} checkpoint; scoring it with transformers")
+        cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, engine=engine))
     selection = eval_selection(datasets or cfg.eval.datasets or None)
     job = eval_job(cfg, layout, name, location, selection, refusal=False)
     (run,) = run_generations(cfg, [job], log=log)
@@ -202,6 +207,24 @@ def evaluate_checkpoint(
     models.register(layout, models.ExternalModel(name, "checkpoint", location, arch))
     write_predictions(layout, run_methods(cfg, layout))
     return graded, run
+
+
+def engine_for(engine: str, location: str, arch: str) -> str:
+    """`chat_format.choose_engine` for a checkpoint, asking the installed vLLM (in a worker process, so the
+    driver never imports it) only when the answer depends on it."""
+    import ray
+
+    from inbol_ray.model.chat_format import (
+        architectures,
+        choose_engine,
+        uses_own_template,
+        vllm_architectures,
+    )
+
+    if engine != "vllm" or not uses_own_template(arch):
+        return engine
+    supported = ray.get(ray.remote(num_cpus=0, max_calls=1)(vllm_architectures).remote())
+    return choose_engine(engine, arch, architectures(location), supported)
 
 
 def run_methods(cfg: Config, layout: RunLayout) -> list[str]:

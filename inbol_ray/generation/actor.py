@@ -62,24 +62,6 @@ class Decoding:
         return cls(1, 0.0, 1.0, max_new_tokens, seed, refusal)
 
 
-def load_sampler(sampling: SamplingConfig, model_dir: str, dtype: str):
-    """The configured engine for `model_dir`; for another architecture that vLLM cannot run (a model type
-    it does not implement), transformers instead, said once in the actor's log. The project's own LLaVA
-    checkpoints never fall back: a vLLM failure there is a broken install or config, and is raised."""
-    from inbol_ray.model.chat_format import model_type, uses_own_template
-
-    try:
-        return build_sampler(sampling.engine, model_dir, sampling, dtype)
-    except Exception as exc:
-        arch = model_type(model_dir)
-        if sampling.engine != "vllm" or not uses_own_template(arch):
-            raise
-        print(
-            f"vLLM cannot run {model_dir} ({arch}: {type(exc).__name__}: {str(exc)[:200]}); using transformers"
-        )
-        return build_sampler("transformers", model_dir, sampling, dtype)
-
-
 class GenerateActor:
     """Generate `decoding.k` responses per good row of a pyarrow batch; add `responses`, drop `image`.
 
@@ -119,7 +101,7 @@ class GenerateActor:
             gc.collect()
         # Any checkpoint location: the engines copy what is on object storage and load an adapter on its
         # base themselves (in memory, or as a vLLM LoRARequest), so no merged copy is ever written.
-        self.sampler = load_sampler(self.sampling, self.model_dirs[job], self.dtype)
+        self.sampler = build_sampler(self.sampling.engine, self.model_dirs[job], self.sampling, self.dtype)
         self.loaded = job
 
     def __call__(self, batch: pa.Table) -> pa.Table:

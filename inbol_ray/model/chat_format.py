@@ -24,18 +24,45 @@ NATIVE_MODEL_TYPES = frozenset({"llava"})
 """Model types the project's own format and batching serve (`model.prompt.format_prompt`)."""
 
 
-def model_type(location: str) -> str:
-    """`config.json`'s model_type of a checkpoint (of an adapter's base), read without loading the model."""
+def _config(location: str) -> dict:
+    """A checkpoint's (an adapter's base's) `config.json`, read without loading the model."""
     from inbol_ray import checkpoint
     from inbol_ray.data import io as dio
 
     found = checkpoint.resolve(location)
-    return str(json.loads(dio.read_bytes(dio.join(found.model_dir, "config.json")))["model_type"])
+    return json.loads(dio.read_bytes(dio.join(found.model_dir, "config.json")))
+
+
+def model_type(location: str) -> str:
+    """`config.json`'s model_type (`llava`, `qwen2_vl`, ...)."""
+    return str(_config(location)["model_type"])
 
 
 def uses_own_template(model_type_name: str) -> bool:
     """True for a checkpoint asked through its own chat template (every architecture but LLaVA-1.5's)."""
     return model_type_name not in NATIVE_MODEL_TYPES
+
+
+def architectures(location: str) -> list[str]:
+    """`config.json`'s architectures (e.g. `Qwen2VLForConditionalGeneration`)."""
+    return list(_config(location).get("architectures") or [])
+
+
+def choose_engine(engine: str, model_type_name: str, archs: Sequence[str], vllm_archs: frozenset[str]) -> str:
+    """The engine a checkpoint is scored with: the configured one, except that another architecture vLLM
+    has no implementation of (none of `archs` in `vllm_archs`) goes to transformers. Decided before the
+    stage plans, so its outputs are labelled and hashed with the engine that made them; the project's own
+    LLaVA checkpoints never switch (vLLM failing there is a broken install, and is raised)."""
+    if engine != "vllm" or not uses_own_template(model_type_name) or set(archs) & vllm_archs:
+        return engine
+    return "transformers"
+
+
+def vllm_architectures() -> frozenset[str]:
+    """Every architecture the installed vLLM implements (imports vLLM: run it in a worker process)."""
+    from vllm import ModelRegistry
+
+    return frozenset(ModelRegistry.get_supported_archs())
 
 
 def chat_text(processor, prompt: str, has_image: bool) -> str:

@@ -262,19 +262,23 @@ def test_adapter_only_checkpoint_loads_on_its_base_in_memory(tiny_checkpoint: Pa
     assert processor.tokenizer.vocab_size == load_processor(str(tiny_checkpoint)).tokenizer.vocab_size
 
 
-def test_another_architecture_is_scored_on_the_same_items(evaluated: Path, tiny_qwen2_vl: Path) -> None:
+def test_another_architecture_is_scored_on_the_same_items(
+    evaluated: Path, tiny_qwen2_vl: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`jobs.evaluate_checkpoint` scores a non-LLaVA checkpoint (a tiny Qwen2-VL, asked through its own chat
-    template) on every item of the run, text-only ones included, exactly as its engine answers them outside
-    the stage; it joins the run's predictions, metrics, report and figures beside the methods, with where it
-    came from, and the run's own evaluation, rerun, keeps it."""
+    template) on every item of the run, text-only ones included: through vLLM (one actor of the generation
+    stage), with exactly the answers transformers gives outside the stage. It joins the run's predictions,
+    metrics, report and figures beside the methods, with where it came from, and the run's own evaluation,
+    rerun, keeps it."""
     from inbol_ray.data.images import decode_image
     from inbol_ray.eval.models import registered
     from inbol_ray.sampling import build_sampler
     from jobs import evaluate_checkpoint
 
     argv = ["--config", str(TINY_YAML), "--run-dir", str(evaluated), "--name", "qwen-tiny",
-            "--checkpoint", str(tiny_qwen2_vl), *OVERRIDES]  # fmt: skip
+            "--checkpoint", str(tiny_qwen2_vl), *OVERRIDES, "sampling.engine=vllm", "sampling.num_actors=1"]  # fmt: skip
     assert evaluate_checkpoint.main(argv) == 0
+    assert "evaluate_qwen-tiny[vllm]" in capsys.readouterr().out  # vLLM implements Qwen2-VL: no fallback
     cfg = load_config(TINY_YAML, OVERRIDES)
     pred = dio.read_table(str(evaluated / "predictions.parquet")).to_pandas()
     mine = pred[pred[S.MODEL] == "qwen-tiny"].set_index(S.ID)

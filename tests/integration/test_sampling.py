@@ -268,34 +268,6 @@ def test_vllm_greedy_answers_equal_transformers(
     assert all(len(r) == 4 for r in first)
 
 
-def test_vllm_asks_another_architecture_as_transformers_does(ray_local, tiny_qwen2_vl: Path) -> None:
-    """A Qwen2-VL checkpoint goes through its own chat template in both engines (`model.chat_format`):
-    vLLM's greedy answers equal transformers', for image questions and a text-only one."""
-    image = Image.new("RGB", (60, 44), (200, 30, 30))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    images = [buffer.getvalue(), None, buffer.getvalue()]
-    questions = [render_prompt("What colour is the shape?"), render_prompt("What is two plus two?"),
-                 render_prompt("Which shape is it?", ["circle", "square"])]  # fmt: skip
-
-    @ray_local.remote(num_cpus=1, max_calls=1)
-    def both_engines(model_dir: str, cfg: SamplingConfig) -> dict[str, list]:
-        from inbol_ray.data.images import decode_image
-        from inbol_ray.sampling import build_sampler
-
-        pil = [None if b is None else decode_image(b) for b in images]
-        out = {}
-        for engine in ("transformers", "vllm"):
-            sampler = build_sampler(engine, model_dir, cfg, "float32")
-            out[engine] = sampler.generate(pil, questions, max_new_tokens=6)
-            sampler.close()
-        return out
-
-    out = ray_local.get(both_engines.remote(str(tiny_qwen2_vl), config("vllm").sampling))
-    assert out["vllm"] == out["transformers"] and len(out["vllm"]) == 3
-    assert all(len(r) == 1 and r[0] for r in out["vllm"]), "every item answered (an untrained model's words)"
-
-
 def test_vllm_applies_a_lora_adapter_as_its_merge(
     ray_local, tiny_checkpoint: Path, items_table: pa.Table, tmp_path: Path
 ) -> None:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from transformers import AutoProcessor
 
-from inbol_ray.config import SamplingConfig
-from inbol_ray.generation import actor
-from inbol_ray.model.chat_format import chat_text, model_type, uses_own_template
+from inbol_ray.model.chat_format import architectures, chat_text, choose_engine, model_type, uses_own_template
 
 
 def test_a_qwen2_vl_checkpoint_is_asked_in_its_own_format(tiny_qwen2_vl: Path, tiny_checkpoint: Path) -> None:
@@ -24,20 +21,15 @@ def test_a_qwen2_vl_checkpoint_is_asked_in_its_own_format(tiny_qwen2_vl: Path, t
     assert "<|vision_start|>" not in chat_text(processor, "What is two plus two?", has_image=False)
 
 
-def test_vllm_falls_back_to_transformers_only_for_other_architectures(
-    tiny_qwen2_vl: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:
-    """An architecture vLLM does not implement is still scored (by transformers, said in the log); a
-    failing vLLM on the project's own LLaVA checkpoints is an error, never silently another engine."""
-    real = actor.build_sampler
-
-    def no_such_vllm_model(engine, model_dir, cfg, dtype):
-        if engine == "vllm":
-            raise ValueError("Model architectures ['X'] are not supported for now")
-        return real(engine, model_dir, cfg, dtype)
-
-    monkeypatch.setattr(actor, "build_sampler", no_such_vllm_model)
-    sampler = actor.load_sampler(SamplingConfig(engine="vllm"), str(tiny_qwen2_vl), "float32")
-    assert sampler.engine == "transformers" and "using transformers" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="not supported"):
-        actor.load_sampler(SamplingConfig(engine="vllm"), str(tiny_checkpoint), "float32")
+def test_vllm_hands_an_architecture_it_lacks_to_transformers(tiny_qwen2_vl: Path) -> None:
+    """An architecture vLLM does not implement is still scored (by transformers); one it implements, and the
+    project's own LLaVA checkpoints whatever vLLM says, keep the configured engine."""
+    archs = architectures(str(tiny_qwen2_vl))
+    assert archs == ["Qwen2VLForConditionalGeneration"]
+    assert choose_engine("vllm", "qwen2_vl", archs, frozenset(archs)) == "vllm"
+    assert (
+        choose_engine("vllm", "qwen2_vl", archs, frozenset({"LlavaForConditionalGeneration"}))
+        == "transformers"
+    )
+    assert choose_engine("vllm", "llava", ["LlavaForConditionalGeneration"], frozenset()) == "vllm"
+    assert choose_engine("transformers", "qwen2_vl", archs, frozenset(archs)) == "transformers"
