@@ -227,11 +227,10 @@ def test_one_pass_over_two_models_equals_two_passes(evaluated: Path, tmp_path: P
         )
 
     shared = run_generations(cfg, [job("base", layout.base_model, "a"), job("sft", other, "b")])
-    alone = [
-        run_generation(cfg, job("base", layout.base_model, "a1"), log=lambda _: None),
-        run_generation(cfg, job("sft", other, "b1"), log=lambda _: None),
-    ]
-    tables = [dio.read_table(r.out_uri).sort_by(S.ID).to_pylist() for r in (*shared, *alone)]
+    alone = run_generation(cfg, job("sft", other, "b1"), log=lambda _: None)
+    # base alone: the module's evaluation (base beside refusal_prompt, other batching: batch-invariant)
+    outs = [r.out_uri for r in shared] + [layout.eval_shards("base"), alone.out_uri]
+    tables = [dio.read_table(uri).sort_by(S.ID).to_pylist() for uri in outs]
     assert tables[0] == tables[2] and tables[1] == tables[3]
     assert [r[S.RESPONSE] for r in tables[0]] != [r[S.RESPONSE] for r in tables[1]]
     assert {r[S.MODEL] for r in tables[1]} == {"sft"}
