@@ -51,17 +51,15 @@ def _input_problems(cfg: Config, layout: RunLayout, names: Sequence[str]) -> tup
     return problems, extras
 
 
-def run_job(
+def _parse(
     prog: str,
     doc: str,
     argv: Sequence[str] | None,
-    choose: Callable[[Config, argparse.Namespace], Selection],
-    *,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
     adjust: Callable[[Config, argparse.Namespace], None] | None = None,
-) -> int:
-    """Parse, load, check, run. `choose` picks the stages from the config and the parsed arguments;
-    `adjust` may change the loaded config (e.g. a job-specific shorthand) before anything is checked."""
+) -> tuple[Config, argparse.Namespace] | int:
+    """Every job's command line: `--config` (layered), `--run-dir`, the job's own arguments, then dotted
+    overrides; returns the loaded config and the arguments, or exit code 2 after a config error."""
     parser = argparse.ArgumentParser(
         prog=f"python -m jobs.{prog}", description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -82,6 +80,24 @@ def run_job(
             adjust(cfg, args)
     except ConfigError as exc:
         return _fail(prog, f"config error: {exc}", [])
+    return cfg, args
+
+
+def run_job(
+    prog: str,
+    doc: str,
+    argv: Sequence[str] | None,
+    choose: Callable[[Config, argparse.Namespace], Selection],
+    *,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    adjust: Callable[[Config, argparse.Namespace], None] | None = None,
+) -> int:
+    """Parse, load, check, run. `choose` picks the stages from the config and the parsed arguments;
+    `adjust` may change the loaded config (e.g. a job-specific shorthand) before anything is checked."""
+    loaded = _parse(prog, doc, argv, add_arguments, adjust)
+    if isinstance(loaded, int):
+        return loaded
+    cfg, args = loaded
     layout = RunLayout.of(cfg)
     try:
         only, until = choose(cfg, args)
@@ -109,26 +125,20 @@ def model_job(
     prog: str, doc: str, argv: Sequence[str] | None, add_arguments: Callable[[argparse.ArgumentParser], None]
 ) -> tuple[Config, argparse.Namespace] | int:
     """The shared front of the jobs that score one more model on a run's sets (`jobs.evaluate_checkpoint`,
-    `jobs.evaluate_endpoint`): layered configs, the run, the model's name and data sets, then the job's own
-    arguments. Returns (config, arguments), or an exit code after a config error."""
-    parser = argparse.ArgumentParser(prog=f"python -m jobs.{prog}", description=doc.split("\n\n")[0])
-    parser.add_argument("--config", action="append", required=True, help="YAML config; repeat to layer files")
-    parser.add_argument("--run-dir", default="", help="the run whose items are asked (default: the config's)")
-    parser.add_argument("--name", required=True, help="the model's name in the run's tables")
-    parser.add_argument(
-        "--datasets", default="", help="comma-separated data sets (default: every evaluation set)"
-    )
-    add_arguments(parser)
-    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(
-            args.config, [*args.overrides, *([f"run_dir={args.run_dir}"] if args.run_dir else [])]
+    `jobs.evaluate_endpoint`): every job's command line (`_parse`) plus the model's name and data sets, then
+    the job's own arguments. Returns (config, arguments), or an exit code after a config error."""
+
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--name", required=True, help="the model's name in the run's tables")
+        parser.add_argument(
+            "--datasets", default="", help="comma-separated data sets (default: every evaluation set)"
         )
-    except ConfigError as exc:
-        return _fail(prog, f"config error: {exc}", [])
-    args.datasets = [d for d in args.datasets.split(",") if d] or cfg.eval.datasets or None
-    return cfg, args
+        add_arguments(parser)
+
+    def datasets(cfg: Config, args: argparse.Namespace) -> None:
+        args.datasets = [d for d in args.datasets.split(",") if d] or cfg.eval.datasets or None
+
+    return _parse(prog, doc, argv, arguments, datasets)
 
 
 def finish_model_job(cfg: Config, layout: RunLayout) -> None:
