@@ -205,7 +205,6 @@ def evaluate_endpoint(
     graded = grade_predictions(frame, spec.name, cfg.grading.vqa_correct_at)
     table = S.conform(pa.Table.from_pandas(graded, preserve_index=False), S.PREDICTIONS, spec.name)
     dio.write_table(table, dio.join(layout.eval_shards(spec.name), "endpoint.parquet"))
-    log_scores(layout.eval_shards(spec.name), log)
     models.register(layout, models.ExternalModel(spec.name, "endpoint", spec.base_url, spec.model))
-    write_predictions(layout, run_methods(cfg, layout))
+    log_scores(write_predictions(layout, run_methods(cfg, layout)), spec.name, log)
     return graded, run

@@ -94,10 +94,10 @@ def eval_job(
     )
 
 
-def score_line(dataset: str, graded: pd.DataFrame) -> str:
-    scores = metrics_table(graded).iloc[0]
+def score_line(scores) -> str:
+    """One `metrics` row (a data set of one model) as the stages print it."""
     return (
-        f"{dataset:<28} n={len(graded):<5} acc={scores[S.ACC]:6.1%} refr={scores[S.REFR]:6.1%} "
+        f"{scores[S.DATASET]:<28} n={int(scores[S.N]):<5} acc={scores[S.ACC]:6.1%} refr={scores[S.REFR]:6.1%} "
         f"s_trust={100 * scores[S.S_TRUST]:+7.2f}"
     )
 
@@ -150,11 +150,12 @@ def run_evaluation(
     for batch in passes:
         for job, run in zip(batch, run_generations(cfg, batch, log=log), strict=True):
             result.runs[job.method] = run
-    for method, run in result.runs.items():
+    for run in result.runs.values():
         check_run(run, selection, layout)
-        log(f"  {method}: {run.summary_line()}")
-        log_scores(run.out_uri, log)
     result.metrics = write_predictions(layout, list(result.runs))
+    for method, run in result.runs.items():
+        log(f"  {method}: {run.summary_line()}")
+        log_scores(result.metrics, method, log)
     return result
 
 
@@ -166,12 +167,13 @@ def check_run(run: GenerationResult, selection: Selection, layout: RunLayout) ->
         raise ValueError(f"evaluation data set(s) not in items: {missing}")
 
 
-def log_scores(shards_uri: str, log: Callable[[str], None]) -> pd.DataFrame:
-    """Print one score line per data set of a model's graded answers; returns them."""
-    frame = S.conform(dio.read_table(shards_uri), S.PREDICTIONS, shards_uri).to_pandas()
-    for dataset, graded in frame.groupby(S.DATASET, sort=True):
-        log("    " + score_line(str(dataset), graded))
-    return frame
+def log_scores(metrics: pd.DataFrame, model: str, log: Callable[[str], None]) -> pd.DataFrame:
+    """Print one score line per data set of `model` from the run's metrics (`write_predictions`' result:
+    the answers are not read again); returns those rows."""
+    rows = metrics[metrics[S.METHOD] == model].sort_values(S.DATASET)
+    for _, scores in rows.iterrows():
+        log("    " + score_line(scores))
+    return rows
 
 
 def evaluate_checkpoint(
@@ -187,14 +189,15 @@ def evaluate_checkpoint(
     evaluation sets under `name`, with the methods' prompts, greedy decoding and grading (Ray must be
     initialised). LLaVA-1.5 checkpoints go the methods' way; other architectures are asked through their
     own chat template (`model.chat_format`), by vLLM or transformers as `sampling.engine` says. The model is
-    registered (`eval.models`) and the run's predictions and metrics rebuilt with it; returns its graded
-    answers and the generation's result (rerunning reuses its answers while checkpoint and items hold)."""
+    registered (`eval.models`) and the run's predictions and metrics rebuilt with it; returns its metrics
+    rows and the generation's result (rerunning reuses its answers while checkpoint and items hold)."""
     from inbol_ray.eval import models
-    from inbol_ray.model.chat_format import model_type
+    from inbol_ray.model.chat_format import checkpoint_config
 
     models.claim(layout, name, "checkpoint")
-    arch = model_type(location)  # fails here, with the path, when the location is no checkpoint
-    engine = engine_for(cfg.sampling.engine, location, arch)
+    config = checkpoint_config(location)  # fails here, with the path, when the location is no checkpoint
+    arch = str(config["model_type"])
+    engine = engine_for(cfg.sampling.engine, config)
     if engine != cfg.sampling.engine:
         log(f"  {name}: vLLM has no implementation of this {arch} checkpoint; scoring it with transformers")
         cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, engine=engine))
@@ -202,29 +205,23 @@ def evaluate_checkpoint(
     job = eval_job(cfg, layout, name, location, selection, refusal=False)
     (run,) = run_generations(cfg, [job], log=log)
     check_run(run, selection, layout)
-    log(f"  {name} ({arch}): {run.summary_line()}")
-    graded = log_scores(run.out_uri, log)
     models.register(layout, models.ExternalModel(name, "checkpoint", location, arch))
-    write_predictions(layout, run_methods(cfg, layout))
-    return graded, run
+    metrics = write_predictions(layout, run_methods(cfg, layout))
+    log(f"  {name} ({arch}): {run.summary_line()}")
+    return log_scores(metrics, name, log), run
 
 
-def engine_for(engine: str, location: str, arch: str) -> str:
-    """`chat_format.choose_engine` for a checkpoint, asking the installed vLLM (in a worker process, so the
-    driver never imports it) only when the answer depends on it."""
+def engine_for(engine: str, config: dict) -> str:
+    """`chat_format.choose_engine` for a checkpoint's `config.json`, the installed vLLM asked in a worker
+    process (so the driver never imports it)."""
     import ray
 
-    from inbol_ray.model.chat_format import (
-        architectures,
-        choose_engine,
-        uses_own_template,
-        vllm_architectures,
-    )
+    from inbol_ray.model.chat_format import choose_engine, vllm_architectures
 
-    if engine != "vllm" or not uses_own_template(arch):
-        return engine
-    supported = ray.get(ray.remote(num_cpus=0, max_calls=1)(vllm_architectures).remote())
-    return choose_engine(engine, arch, architectures(location), supported)
+    def supported() -> frozenset[str]:
+        return ray.get(ray.remote(num_cpus=0, max_calls=1)(vllm_architectures).remote())
+
+    return choose_engine(engine, config, supported)
 
 
 def run_methods(cfg: Config, layout: RunLayout) -> list[str]:

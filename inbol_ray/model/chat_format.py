@@ -16,7 +16,7 @@ placeholder to the image's token count), vLLM takes it as the prompt with the im
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from PIL import Image
 
@@ -24,7 +24,7 @@ NATIVE_MODEL_TYPES = frozenset({"llava"})
 """Model types the project's own format and batching serve (`model.prompt.format_prompt`)."""
 
 
-def _config(location: str) -> dict:
+def checkpoint_config(location: str) -> dict:
     """A checkpoint's (an adapter's base's) `config.json`, read without loading the model."""
     from inbol_ray import checkpoint
     from inbol_ray.data import io as dio
@@ -35,7 +35,7 @@ def _config(location: str) -> dict:
 
 def model_type(location: str) -> str:
     """`config.json`'s model_type (`llava`, `qwen2_vl`, ...)."""
-    return str(_config(location)["model_type"])
+    return str(checkpoint_config(location)["model_type"])
 
 
 def uses_own_template(model_type_name: str) -> bool:
@@ -43,19 +43,15 @@ def uses_own_template(model_type_name: str) -> bool:
     return model_type_name not in NATIVE_MODEL_TYPES
 
 
-def architectures(location: str) -> list[str]:
-    """`config.json`'s architectures (e.g. `Qwen2VLForConditionalGeneration`)."""
-    return list(_config(location).get("architectures") or [])
-
-
-def choose_engine(engine: str, model_type_name: str, archs: Sequence[str], vllm_archs: frozenset[str]) -> str:
-    """The engine a checkpoint is scored with: the configured one, except that another architecture vLLM
-    has no implementation of (none of `archs` in `vllm_archs`) goes to transformers. Decided before the
-    stage plans, so its outputs are labelled and hashed with the engine that made them; the project's own
-    LLaVA checkpoints never switch (vLLM failing there is a broken install, and is raised)."""
-    if engine != "vllm" or not uses_own_template(model_type_name) or set(archs) & vllm_archs:
+def choose_engine(engine: str, config: dict, vllm_archs: Callable[[], frozenset[str]]) -> str:
+    """The engine a checkpoint (its `config.json`) is scored with: the configured one, except that another
+    architecture vLLM has no implementation of (none of its `architectures` in `vllm_archs()`, asked only
+    when the answer depends on it: it imports vLLM) goes to transformers. Decided before the stage plans,
+    so its outputs are labelled and hashed with the engine that made them; the project's own LLaVA
+    checkpoints never switch (vLLM failing there is a broken install, and is raised)."""
+    if engine != "vllm" or not uses_own_template(str(config["model_type"])):
         return engine
-    return "transformers"
+    return engine if set(config.get("architectures") or []) & vllm_archs() else "transformers"
 
 
 def vllm_architectures() -> frozenset[str]:

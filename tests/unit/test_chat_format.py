@@ -6,7 +6,13 @@ from pathlib import Path
 
 from transformers import AutoProcessor
 
-from inbol_ray.model.chat_format import architectures, chat_text, choose_engine, model_type, uses_own_template
+from inbol_ray.model.chat_format import (
+    chat_text,
+    checkpoint_config,
+    choose_engine,
+    model_type,
+    uses_own_template,
+)
 
 
 def test_a_qwen2_vl_checkpoint_is_asked_in_its_own_format(tiny_qwen2_vl: Path, tiny_checkpoint: Path) -> None:
@@ -21,15 +27,20 @@ def test_a_qwen2_vl_checkpoint_is_asked_in_its_own_format(tiny_qwen2_vl: Path, t
     assert "<|vision_start|>" not in chat_text(processor, "What is two plus two?", has_image=False)
 
 
-def test_vllm_hands_an_architecture_it_lacks_to_transformers(tiny_qwen2_vl: Path) -> None:
+def test_vllm_hands_an_architecture_it_lacks_to_transformers(
+    tiny_qwen2_vl: Path, tiny_checkpoint: Path
+) -> None:
     """An architecture vLLM does not implement is still scored (by transformers); one it implements, and the
-    project's own LLaVA checkpoints whatever vLLM says, keep the configured engine."""
-    archs = architectures(str(tiny_qwen2_vl))
+    project's own LLaVA checkpoints whatever vLLM says, keep the configured engine. vLLM is asked only when
+    the answer depends on it."""
+    qwen = checkpoint_config(str(tiny_qwen2_vl))
+    archs = qwen["architectures"]
     assert archs == ["Qwen2VLForConditionalGeneration"]
-    assert choose_engine("vllm", "qwen2_vl", archs, frozenset(archs)) == "vllm"
-    assert (
-        choose_engine("vllm", "qwen2_vl", archs, frozenset({"LlavaForConditionalGeneration"}))
-        == "transformers"
-    )
-    assert choose_engine("vllm", "llava", ["LlavaForConditionalGeneration"], frozenset()) == "vllm"
-    assert choose_engine("transformers", "qwen2_vl", archs, frozenset(archs)) == "transformers"
+    assert choose_engine("vllm", qwen, lambda: frozenset(archs)) == "vllm"
+    assert choose_engine("vllm", qwen, lambda: frozenset({"LlavaForConditionalGeneration"})) == "transformers"
+
+    def not_asked() -> frozenset[str]:
+        raise AssertionError("vLLM asked where its answer changes nothing")
+
+    assert choose_engine("vllm", checkpoint_config(str(tiny_checkpoint)), not_asked) == "vllm"
+    assert choose_engine("transformers", qwen, not_asked) == "transformers"
