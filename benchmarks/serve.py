@@ -27,18 +27,16 @@ import asyncio
 import base64
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from benchmarks._measure import environment, format_table
+from benchmarks.serve_load import Load, free_port, run_http, summarise, wait_for
 from inbol_ray.config import Config, load_config
 from inbol_ray.data.shapes import generate
 from inbol_ray.runtime import quiet_env
@@ -49,26 +47,6 @@ APP = "inbol-bench"
 MODEL = "cadpo"
 COLUMNS = ["case", "clients", "replicas", "requests", "errors", "req/s", "p50 ms", "p99 ms", "p50 vs direct",
            "req/s vs direct"]  # fmt: skip
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
-
-
-def summarise(
-    case: str, clients: int, replicas: str, latencies: list[float], wall: float, errors: int = 0
-) -> dict:
-    lat = sorted(latencies) or [float("nan")]
-    return {
-        "case": case,
-        "clients": clients,
-        "replicas": replicas,
-        "requests": len(latencies),
-        "errors": errors,
-        "req/s": len(latencies) / wall if wall else 0.0,
-        "p50 ms": statistics.median(lat) * 1000,
-        "p99 ms": percentile(lat, 0.99) * 1000,
-    }
 
 
 def workload(cfg: Config, n: int = 16) -> list[tuple[bytes, str]]:
@@ -160,14 +138,6 @@ def run_direct(run: Path, cfg: Config, cases: list[tuple[int, int]]) -> list[dic
 # --- over HTTP ----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def chat_bodies(cfg: Config) -> list[dict[str, Any]]:
     out = []
     for image, question in workload(cfg):
@@ -182,68 +152,6 @@ def answer_bodies(cfg: Config) -> list[dict[str, Any]]:
     return [{"image": base64.b64encode(img).decode(), "question": q} for img, q in workload(cfg)]
 
 
-def _post(session, url: str, body: dict[str, Any]) -> float:
-    start = time.perf_counter()
-    r = session.post(url, json=body, timeout=180)
-    if r.status_code != 200:
-        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-    return time.perf_counter() - start
-
-
-def run_http(url: str, bodies: list[dict], clients: int, per_client: int) -> tuple[list[float], float]:
-    import requests
-
-    def client(i: int) -> list[float]:
-        with requests.Session() as session:
-            return [
-                _post(session, url, bodies[(i * per_client + j) % len(bodies)]) for j in range(per_client)
-            ]
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        latencies = [t for ts in pool.map(client, range(clients)) for t in ts]
-    return latencies, time.perf_counter() - start
-
-
-class Load:
-    """Clients sending requests back to back until stopped; every result kept with its finish time."""
-
-    def __init__(self, url: str, bodies: list[dict], clients: int) -> None:
-        self.url, self.bodies, self.clients = url, bodies, clients
-        self.done: list[tuple[float, float]] = []
-        self.failed: list[tuple[float, str]] = []
-        self.in_flight = 0
-        self.lock, self.stop = threading.Lock(), threading.Event()
-        self.pool = ThreadPoolExecutor(clients)
-        self.futures = [self.pool.submit(self._client, i) for i in range(clients)]
-
-    def _client(self, i: int) -> None:
-        import requests
-
-        with requests.Session() as session:
-            j = 0
-            while not self.stop.is_set():
-                with self.lock:
-                    self.in_flight += 1
-                try:
-                    latency = _post(session, self.url, self.bodies[(i + j) % len(self.bodies)])
-                    with self.lock:
-                        self.done.append((time.perf_counter(), latency))
-                except Exception as exc:  # counted, the client goes on
-                    with self.lock:
-                        self.failed.append((time.perf_counter(), str(exc)[:120]))
-                finally:
-                    with self.lock:
-                        self.in_flight -= 1
-                j += 1
-
-    def finish(self) -> None:
-        self.stop.set()
-        for f in self.futures:
-            f.result()
-        self.pool.shutdown()
-
-
 def running_replicas(deployment: str) -> int:
     from ray import serve
 
@@ -251,15 +159,6 @@ def running_replicas(deployment: str) -> int:
     if app is None or deployment not in app.deployments:
         return 0
     return app.deployments[deployment].replica_states.get("RUNNING", 0)
-
-
-def wait_for(predicate, limit_s: float) -> float | None:
-    start = time.perf_counter()
-    while time.perf_counter() - start < limit_s:
-        if predicate():
-            return time.perf_counter() - start
-        time.sleep(0.5)
-    return None
 
 
 def deploy_llm(run: Path, overrides: list[str]) -> None:
