@@ -134,10 +134,16 @@ class GenerationResult:
     datasets: list[str] = field(default_factory=list)
     reasons: dict[str, int] = field(default_factory=dict)
     """Quarantine reasons (text before the first colon) and how many rows had each."""
+    pass_jobs: int = 1
+    """Jobs that shared this job's Ray Data pass (run_generations): `seconds` is the whole pass's."""
+    pass_outputs: int = 0
+    """Responses the whole pass generated (all its jobs); 0 when the job ran alone."""
 
     @property
     def per_s(self) -> float:
-        return self.new_outputs / self.seconds if self.seconds > 0 else 0.0
+        """Responses per second of the pass this job ran in: a job sharing a pass has no time of its own."""
+        total = self.pass_outputs if self.pass_jobs > 1 else self.new_outputs
+        return total / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def steady_per_s(self) -> float:
@@ -149,9 +155,15 @@ class GenerationResult:
         return (self.new_outputs - self.first_batch_rows * self.k) / rest
 
     def summary_line(self) -> str:
+        if self.pass_jobs > 1:
+            rate = (
+                f"{self.new_outputs} new, in one pass of {self.pass_jobs} jobs "
+                f"({self.pass_outputs} responses in {self.seconds:.1f}s, {self.per_s:.1f}/s)"
+            )
+        else:
+            rate = f"{self.per_s:.1f} responses/s ({self.new_outputs} new in {self.seconds:.1f}s)"
         return (
-            f"{self.stage}[{self.engine}]: items {self.items}, done {self.done} x K={self.k}, "
-            f"{self.per_s:.1f} responses/s ({self.new_outputs} new in {self.seconds:.1f}s), "
+            f"{self.stage}[{self.engine}]: items {self.items}, done {self.done} x K={self.k}, {rate}, "
             f"quarantined {self.quarantined}, shards {self.shards} ({self.shards_reused} reused)"
         )
 
@@ -325,7 +337,11 @@ def run_generations(
             for j in sorted(set(batch[JOB].to_pylist())):
                 parts[j].collector.add(batch.filter(pc.equal(batch[JOB], j)))
     seconds = time.perf_counter() - t0
-    return [_finish(part, ids, selected, cfg.sampling.engine, seconds, first_batch) for part in parts]
+    results = [_finish(part, ids, selected, cfg.sampling.engine, seconds, first_batch) for part in parts]
+    if len(results) > 1:
+        total = sum(r.new_outputs for r in results)
+        results = [replace(r, pass_jobs=len(results), pass_outputs=total) for r in results]
+    return results
 
 
 def _finish(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -196,7 +197,7 @@ def _train(spec: LoopSpec) -> None:
             start_step, history = state["step"], state["history"]
             resumes = state["resumes"] + [start_step]
     if restored is not None and rank == 0:
-        print(f"[train {spec.method}] resuming from checkpoint at step {start_step}/{total}", flush=True)
+        _say(f"[train {spec.method}] resuming from checkpoint at step {start_step}/{total}")
     scorer = wrap_model(ResponseScorer(policy, cfg.logprob_chunk_size), cfg, world)
     opt = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr)
     if saved_optim is not None:
@@ -262,7 +263,7 @@ def _train(spec: LoopSpec) -> None:
             if tb is not None:
                 tb.write(row)
             if (step + 1) % every == 0 or step + 1 == total:
-                print(sm.progress_line(spec.method, row, total), flush=True)
+                _say(sm.progress_line(spec.method, row, total))
         last = step + 1 == total
         if last or (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0):
             trainable_tensors, optim = gather_state(scorer, policy, opt)
@@ -277,12 +278,16 @@ def _train(spec: LoopSpec) -> None:
             report_checkpoint(spec.local_checkpoint_dir, cfg.num_to_keep, rank, step + 1, metrics, payload)
         _maybe_fail(spec, step + 1, rank, world)
     if start_step >= total and rank == 0:
-        print(
-            f"[train {spec.method}] checkpoint already at the final step {total}; nothing to train",
-            flush=True,
-        )
+        _say(f"[train {spec.method}] checkpoint already at the final step {total}; nothing to train")
     if tb is not None:
         tb.close()
+
+
+def _say(line: str) -> None:
+    """A progress line for the driver's console. Not `print`: Ray Train patches it in its workers to go to
+    stdout *and* its logger, so every line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _maybe_fail(spec: LoopSpec, step: int, rank: int, world: int) -> None:

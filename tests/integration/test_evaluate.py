@@ -235,6 +235,11 @@ def test_one_pass_over_two_models_equals_two_passes(evaluated: Path, tmp_path: P
     assert [r[S.RESPONSE] for r in tables[0]] != [r[S.RESPONSE] for r in tables[1]]
     assert {r[S.MODEL] for r in tables[1]} == {"sft"}
     assert [r.done for r in shared] == [12, 12]
+    # Both share one pass's time: each line says so and reports the pass's rate, not 12 responses in it.
+    assert [(r.pass_jobs, r.pass_outputs) for r in shared] == [(2, 24), (2, 24)]
+    assert "in one pass of 2 jobs (24 responses in" in shared[1].summary_line()
+    assert shared[0].per_s == shared[1].per_s == 24 / shared[0].seconds
+    assert alone.pass_jobs == 1 and alone.per_s == alone.new_outputs / alone.seconds
 
 
 def test_adapter_only_checkpoint_loads_on_its_base_in_memory(tiny_checkpoint: Path, tmp_path: Path) -> None:
