@@ -118,8 +118,7 @@ def _train(method: str) -> Callable[[Context], dict[str, Any]]:
     def run(ctx: Context) -> dict[str, Any]:
         from inbol_ray.train.trainer import run_training
 
-        result = run_training(ctx.cfg, method, ctx.layout, log=ctx.log)
-        ctx.log("  " + result.summary_line())
+        result = run_training(ctx.cfg, method, ctx.layout, log=ctx.log)  # it logs its summary line
         return {"steps": result.steps, "seconds": round(result.seconds, 1), **result.final_metrics}
 
     return run

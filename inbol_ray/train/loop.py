@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -161,6 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. Torch threads follow the worker's CPU reservation: the tiny model is far too
     small for intra-op parallelism, and on a shared machine extra spinning threads made steps 5-20x slower."""
     spec: LoopSpec = config["spec"]
+    _quiet_report_log()
     threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads(spec.train.cpus_per_worker))
     try:
@@ -281,6 +283,17 @@ def _train(spec: LoopSpec) -> None:
         _say(f"[train {spec.method}] checkpoint already at the final step {total}; nothing to train")
     if tb is not None:
         tb.close()
+
+
+def _quiet_report_log() -> None:
+    """Ray Train 2.60 logs each report ("Reporting training result N: TrainingReport(...)", ~900 characters
+    per checkpoint) at INFO on a logger named by its source file's path, outside `ray.train`, so the
+    trainer's LoggingConfig does not reach it; the loop's own progress lines say what matters."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _say(line: str) -> None:

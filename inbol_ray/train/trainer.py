@@ -151,6 +151,10 @@ def _trainer(spec: LoopSpec, storage: str, name: str):
             storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's INFO lines ("Reporting training result N: TrainingReport(...)", ~900 characters per
+            # checkpoint, "Checkpoint successfully created", worker-group start) were most of a main job's
+            # console; the loop prints its own progress. Ray's session log files still hold every level.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         # No Ray Data dataset: each worker reads its steps' rows from the table's files, a pool of row groups
         # at a time, by a seeded schedule (loop.py, table_rows.py). The driver never reads the table, a
