@@ -288,7 +288,9 @@ def _train(spec: LoopSpec) -> None:
 def _quiet_report_log() -> None:
     """Ray Train 2.60 logs each report ("Reporting training result N: TrainingReport(...)", ~900 characters
     per checkpoint) at INFO on a logger named by its source file's path, outside `ray.train`, so the
-    trainer's LoggingConfig does not reach it; the loop's own progress lines say what matters."""
+    trainer's LoggingConfig does not reach it. Raising that logger's level drops the line everywhere, log
+    files included: what it held (the step's metrics, the checkpoint path) is in the run's metrics.jsonl
+    and under the Ray Train storage."""
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: nothing to quiet

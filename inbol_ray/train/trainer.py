@@ -151,9 +151,9 @@ def _trainer(spec: LoopSpec, storage: str, name: str):
             storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            # Ray Train's INFO lines ("Reporting training result N: TrainingReport(...)", ~900 characters per
-            # checkpoint, "Checkpoint successfully created", worker-group start) were most of a main job's
-            # console; the loop prints its own progress. Ray's session log files still hold every level.
+            # Ray Train's INFO lines ("Checkpoint successfully created", worker-group start) off the console;
+            # the loop prints its own progress, and Ray Train's system log files under the Ray session
+            # still hold every level. (Its per-report line is not under `ray.train`: loop._quiet_report_log.)
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         # No Ray Data dataset: each worker reads its steps' rows from the table's files, a pool of row groups
