@@ -31,7 +31,7 @@ class ModelConfig:
     """Tiny model: width of the CLIP-style vision tower."""
     vision_layers: int = 2
     """Tiny model: layers of the vision tower."""
-    vocab_size: int = 512
+    vocab_size: int = 576
     """Tiny model: BPE vocabulary size trained on ShapesWorld text."""
     dtype: Dtype = "float32"
     """Weights dtype for inference and training."""

@@ -6,7 +6,9 @@ cell), so each gold answer is correct by construction and each unanswerable item
 unanswerable: the object its question refers to is not in the picture (the extrinsic boundary).
 
 Question families (the `category` column):
-- `easy_perception`: colour of the unique <shape>, or shape of the unique <colour> object;
+- `easy_perception`: colour of the unique <shape>, shape of the unique <colour> object, or whether a
+  <shape> is in the picture at all (VQAv2's "Is there a ...?": its "no" answers are the text evidence of
+  a shape's absence that prepare's mismatch recipe reads, as in real VQAv2);
 - `hard_perception`: counting the objects of one colour, and left/right relations between two named
   objects (both need several lookups, where a single lookup suffices for the easy family);
 - `knowledge`: the invented name of a colour-shape combination present in the image. Names are drawn
@@ -75,9 +77,10 @@ from inbol_ray.data.shapes_scene import (
     sample_scene,
 )
 
-VERSION = "shapesworld-v3"
+VERSION = "shapesworld-v4"
 """v2: no test item copies a trained (image, question) pair; unanswerable items lack their referent.
-v3: the rare knowledge entities split between training and held-out splits; the validation split."""
+v3: the rare knowledge entities split between training and held-out splits; the validation split.
+v4: the existence family ("Is there a circle?"), so a text-only recipe can prove a shape absent (issue 14)."""
 
 
 # --- splits -----------------------------------------------------------------------------------------

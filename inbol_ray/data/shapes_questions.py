@@ -41,6 +41,10 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
         "id": ("What do we call the {colour} {shape}?", "What is the name of the {colour} {shape}?"),
         "para": ("What is the {colour} {shape} called?", "Give the name of the {colour} {shape}."),
     },
+    "exists": {
+        "id": ("Is there a {shape} in the picture?", "Is there a {shape}?"),
+        "para": ("Does the picture contain a {shape}?", "Can you see a {shape} in the image?"),
+    },
 }
 FAMILY_CATEGORY = {
     "colour_of": "easy_perception",
@@ -48,10 +52,16 @@ FAMILY_CATEGORY = {
     "count": "hard_perception",
     "left_of": "hard_perception",
     "name_of": "knowledge",
+    "exists": "easy_perception",
 }
 # Families whose question names an object: only these can be made unanswerable by mismatch.
 REFERRING = ("colour_of", "shape_of", "name_of", "left_of")
-FAMILY_WEIGHTS = {"colour_of": 0.22, "shape_of": 0.18, "count": 0.15, "left_of": 0.15, "name_of": 0.30}
+FAMILY_WEIGHTS = {"colour_of": 0.22, "shape_of": 0.18, "count": 0.15, "left_of": 0.15, "name_of": 0.30,
+                  "exists": 0.12}  # fmt: skip
+"""Relative weights (normalised where drawn). `exists` ("Is there a circle?") is VQAv2's most common
+question type besides counting; its "no" answers are what a text-only recipe can read absence from
+(`inbol_ray.data.referents.absence_proof`), the only evidence that a *shape* is missing from a picture
+(colours have the counting family's zeros)."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,8 @@ def answer(q: Question, scene: Scene, names: dict[tuple[str, str], str]) -> str 
     """
     if q.family == "count":
         return NUMBER_WORDS[len(scene.with_colour(q.colour))]
+    if q.family == "exists":
+        return "yes" if scene.with_shape(q.shape) else "no"
     if q.family == "colour_of":
         found = scene.with_shape(q.shape)
         return found[0].colour if len(found) == 1 else None
@@ -164,8 +176,8 @@ def referent_absent(q: Question, scene: Scene) -> bool:
     What the mismatch construction requires, stricter than `is_unanswerable`: "What colour is the
     circle?" over two circles has no single answer too, but the fix there is to ask which circle, not
     to say the picture lacks the information. The extrinsic boundary in the paper (VizWiz, mismatched
-    VQA) is absent information, so only absent referents make unanswerable items here. Counting never
-    does: zero is an answer."""
+    VQA) is absent information, so only absent referents make unanswerable items here. Counting and
+    existence never do: zero and "no" are answers."""
     if q.family == "colour_of":
         return not scene.with_shape(q.shape)
     if q.family == "shape_of":
@@ -189,6 +201,11 @@ def propose(
         present = sorted({o.colour for o in scene.objects})
         pool = present if rng.random() < 0.75 else list(COLOURS)  # zero is a valid count too
         return Question("count", colour=pool[int(rng.integers(len(pool)))])
+    if family == "exists":  # half present, half absent (when any shape is absent), so "yes" is no prior
+        present = sorted({o.shape for o in scene.objects})
+        absent = [s for s in SHAPES if s not in present]
+        pool = absent if absent and rng.random() < 0.5 else present
+        return Question("exists", shape=pool[int(rng.integers(len(pool)))])
     if family == "colour_of":
         options = [o for o in scene.objects if len(scene.with_shape(o.shape)) == 1]
         return (

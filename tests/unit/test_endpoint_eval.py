@@ -34,9 +34,16 @@ def answer_for(text: str) -> str:
     return "I don't know." if int(hashlib.sha1(text.encode()).hexdigest(), 16) % 2 else "red"
 
 
+def item_key(body: dict) -> str:
+    """What the server knows an item by: its prompt text and a digest of the whole message (image included),
+    since two items can ask the same question of different pictures ("Is there a circle?")."""
+    text = body["messages"][0]["content"][-1]["text"]
+    return f"{text}#{hashlib.sha1(json.dumps(body['messages'], sort_keys=True).encode()).hexdigest()[:12]}"
+
+
 class FlakyServer:
     def __init__(self) -> None:
-        self.down: set[str] = set()  # texts answered with 503 whatever the attempt
+        self.down: set[str] = set()  # item keys answered with 503 whatever the attempt
         self.attempts: Counter[str] = Counter()
         self.answered: Counter[str] = Counter()
         self.bodies: list[dict] = []
@@ -48,7 +55,7 @@ class FlakyServer:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                text = body["messages"][0]["content"][-1]["text"]
+                text = item_key(body)
                 server.bodies.append(body)
                 server.attempts[text] += 1
                 n = server.attempts[text]
@@ -106,7 +113,8 @@ def test_a_failing_endpoint_still_gives_a_complete_evaluation_and_resumes_withou
     dio.write_table(items, str(tmp_path / "items" / "part-0.parquet"))
     layout = RunLayout.of(cfg)
     selection = Selection(splits=("id_test", "ood_test", "unanswerable_test"))
-    texts = {r[S.ID]: render_prompt(r[S.QUESTION], r[S.CHOICES], cfg.prompt) for r in items.to_pylist()}
+    texts = {r[S.ID]: item_key(chat_body(r, cfg, "m")) for r in items.to_pylist()}
+    assert len(set(texts.values())) == len(texts)
     ids = sorted(texts)
     server.down = {texts[i] for i in ids[::2]}  # half the items cannot be answered in the first run
     spec = EndpointSpec(

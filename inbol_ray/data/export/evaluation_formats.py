@@ -149,7 +149,7 @@ def write_mmmu(rows: Sequence[Row], root: str, names: Sequence[str]) -> Written:
             "explanation": "",
             "img_type": "['Diagrams']",
             "answer": LETTERS[gold],
-            "topic_difficulty": "Easy" if row.family in ("colour_of", "shape_of") else "Medium",
+            "topic_difficulty": "Easy" if row.family in ("colour_of", "shape_of", "exists") else "Medium",
             "question_type": "multiple-choice",
             "subfield": row.family,
         }

@@ -36,13 +36,17 @@ HINTS = {
     "count": "Count only the objects of the colour the question names.",
     "left_of": "Left and right are as seen by the viewer.",
     "name_of": "Some colour-shape combinations have names of their own.",
+    "exists": "The shapes are circles, squares, triangles and diamonds.",
 }
 """ScienceQA `hint` / MMBench `hint` context per family: true of every picture, never the answer."""
 
 # VQAv2 / VizWiz `answer_type` and GQA `types.structural` per family, in each publisher's vocabulary.
-ANSWER_TYPE = {"colour_of": "other", "shape_of": "other", "count": "number", "left_of": "yes/no", "name_of": "other"}  # fmt: skip
-GQA_STRUCTURAL = {"colour_of": "query", "shape_of": "query", "count": "query", "left_of": "verify", "name_of": "query"}  # fmt: skip
-GQA_SEMANTIC = {"colour_of": "attr", "shape_of": "attr", "count": "obj", "left_of": "rel", "name_of": "obj"}  # fmt: skip
+ANSWER_TYPE = {"colour_of": "other", "shape_of": "other", "count": "number", "left_of": "yes/no", "name_of": "other",
+               "exists": "yes/no"}  # fmt: skip
+GQA_STRUCTURAL = {"colour_of": "query", "shape_of": "query", "count": "query", "left_of": "verify", "name_of": "query",
+                  "exists": "verify"}  # fmt: skip
+GQA_SEMANTIC = {"colour_of": "attr", "shape_of": "attr", "count": "obj", "left_of": "rel", "name_of": "obj",
+                "exists": "obj"}  # fmt: skip
 MAX_COUNT = 6  # the most objects a scene holds (shapes_scene.OOD_STYLE): counts beyond it are no option
 
 
@@ -122,6 +126,7 @@ def vocabulary(family: str, names: Sequence[str]) -> list[str]:
         "shape_of": list(SHAPES),
         "count": list(NUMBER_WORDS[: MAX_COUNT + 1]),
         "left_of": ["yes", "no"],
+        "exists": ["yes", "no"],
         "name_of": list(names),
     }[family]
 
