@@ -122,6 +122,26 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]
 
 
 @pytest.fixture(scope="session")
+def smoke_pipeline(ray_local, smoke_run: tuple[Path, list[str]]) -> tuple[Path, list[str], str]:
+    """The embedded default's pipeline run once at smoke size in `smoke_run`'s directory: (run dir, overrides,
+    what the job printed). The pipeline test checks it; the object-storage test compares its own run (other
+    actor counts and batch sizes, on S3) against it, so one fresh run serves both checks."""
+    import contextlib
+    import io
+
+    from jobs import pipeline as pipeline_job
+
+    run_dir, smoke = smoke_run
+    argv = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"),
+            "--run-dir", str(run_dir), *smoke]  # fmt: skip
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = pipeline_job.main(argv)
+    assert rc == 0, out.getvalue()[-3000:]
+    return run_dir, smoke, out.getvalue()
+
+
+@pytest.fixture(scope="session")
 def tiny_config():
     """The embedded default config, shrunk to smoke size for tests."""
     from inbol_ray.config import load_config

@@ -1,9 +1,9 @@
 """`python -m serve` stops cleanly: SIGTERM (what Kubernetes, systemd and Docker send) and Ctrl-C (SIGINT)
 shut Serve down and the Ray it started, and leave no process behind.
 
-Each case starts the real command in a fresh process with its own Ray (as a user would), waits until it
-answers, records every process under it (Ray's GCS, raylet, workers, Serve's controller, proxy and
-replicas), sends the signal, and checks the command exits 0 and every one of those processes is gone.
+Each case starts the real command in a fresh process with its own Ray (as a user would; the two cases
+side by side), waits until it answers, records every process under it (Ray's GCS, raylet, workers, Serve's
+controller, proxy and replicas), sends the signal, and checks the command exits 0 and every one of those processes is gone.
 Both run the one-checkpoint transformers app (it starts in seconds, where the vLLM app takes a minute on 2
 cores): what a signal does (`serve/__main__.py`: raise in the main thread, shut Serve down, then the Ray the
 command started) does not depend on the app, and the vLLM replicas are Ray workers like any other.
@@ -56,24 +56,35 @@ def _wait_ready(proc: subprocess.Popen, url: str, tmp: Path) -> None:
     pytest.fail(f"not ready in {START_TIMEOUT_S} s:\n{(tmp / 'serve.log').read_text()[-3000:]}")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_signal_stops_serve_and_the_ray_it_started(
-    sig: signal.Signals, tmp_path: Path, tiny_checkpoint: Path, free_port
+CASES = {"SIGTERM": signal.SIGTERM, "Ctrl-C": signal.SIGINT}
+
+
+def test_sigterm_and_ctrl_c_stop_serve_and_the_ray_each_started(
+    tmp_path: Path, tiny_checkpoint: Path, free_port
 ) -> None:
-    port = free_port()
-    proc = _serve(["--checkpoint", str(tiny_checkpoint), "--engine", "transformers"], port, tmp_path)
+    """Both commands run side by side (each with its own Ray, port and log), so their minute of start-up
+    overlaps; then one gets SIGTERM and the other Ctrl-C."""
+    runs = {}
     try:
-        _wait_ready(proc, f"http://127.0.0.1:{port}", tmp_path)
-        started = psutil.Process(proc.pid).children(recursive=True)
-        names = {p.name() for p in started}
-        assert any("raylet" in n for n in names) and any("gcs_server" in n for n in names), names
-        proc.send_signal(sig)
-        assert proc.wait(timeout=STOP_TIMEOUT_S) == 0, (tmp_path / "serve.log").read_text()[-3000:]
-        _, alive = psutil.wait_procs(started, timeout=30)
-        assert not alive, [(p.pid, p.name()) for p in alive]
-        assert "shutting down" in (tmp_path / "serve.log").read_text()
-        with pytest.raises(requests.ConnectionError):
-            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        for case in CASES:
+            port, tmp = free_port(), tmp_path / case
+            tmp.mkdir()
+            proc = _serve(["--checkpoint", str(tiny_checkpoint), "--engine", "transformers"], port, tmp)
+            runs[case] = (proc, port, tmp)
+        for proc, port, tmp in runs.values():
+            _wait_ready(proc, f"http://127.0.0.1:{port}", tmp)
+        for case, (proc, port, tmp) in runs.items():
+            started = psutil.Process(proc.pid).children(recursive=True)
+            names = {p.name() for p in started}
+            assert any("raylet" in n for n in names) and any("gcs_server" in n for n in names), (case, names)
+            proc.send_signal(CASES[case])
+            assert proc.wait(timeout=STOP_TIMEOUT_S) == 0, (case, (tmp / "serve.log").read_text()[-3000:])
+            _, alive = psutil.wait_procs(started, timeout=30)
+            assert not alive, (case, [(p.pid, p.name()) for p in alive])
+            assert "shutting down" in (tmp / "serve.log").read_text(), case
+            with pytest.raises(requests.ConnectionError):
+                requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for proc, _, _ in runs.values():
+            if proc.poll() is None:
+                proc.kill()

@@ -4,7 +4,11 @@ by the official `openai` client, Serve's proxy on 127.0.0.1.
 The run is built here the way training writes one: the tiny checkpoint as `models/base`, two LoRA adapters
 (`idk_it`, `cadpo`: `export_model` of a peft policy whose B matrices are random, so each answers
 differently) and one full fine-tuned checkpoint (`sft`), plus a few test items for the demo's examples.
-One module-scoped app serves all of them (two vLLM deployments: the base with its adapters, and `sft`).
+It is then copied to object storage (moto's S3 server, the session's `s3_endpoint`) and served from there,
+as `cluster/rayservice.yaml` serves a run: `run_dir=s3://...` is all the app is told, and its vLLM replicas
+load the base, the adapters and the full checkpoint from their `s3://` locations (a node-local cached
+copy). One module-scoped app serves all of them (two vLLM deployments: the base with its adapters, and
+`sft`). The local copy of the run is what the endpoint-evaluation test writes its tables into.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ["base", "sft", "idk_it", "cadpo"]
+BUCKET = "inbol-llm-test"
 TIMEOUT_S = 120
 MAX_TOKENS = 8
 
@@ -41,8 +46,10 @@ def _randomised(policy, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
-def build_run(root: Path, tiny_checkpoint: Path, cfg: Config) -> Path:
-    """A run directory as training leaves it: base, LoRA adapters and a full checkpoint, plus test items."""
+def build_run(root: Path, tiny_checkpoint: Path, cfg: Config, served_from: str = "") -> Path:
+    """A run directory as training leaves it: base, LoRA adapters and a full checkpoint, plus test items.
+    `served_from`: where the run will be read from (the bucket), which the adapters record as their base's
+    parent, as training records the run's own base URI."""
     import dataclasses
 
     import torch
@@ -58,7 +65,8 @@ def build_run(root: Path, tiny_checkpoint: Path, cfg: Config) -> Path:
         model, processor = load_model(str(base))
         policy = prepare_policy(model, dataclasses.replace(cfg.train, lora=True, train_projector=False))
         _randomised(policy, seed)
-        export_model(policy, processor, str(root / "models" / method), merge=False, base=str(base))
+        recorded = f"{served_from}/models/base" if served_from else str(base)
+        export_model(policy, processor, str(root / "models" / method), merge=False, base=recorded)
     model, processor = load_model(str(base))
     with torch.no_grad():  # a full fine-tune: every LM weight moved a little
         gen = torch.Generator().manual_seed(7)
@@ -72,15 +80,32 @@ def build_run(root: Path, tiny_checkpoint: Path, cfg: Config) -> Path:
     return root
 
 
+def upload(local: Path, uri: str) -> str:
+    """Copy a local run folder to `uri` on the run's filesystem (the bucket)."""
+    import pyarrow.fs as pafs
+
+    from inbol_ray.data import io as dio
+
+    fs, path = dio.resolve(uri)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return uri
+
+
 @pytest.fixture(scope="module")
 def served(
-    ray_local, tiny_checkpoint: Path, tiny_config: Config, tmp_path_factory, free_port
+    ray_local, s3_endpoint: str, tiny_checkpoint: Path, tiny_config: Config, tmp_path_factory, free_port
 ) -> Iterator[dict]:
+    import boto3
     from ray import serve
 
     from serve.llm_app import build_llm_app
 
-    run = build_run(tmp_path_factory.mktemp("llm") / "run", tiny_checkpoint, tiny_config)
+    bucket_run = f"s3://{BUCKET}/runs/llm"
+    run = build_run(
+        tmp_path_factory.mktemp("llm") / "run", tiny_checkpoint, tiny_config, served_from=bucket_run
+    )
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
+    upload(run, bucket_run)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -90,11 +115,11 @@ def served(
             "serve.confidence_k=4",
         ]
         app = build_llm_app({"config": str(ROOT / "configs" / "tiny.yaml"), "overrides": overrides,
-                             "run_dir": str(run), "models": MODELS})  # fmt: skip
+                             "run_dir": bucket_run, "models": MODELS})  # fmt: skip
         start = time.perf_counter()
         serve.run(app, name="inbol-llm", route_prefix="/")
         print(f"\nllm app up in {time.perf_counter() - start:.0f} s")
-        yield {"url": f"http://127.0.0.1:{port}", "run": run}
+        yield {"url": f"http://127.0.0.1:{port}", "run": run, "bucket_run": bucket_run}
     finally:
         serve.shutdown()
 
@@ -126,6 +151,9 @@ def test_every_method_is_listed_and_ready(served: dict, client) -> None:
     assert [m.id for m in listed] == MODELS
     routes = {m.id: m.model_extra["metadata"]["route"] for m in listed}
     assert routes == {"base": "base", "sft": "sft", "idk_it": "base:idk_it", "cadpo": "base:cadpo"}
+    where = {m.id: m.model_extra["metadata"]["checkpoint"] for m in listed}  # served from the bucket
+    assert where["cadpo"] == f"{served['bucket_run']}/models/cadpo/adapter", where
+    assert all(w.startswith(f"{served['bucket_run']}/models/{m}") for m, w in where.items()), where
     ready = requests.get(served["url"] + "/readyz", timeout=TIMEOUT_S)
     assert ready.status_code == 200 and ready.json()["models"] == dict.fromkeys(MODELS, "ready")
 

@@ -228,6 +228,9 @@ def test_train_job_entry_point(ray_local, tmp_path: Path, run_dir: Path, tiny_ch
         "train.merge=false",
         "train.lora=true",
         "train.dpo_init=base",  # this run has no models/idk_it
+        # The job's wiring, in local mode: Ray Train workers train LoRA to an adapter in the S3 pipeline
+        # test, full fine-tuning in test_tiny_default_trains_through_ray_train_workers (each ~20 s to start).
+        "train.num_workers=0",
     ]
     # The job runs only its own stages: vouch for the upstream ones (base model, tables) as a run would.
     from inbol_ray import manifest
