@@ -19,8 +19,8 @@ question per image, so a random picture often holds the asked-about object unmen
 
 Columns: `answerable` training rows of the family; `eligible` (pass the question rules); `built`
 mismatched rows, of them `by proof` (an image whose own item proves the referent absent, e.g. "How many
-red objects?" -> zero); `truly unanswerable` by the scene graph; `precision` = truly unanswerable / built;
-`random image` = the baseline's precision over the family's eligible questions.
+red objects?" -> zero, "Is there a circle?" -> no); `truly unanswerable` by the scene graph; `precision` =
+truly unanswerable / built; `random image` = the baseline's precision over the family's eligible questions.
 """
 
 from __future__ import annotations

@@ -19,11 +19,17 @@ _QUIET = {
     "GRADIO_ANALYTICS_ENABLED": "False",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0"),
+    # Ray Train's controller polls its workers every 2 s by default, and each phase of a training (group
+    # started, each report, done) waits for the next poll: measured here, 0.25 s takes 3-5 s off every
+    # training (a 2-step full fine-tune 22.0 -> 18.6 s, a 2-worker FSDP run 27.3 -> 22.2 s). Workers
+    # inherit it from the process that starts Ray; a cluster keeps its own setting.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
 }
 
 
 def quiet_env() -> None:
-    """Set offline/telemetry variables unless the user already set them (their choice wins)."""
+    """Set offline/telemetry (and Ray Train polling) variables unless the user already set them (their choice
+    wins)."""
     for key, value in _QUIET.items():
         os.environ.setdefault(key, value)
 
