@@ -115,9 +115,9 @@ SMOKE = [
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """One run directory of the embedded default at smoke size, and its overrides: the pipeline test runs
-    every stage in it, the rehearsal test starts from its prepare and base model (whichever runs first
-    makes them, the other finds them up to date)."""
+    """One run directory of the embedded default at smoke size, and its overrides: `smoke_pipeline` runs
+    every stage in it; the rehearsal and seeds tests start from its prepare and base model (whichever runs
+    first makes them, the others find them up to date)."""
     return tmp_path_factory.mktemp("smoke") / "run", list(SMOKE)
 
 

@@ -80,17 +80,6 @@ def build_run(root: Path, tiny_checkpoint: Path, cfg: Config, served_from: str =
     return root
 
 
-def upload(local: Path, uri: str) -> str:
-    """Copy a local run folder to `uri` on the run's filesystem (the bucket)."""
-    import pyarrow.fs as pafs
-
-    from inbol_ray.data import io as dio
-
-    fs, path = dio.resolve(uri)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    return uri
-
-
 @pytest.fixture(scope="module")
 def served(
     ray_local, s3_endpoint: str, tiny_checkpoint: Path, tiny_config: Config, tmp_path_factory, free_port
@@ -98,6 +87,7 @@ def served(
     import boto3
     from ray import serve
 
+    from inbol_ray.checkpoint import upload_dir
     from serve.llm_app import build_llm_app
 
     bucket_run = f"s3://{BUCKET}/runs/llm"
@@ -105,7 +95,7 @@ def served(
         tmp_path_factory.mktemp("llm") / "run", tiny_checkpoint, tiny_config, served_from=bucket_run
     )
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
-    upload(run, bucket_run)
+    upload_dir(str(run), bucket_run)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
