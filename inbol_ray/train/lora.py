@@ -17,9 +17,9 @@ half-precision weights lose every update smaller than their rounding step; the e
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -46,6 +46,8 @@ def load_policy(model_dir: str, model_dtype: str, cfg: TrainConfig) -> nn.Module
     adapter = adapter_dir(model_dir)
     if not (cfg.lora and adapter):
         return prepare_policy(load_for_training(model_dir, dtype), cfg)
+    from peft import PeftModel
+
     base = load_for_training(model_dir, dtype, merge_adapter=False)
     for p in base.parameters():
         p.requires_grad_(False)
@@ -79,6 +81,8 @@ def prepare_policy(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.lora:
+        from peft import LoraConfig, get_peft_model  # here: importing peft costs ~3 s per worker process
+
         lora = LoraConfig(
             r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
@@ -157,7 +161,8 @@ def export_model(
 
     os.makedirs(out_dir, exist_ok=True)
     adapter_dir = None
-    if isinstance(policy, PeftModel):
+    peft = sys.modules.get("peft")  # imported only where LoRA is on (prepare_policy, load_policy)
+    if peft is not None and isinstance(policy, peft.PeftModel):
         adapter_dir = os.path.join(out_dir, ADAPTER_SUBDIR)
         policy.save_pretrained(adapter_dir)
         if base:

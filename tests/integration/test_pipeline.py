@@ -1,8 +1,9 @@
 """The whole pipeline end to end at smoke size, through the job's CLI, on the session's local Ray.
 
-Every stage runs for real (prepare, base model, sample, construct, reference, six trainings, evaluate,
-report) on a few hundred ShapesWorld items with a few training steps each: the checks are the contracts
-between stages and the outputs users read, not accuracy (that is the full embedded run's job). A rerun
+Every stage runs for real (prepare, base model, sample, construct, reference, six trainings with the DPO
+ablation layer `configs/ablation.yaml`, evaluate, report) on a few hundred ShapesWorld items with a few
+training steps each: the checks are the contracts between stages and the outputs users read, not
+accuracy (that is the full embedded run's job). A rerun
 with the same config must skip every stage; a changed eval setting must redo only evaluate and report.
 A second run in a fresh directory, with other actor counts and batch sizes, must give identical samples
 and metrics (DESIGN 1.6): `tests/integration/test_object_storage.py`'s run on S3 is that run. Trainings
@@ -42,7 +43,8 @@ def test_pipeline_end_to_end_and_rerun(
     run_dir, smoke, out = smoke_pipeline
 
     def run(run_dir: Path, extra: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-        argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir), *smoke, *extra]
+        layers = [str(ROOT / "configs" / name) for name in ("tiny.yaml", "ablation.yaml")]
+        argv = ["--config", layers[0], "--config", layers[1], "--run-dir", str(run_dir), *smoke, *extra]
         assert pipeline_job.main(argv) == 0
         return capsys.readouterr().out
 

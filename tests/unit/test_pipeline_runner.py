@@ -9,6 +9,7 @@ import pytest
 from inbol_ray import manifest
 from inbol_ray import pipeline as P
 from inbol_ray.config import load_config
+from inbol_ray.methods import METHODS
 from inbol_ray.run_layout import RunLayout
 
 
@@ -109,6 +110,19 @@ def test_stage_list_follows_the_method_table() -> None:
         "reference",
         "train_dpo1",
     ]
+
+
+def test_the_ablation_layer_adds_three_trainings_to_the_default_run() -> None:
+    """`make ablation` after `make demo`: the same run directory, so every stage the default made must keep
+    its hash (reused), and only dpo1-3 plus evaluate and report are new work."""
+    demo = load_config("configs/tiny.yaml")
+    ablation = load_config(["configs/tiny.yaml", "configs/ablation.yaml"])
+    assert demo.eval.methods == ["base", "refusal_prompt", "sft", "idk_it", "cadpo"]
+    assert ablation.eval.methods == list(METHODS)
+    hd, ha = P.stage_hashes(demo, P.stages(demo)), P.stage_hashes(ablation, P.stages(ablation))
+    assert not any(name.startswith("train_dpo") for name in hd)
+    new_work = {"train_dpo1", "train_dpo2", "train_dpo3", "evaluate", "report"}
+    assert {name for name in ha if ha[name] != hd.get(name)} == new_work
 
 
 def test_construct_settings_do_not_touch_the_sample_stage() -> None:
