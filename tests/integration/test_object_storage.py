@@ -34,6 +34,7 @@ STAGES = [
     "reference",
     "train_cadpo",
     "evaluate",
+    "base_confidence",
     "report",
 ]
 
