@@ -40,8 +40,7 @@ class Context:
 class Stage:
     name: str
     sections: tuple[str, ...]
-    """Config sections (or `section.key` for one field) whose content decides whether an existing output
-    can be reused."""
+    """Config sections whose content decides whether an existing output can be reused."""
     run: Callable[[Context], dict[str, Any]]
     inputs: tuple[str, ...] = ()
     """Stages whose outputs this one reads: their hashes are part of its hash."""
@@ -133,15 +132,11 @@ def _evaluate(ctx: Context) -> dict[str, Any]:
     return {"predictions": result.predictions_uri, "metrics": result.metrics_uri}
 
 
-def _base_confidence(ctx: Context) -> dict[str, Any]:
-    from inbol_ray.eval.base_confidence import compute_base_confidence
-
-    return {"samples": compute_base_confidence(ctx.cfg, ctx.layout, log=ctx.log)}
-
-
 def _report(ctx: Context) -> dict[str, Any]:
+    from inbol_ray.eval.base_confidence import compute_base_confidence
     from inbol_ray.eval.report import write_report
 
+    compute_base_confidence(ctx.cfg, ctx.layout, log=ctx.log)
     report = write_report(ctx.cfg, ctx.layout, log=ctx.log)
     ctx.log(f"  report -> {report}")
     return {"report": report}
@@ -176,15 +171,7 @@ def stages(cfg: Config) -> list[Stage]:
             _evaluate,
             ("prepare", *base, *evaluated),
         ),
-        # Needs only the base model, so with `ray.concurrent_stages` > 1 it runs beside the trainings (the
-        # tiny default: on the core CA-DPO's one worker leaves free) instead of inside the report.
-        Stage(
-            "base_confidence",
-            ("model", "sampling", "grading", "prompt", "eval.datasets"),
-            _base_confidence,
-            ("prepare", *base),
-        ),
-        Stage("report", ("sampling", "grading", "eval"), _report, ("evaluate", "base_confidence")),
+        Stage("report", ("sampling", "grading", "eval"), _report, ("evaluate",)),
     ]
     return out
 
@@ -207,9 +194,6 @@ def _hashed_section(cfg: Config, name: str) -> Any:
     pipeline's `train_sft` output, not one "made with another config"; `construct.window_rows` changes
     memory, not tables. ShapesWorld's items are also a
     function of its generator's version (a changed world must not reuse an old run's items)."""
-    if "." in name:  # one field of a section
-        section_name, key = name.split(".", 1)
-        return getattr(getattr(cfg, section_name), key)
     section = getattr(cfg, name)
     if name == "data" and section.source == "shapes":
         from inbol_ray.data.shapes import VERSION

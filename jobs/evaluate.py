@@ -16,7 +16,7 @@ from inbol_ray.cli import fixed, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("evaluate", __doc__, argv, fixed("evaluate", "base_confidence", "report"))
+    return run_job("evaluate", __doc__, argv, fixed("evaluate", "report"))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ STAGES = [
     "reference",
     "train_cadpo",
     "evaluate",
-    "base_confidence",
     "report",
 ]
 

@@ -48,7 +48,7 @@ def test_pipeline_end_to_end_and_rerun(
         assert pipeline_job.main(argv) == 0
         return capsys.readouterr().out
 
-    assert "[14/14] report: done" in out
+    assert "[13/13] report: done" in out
 
     metrics = dio.read_table(str(run_dir / "metrics.parquet"))
     assert metrics.schema.names[:6] == ["method", "dataset", "n", "acc", "refr", "s_trust"]
@@ -75,7 +75,7 @@ def test_pipeline_end_to_end_and_rerun(
     assert {"In-domain", "Out-of-domain", "Validation (where settings are chosen)"} <= headings
 
     again = run(run_dir, [], capsys)
-    assert again.count("up to date, skipped") == 14, again
+    assert again.count("up to date, skipped") == 13, again
 
     changed = run(run_dir, ["eval.conf_bins=3"], capsys)
     redone = [

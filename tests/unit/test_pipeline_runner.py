@@ -100,7 +100,7 @@ def test_stage_list_follows_the_method_table() -> None:
     names = [s.name for s in P.stages(cfg)]
     assert names == [
         "prepare", "base_model", "sample", "construct", "train_idk_it", "reference", "train_cadpo", "evaluate",
-        "base_confidence", "report",
+        "report",
     ]  # fmt: skip
     by_name = {s.name: s for s in P.stages(cfg)}
     assert by_name["train_cadpo"].inputs == ("reference", "train_idk_it")
