@@ -25,7 +25,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m jobs.pipeline --config configs/tiny.yaml --run-dir $(RUN_DIR)
 
-# The paper's DPO ablation (dpo1-3) added to `make demo`'s run: three more trainings, every other stage reused.
+# The paper's DPO ablation (dpo1-3) added to `make demo`'s run: three more trainings and their evaluation;
+# every other stage, and every other method's answers, reused.
 ablation: $(STAMP)
 	$(PY) -m jobs.pipeline --config configs/tiny.yaml --config configs/ablation.yaml --run-dir $(RUN_DIR)
 

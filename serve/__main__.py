@@ -1,6 +1,6 @@
 """`python -m serve`: a run's models behind one OpenAI-compatible endpoint plus the demo, on 127.0.0.1.
 
-    python -m serve --run-dir runs/tiny                 # base + every trained method (vLLM: ray.serve.llm)
+    python -m serve --config configs/tiny.yaml --run-dir runs/tiny  # base + every trained method (serve.llm)
     python -m serve --checkpoint runs/tiny/models/cadpo  # one checkpoint (transformers or vLLM in a replica)
 
 Only builds and runs (setup -> serve -> cleanup): starts a local Ray (or connects to `ray.address`),

@@ -1,12 +1,12 @@
 """Every method of a run behind one OpenAI-compatible endpoint, on Ray's LLM stack (`ray.serve.llm`, vLLM).
 
-    python -m serve --run-dir runs/tiny                   # base + every trained method, 127.0.0.1:8000
-    serve run serve.llm_app:build_llm_app config=configs/tiny.yaml   # the config's run_dir
+    python -m serve --config configs/tiny.yaml --run-dir runs/tiny  # base + every trained method, port 8000
+    serve run serve.llm_app:build_llm_app config=configs/tiny.yaml  # the config's run_dir
 
-A client picks a model by name (`base`, `sft`, `idk_it`, `dpo1`..`dpo3`, `cadpo`): LoRA adapters share one
-vLLM deployment of the base (Ray routes `base:<method>` to a replica holding that adapter), a full
-fine-tuned checkpoint (the tiny default trains full models) gets a deployment of its own. What the
-request and response look like is Ray's and vLLM's OpenAI protocol; what is ours is in
+A client picks a model by name (`base`, `sft`, `idk_it`, `cadpo`; `dpo1`..`dpo3` with the ablation layer):
+LoRA adapters share one vLLM deployment of the base (Ray routes `base:<method>` to a replica holding that
+adapter), a full fine-tuned checkpoint (the tiny default trains full models) gets a deployment of its own.
+What the request and response look like is Ray's and vLLM's OpenAI protocol; what is ours is in
 `serve/llm_ingress.py` (names, the project's prompt, refusal flags, confidence, errors, /v1/answer, demo)
 and `serve/llm_server.py` (models and adapters read from local or object-storage run dirs).
 
