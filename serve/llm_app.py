@@ -53,6 +53,14 @@ def served_models(layout: RunLayout, names: Sequence[str]) -> tuple[list[ServedM
     Adapters must be on the run's base (one deployment holds them all); a missing checkpoint fails here,
     at build time, naming the method and where it was looked for.
     """
+    if not layout.build_tiny and dio.exists(layout.manifest("base_model")):
+        # Served with the code defaults (no --config), a tiny run's `base` would be `model.path`: its
+        # *untrained* init. The run's manifests say which base its methods were trained from.
+        raise ValueError(
+            f"{layout.root} trained its own base model ({layout.model('base')}), but the config says "
+            f"model.build_tiny false, so 'base' would be {layout.model_path or 'model.path'}: pass the run's "
+            "config (e.g. --config configs/tiny.yaml)"
+        )
     base_dir = layout.base_model
     deployments = {BASE: base_dir}
     served = [ServedModel(BASE, BASE, BASE, base_dir)]

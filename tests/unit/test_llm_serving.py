@@ -69,6 +69,21 @@ def test_a_run_serves_adapters_on_its_base_and_full_models_apart(tmp_path: Path)
         served_models(RunLayout(str(tmp_path), build_tiny=True), ["dpo2"])
 
 
+def test_a_tiny_run_served_without_its_config_is_refused(tmp_path: Path) -> None:
+    """Without the run's config `base` resolves to `model.path`: for a run that trained its own base, the
+    untrained init. The run's base_model manifest gives it away."""
+    _model(tmp_path / "models" / "base")
+    untrained = RunLayout(str(tmp_path), model_path=str(tmp_path / "model" / "init"), build_tiny=False)
+    assert served_models(untrained, ["base"])[1] == {"base": str(tmp_path / "model" / "init")}  # no manifest
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests" / "base_model.json").write_text("{}")
+    with pytest.raises(ValueError, match="trained its own base model .* pass the run's config"):
+        served_models(untrained, ["base"])
+    assert served_models(RunLayout(str(tmp_path), build_tiny=True), ["base"])[1] == {
+        "base": str(tmp_path / "models" / "base")
+    }
+
+
 def test_cpu_replicas_shrink_to_fit_the_cluster(cfg) -> None:
     assert cpu_share(cfg, deployments=1, cluster_cpus=16) == cfg.sampling.cpus_per_actor
     assert cpu_share(cfg, deployments=2, cluster_cpus=2) == 0.5  # max_replicas 2 each
