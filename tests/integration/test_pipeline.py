@@ -2,9 +2,9 @@
 
 Every stage runs for real (prepare, base model, sample, construct, reference, six trainings with the DPO
 ablation layer `configs/ablation.yaml`, evaluate, report) on a few hundred ShapesWorld items with a few
-training steps each: the checks are the contracts between stages and the outputs users read, not
-accuracy (that is the full embedded run's job). A rerun
-with the same config must skip every stage; a changed eval setting must redo only evaluate and report.
+training steps each: the checks are the contracts between stages and the outputs users read, not accuracy
+(that is the full embedded run's job). A rerun with the same config must skip every stage; a changed eval
+setting must redo only evaluate and report.
 A second run in a fresh directory, with other actor counts and batch sizes, must give identical samples
 and metrics (DESIGN 1.6): `tests/integration/test_object_storage.py`'s run on S3 is that run. Trainings
 run in Ray Train's local mode here to keep CI short (each Ray Train worker group costs ~40 s to start on 2
