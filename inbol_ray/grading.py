@@ -122,6 +122,20 @@ def normalize_answer(text: str) -> str:
     return process_digit_article(process_punctuation(text))
 
 
+def answer_key(text: str) -> str:
+    """The form two answers are compared in outside VQA soft accuracy: `normalize_answer`, except that an
+    answer the article rule would erase keeps its lower-cased, punctuation-processed text.
+
+    The official rules turn "A" (a multiple-choice letter) and "the" into "", so everything keyed on
+    normalised text (construct's votes, exact match, agreement) dropped them: every gold-"A" item lost its
+    answer. VQA soft accuracy keeps the official form, where "" == "" is what the official script scores.
+    """
+    key = normalize_answer(text)
+    if key:
+        return key
+    return " ".join(process_punctuation(text.replace("\n", " ").replace("\t", " ")).lower().split())
+
+
 def vqa_accuracy(response: str, answers: Sequence[str]) -> float:
     """Official VQA accuracy of one response against the annotators' answers (duplicates kept).
 
@@ -210,7 +224,7 @@ def choice_index(response: str, choices: Sequence[str] | None) -> int | None:
     return None
 
 
-def _gold_indices(answers: Sequence[str], choices: Sequence[str] | None) -> set[int]:
+def gold_indices(answers: Sequence[str], choices: Sequence[str] | None) -> set[int]:
     """Gold answers are letters ("B") or, in some loaders, the option text itself."""
     gold = set()
     for answer in answers:
@@ -225,20 +239,27 @@ def _gold_indices(answers: Sequence[str], choices: Sequence[str] | None) -> set[
 
 
 def is_refusal_response(
-    response: str, choices: Sequence[str] | None = None, *, question: str | None = None
+    response: str,
+    choices: Sequence[str] | None = None,
+    *,
+    refusal_option: bool,
+    question: str | None = None,
 ) -> bool:
-    """A refusal in free text, or - in multiple choice - picking an option that is itself a refusal.
+    """A refusal in free text, or - where the set offers one - picking an option that is itself a refusal.
 
-    BeyondVisQA offers "Sorry, I can't help with it" as an option: answering "E" then refuses even though
-    the letter alone looks like an answer. `question`, when known, lets the detector read an absence as the
-    answer to a counting question ("there are no dogs" = 0) rather than as a refusal.
+    `refusal_option`: the item's options include a refusal *because the item is unanswerable by
+    construction* (BeyondVisQA offers "Sorry, I can't help with it"; callers pass `not answerable`).
+    Answering "E" then refuses even though the letter alone looks like an answer. Elsewhere a
+    refusal-like option is an ordinary answer: MMBench, ScienceQA and MMMU have items whose correct
+    option is "Cannot be determined" or "Not enough information", and picking it (by letter or by its
+    text) is graded like any other option, +1 when right. `question`, when known, lets the detector read
+    an absence as the answer to a counting question ("there are no dogs" = 0) rather than as a refusal.
     """
-    if is_refusal(response, question=question):
-        return True
-    if not choices:
-        return False
-    index = choice_index(response, choices)
-    return index is not None and is_refusal(choices[index], question=question)
+    index = choice_index(response, choices) if choices else None
+    picks_refusal_option = index is not None and is_refusal(choices[index], question=question)
+    if picks_refusal_option:
+        return refusal_option
+    return is_refusal(response, question=question)
 
 
 # --- metrics ----------------------------------------------------------------------------------------
@@ -253,15 +274,15 @@ def _grade_vqa_soft(
 def _grade_exact(
     response: str, answers: Sequence[str], choices: Sequence[str] | None, correct_at: float
 ) -> bool:
-    target = normalize_answer(response)
-    return bool(target) and any(normalize_answer(answer) == target for answer in answers)
+    target = answer_key(response)
+    return bool(target) and any(answer_key(answer) == target for answer in answers)
 
 
 def _grade_mc_letter(
     response: str, answers: Sequence[str], choices: Sequence[str] | None, correct_at: float
 ) -> bool:
     index = choice_index(response, choices)
-    return index is not None and index in _gold_indices(answers, choices)
+    return index is not None and index in gold_indices(answers, choices)
 
 
 GRADERS: dict[str, Callable[[str, Sequence[str], Sequence[str] | None, float], bool]] = {
@@ -282,12 +303,14 @@ def grade(
 ) -> bool:
     """Whether a response is correct under the item's metric; refusals are never correct.
 
+    Only answerable items are graded, so a refusal-like option is an answer here (`is_refusal_response`).
+
     `correct_at` is the vqa_soft threshold (config `grading.vqa_correct_at`); other metrics ignore it.
     `question` is the item's question, passed to the refusal detector (see `is_refusal_response`).
     """
     grader = GRADERS.get(metric)
     if grader is None:
         raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(GRADERS)}")
-    if is_refusal_response(response, choices, question=question):
+    if is_refusal_response(response, choices, refusal_option=False, question=question):
         return False
     return grader(response, answers, choices, correct_at)

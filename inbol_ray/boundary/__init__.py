@@ -98,7 +98,9 @@ def grade_samples_batch(batch: pd.DataFrame | pa.Table, grading_cfg: Any) -> pd.
         answers_l = [str(a) for a in as_list(answers)]
         choices_l = [str(c) for c in as_list(choices)] or None
         q = question if isinstance(question, str) and question else None
-        refused = [is_refusal_response(r, choices_l, question=q) for r in responses_l]
+        refused = [
+            is_refusal_response(r, choices_l, refusal_option=not answerable, question=q) for r in responses_l
+        ]
         if answerable:
             correct = [
                 grade(r, answers_l, metric, choices_l, correct_at=correct_at, question=q) for r in responses_l

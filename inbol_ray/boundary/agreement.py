@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from inbol_ray.grading import normalize_answer
+from inbol_ray.grading import answer_key
 from inbol_ray.refusal import is_refusal
 
 
@@ -24,5 +24,5 @@ def answer_agreement(greedy: str, samples: Sequence[str]) -> float:
         return 0.0
     if is_refusal(greedy):
         return sum(is_refusal(s) for s in samples) / len(samples)
-    target = normalize_answer(greedy)
-    return sum(not is_refusal(s) and normalize_answer(s) == target for s in samples) / len(samples)
+    target = answer_key(greedy)
+    return sum(not is_refusal(s) and answer_key(s) == target for s in samples) / len(samples)

@@ -12,6 +12,9 @@ Response choices (DESIGN.md 1.2):
   kept); for unanswerable items the most frequent non-refusal sample, i.e. the model's hallucination.
   Fallback (counted) for multiple choice only: a wrong, non-refusal option picked by a stable hash of
   (seed, id); otherwise the row is quarantined with "no incorrect response".
+- multiple choice (the item has options): every vote is on the option a text picks (`choice_index`: a
+  letter, "(B)", the option's text), never on normalised text, and the response is that option's letter.
+  Normalised text lost the letter "A" to the VQA article rule, so every gold-"A" item had no answer.
 - refusal: a REFUSAL_TEMPLATES entry (config construct.refusal_template; -1 rotates by item id).
 """
 
@@ -28,7 +31,7 @@ import pyarrow as pa
 
 from inbol_ray import schema
 from inbol_ray.boundary import KNOWN, MIXED, UNKNOWN, as_frame, as_list, bucket_of
-from inbol_ray.grading import choice_index, is_refusal, normalize_answer
+from inbol_ray.grading import answer_key, choice_index, is_refusal
 from inbol_ray.refusal import refusal_target
 
 Row = Mapping[str, Any]
@@ -81,13 +84,27 @@ def most_frequent(texts: Sequence[str]) -> str | None:
     """
     groups: dict[str, Counter[str]] = {}
     for text in texts:
-        key = normalize_answer(text)
+        key = answer_key(text)
         if key:
             groups.setdefault(key, Counter())[text.strip()] += 1
     if not groups:
         return None
     best = max(groups.values(), key=lambda spellings: sum(spellings.values()))  # max keeps the first on ties
     return best.most_common(1)[0][0]
+
+
+def most_frequent_option(texts: Sequence[str], choices: Sequence[str]) -> int | None:
+    """The option most texts pick (ties: first seen); texts that pick no option do not vote."""
+    votes: Counter[int] = Counter()
+    for text in texts:
+        index = choice_index(text, choices)
+        if index is not None:
+            votes[index] += 1
+    return votes.most_common(1)[0][0] if votes else None  # most_common keeps first-seen order on ties
+
+
+def _choices(row: Row) -> list[str]:
+    return [str(c) for c in as_list(row.get(schema.CHOICES))]
 
 
 def _stable_pick(seed: int, item_id: str, n: int) -> int:
@@ -97,7 +114,7 @@ def _stable_pick(seed: int, item_id: str, n: int) -> int:
 
 def _wrong_option(row: Row, seed: int) -> str | None:
     """A wrong, non-refusal option letter: the documented multiple-choice fallback for `incorrect`."""
-    choices = [str(c) for c in as_list(row.get(schema.CHOICES))]
+    choices = _choices(row)
     if not choices:
         return None
     gold = (
@@ -112,11 +129,23 @@ def _wrong_option(row: Row, seed: int) -> str | None:
 
 
 def _correct_response(row: Row, counts: Counter[str]) -> str | None:
-    gold = most_frequent([str(a) for a in as_list(row.get(schema.ANSWERS))])
-    if gold is not None:
-        return gold
+    choices = _choices(row)
+    answers = [str(a) for a in as_list(row.get(schema.ANSWERS))]
+    if choices:
+        index = most_frequent_option(answers, choices)
+        if index is not None:
+            return _LETTERS[index]
+    else:
+        gold = most_frequent(answers)
+        if gold is not None:
+            return gold
     responses, correct = as_list(row.get(schema.RESPONSES)), as_list(row.get(schema.CORRECT))
-    sample = most_frequent([str(r) for r, c in zip(responses, correct, strict=False) if c])
+    right = [str(r) for r, c in zip(responses, correct, strict=False) if c]
+    if choices:
+        index = most_frequent_option(right, choices)
+        sample = None if index is None else _LETTERS[index]
+    else:
+        sample = most_frequent(right)
     if sample is not None:
         counts["fallback_correct_from_sample"] += 1
     return sample
@@ -130,7 +159,12 @@ def _incorrect_response(row: Row, seed: int, counts: Counter[str]) -> str | None
     wrong = [
         r for r, ref, c in zip(responses, refused, correct, strict=True) if not ref and not (answerable and c)
     ]
-    sample = most_frequent(wrong)
+    choices = _choices(row)
+    if choices:
+        index = most_frequent_option(wrong, choices)
+        sample = None if index is None else _LETTERS[index]
+    else:
+        sample = most_frequent(wrong)
     if sample is not None:
         return sample
     option = _wrong_option(row, seed)
@@ -251,7 +285,7 @@ def build_cadpo_pairs(rows: pd.DataFrame | pa.Table, cfg: Any, *, prompt_fn: Pro
         if (
             correct is not None
             and incorrect is not None
-            and normalize_answer(correct) == normalize_answer(incorrect)
+            and answer_key(correct) == answer_key(incorrect)
         ):
             out.drop(row, SAME_RESPONSE)
             continue

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from inbol_ray.grading import normalize_answer
+from inbol_ray.grading import answer_key
 from inbol_ray.schema import ANSWERABLE, ANSWERS, CHOICES, METRIC, QUESTION
 
 _DETERMINERS = {"the", "this", "that", "these", "those", "his", "her", "their", "its"}
@@ -106,7 +106,7 @@ def referent_terms(question: str) -> frozenset[str]:
 
 
 def normalised(answers: Iterable[str]) -> list[str]:
-    return [normalize_answer(str(a)).lower() for a in answers]
+    return [answer_key(str(a)) for a in answers]
 
 
 def absence_proof(row: Mapping[str, Any]) -> frozenset[str]:

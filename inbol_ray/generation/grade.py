@@ -23,9 +23,10 @@ def grade_predictions(batch: pd.DataFrame | pa.Table, method: str, correct_at: f
     """Greedy responses graded against their items: one `predictions` row per item (schema.PREDICTIONS).
 
     Needs columns id, dataset, responses (one each), answers, choices, metric, answerable; question is
-    optional, and so is the rendered prompt (copied into the `prompt` column). Unanswerable items are never correct; a refusal is detected with `is_refusal_response`, so
-    picking a multiple-choice option that is itself a refusal (BeyondVisQA) counts as refusing, and with
-    the question "there are no dogs" answers "how many dogs?" (0) instead of refusing.
+    optional, and so is the rendered prompt (copied into the `prompt` column). Unanswerable items are never
+    correct; a refusal is detected with `is_refusal_response`, so picking a multiple-choice option that is
+    itself a refusal counts as refusing on unanswerable items (BeyondVisQA) and as an answer on answerable
+    ones, and with the question "there are no dogs" answers "how many dogs?" (0) instead of refusing.
     """
     frame = as_frame(batch)
     rows: dict[str, list] = {name: [] for name in S.PREDICTIONS.names}
@@ -46,7 +47,9 @@ def grade_predictions(batch: pd.DataFrame | pa.Table, method: str, correct_at: f
             answerable
             and grade(response, answers, item[S.METRIC], choices, correct_at=correct_at, question=question)
         )
-        rows[S.REFUSED].append(is_refusal_response(response, choices, question=question))
+        rows[S.REFUSED].append(
+            is_refusal_response(response, choices, refusal_option=not answerable, question=question)
+        )
     return pd.DataFrame(rows, columns=S.PREDICTIONS.names)
 
 

@@ -156,7 +156,9 @@ def test_predictions_are_graded_with_each_items_metric(evaluated: Path) -> None:
     joined = pred.merge(items_of(evaluated), on=[S.DATASET, S.ID])
     for r in joined.itertuples(index=False):
         choices = list(r.choices) if r.choices is not None else None
-        assert r.refused == is_refusal_response(r.response, choices, question=r.question)
+        assert r.refused == is_refusal_response(
+            r.response, choices, refusal_option=not r.answerable, question=r.question
+        )
         assert r.correct == (
             r.answerable and grade(r.response, list(r.answers), r.metric, choices, question=r.question)
         )

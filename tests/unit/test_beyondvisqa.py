@@ -134,7 +134,7 @@ def test_plausible_options_are_not_refusals() -> None:
         for i, option in enumerate(options):
             if option != SORRY:
                 assert not is_refusal(option, question=question), option
-                assert not is_refusal_response(LETTERS[i], options, question=question), (question, option)
+                assert not is_refusal_response(LETTERS[i], options, refusal_option=True, question=question), (question, option)
 
 
 # --- what the exporter writes ------------------------------------------------------------------------
@@ -157,6 +157,6 @@ def test_every_refusal_option_the_exporter_writes_is_detected() -> None:
             assert [o for o in options if o not in vocab] == [REFUSAL_OPTION], options
             assert [o for o in options if is_refusal(o)] == [REFUSAL_OPTION], options
             at = options.index(REFUSAL_OPTION)
-            assert is_refusal_response(LETTERS[at], options)
+            assert is_refusal_response(LETTERS[at], options, refusal_option=True)
             places.add(at)
         assert places == set(range(min(4, len(vocab)) + 1)), (family, places)

@@ -117,9 +117,9 @@ def test_round_trip_through_the_prepare_entry_point(exported, tmp_path) -> None:
             elif name == "beyondvisqa":  # one refusal option, at any letter; picking it is refusing
                 (at,) = [i for i, c in enumerate(choices) if is_refusal(c)]
                 assert answers == [] and choices[at] == REFUSAL_OPTION and len(set(choices)) == len(choices)
-                assert is_refusal_response(LETTERS[at], choices, question=question), where
+                assert is_refusal_response(LETTERS[at], choices, refusal_option=True, question=question), where
                 others = [LETTERS[i] for i in range(len(choices)) if i != at]
-                assert not any(is_refusal_response(letter, choices, question=question) for letter in others)
+                assert not any(is_refusal_response(letter, choices, refusal_option=True, question=question) for letter in others)
                 refusal_letters.add(LETTERS[at])
             else:
                 assert answers == [] and choices is None, where

@@ -226,12 +226,22 @@ def test_mc_gold_may_be_option_text_and_letters_beyond_options_never_count() -> 
     assert choice_index("either cat or dog", ["cat", "dog"]) is None  # equally long: no choice
 
 
-def test_picking_a_refusal_option_is_a_refusal_and_never_correct() -> None:
+def test_picking_a_refusal_option_is_a_refusal_where_the_set_offers_one() -> None:
     choices = ["a cat", "a dog", "a bird", "a fish", "Sorry, I can't help with it"]
-    assert is_refusal_response("E", choices)
-    assert is_refusal_response("Sorry, I can't help with it", choices)
-    assert not is_refusal_response("B", choices)
-    assert not grade("E", ["E"], "mc_letter", choices)
+    assert is_refusal_response("E", choices, refusal_option=True)
+    assert is_refusal_response("Sorry, I can't help with it", choices, refusal_option=True)
+    assert not is_refusal_response("B", choices, refusal_option=True)
+
+
+@pytest.mark.parametrize("option", ["Cannot be determined", "Not enough information", "Sorry, I can't help with it"])
+def test_a_refusal_like_option_is_an_answer_on_answerable_sets(option: str) -> None:
+    """MMBench / ScienceQA / MMMU items whose correct option reads like a refusal score +1 when picked."""
+    choices = ["3", "4", option]
+    for response in ("C", "(C)", option):
+        assert not is_refusal_response(response, choices, refusal_option=False), response
+        assert grade(response, ["C"], "mc_letter", choices), response
+    assert not grade("C", ["A"], "mc_letter", choices)  # and -1 when wrong, not a refusal
+    assert is_refusal_response("I don't know.", choices, refusal_option=False)  # free text still refuses
 
 
 COUNT_CHOICES = ["3", "There are no dogs in the image", "5"]
@@ -239,13 +249,14 @@ COUNT_CHOICES = ["3", "There are no dogs in the image", "5"]
 
 def test_the_question_reaches_the_refusal_detector() -> None:
     absent, counting = "There are no dogs in the image.", "How many dogs are there?"
-    assert is_refusal_response(absent)
-    assert is_refusal_response(absent, question="What color is the dog?")
-    assert not is_refusal_response(absent, question=counting)
+    assert is_refusal_response(absent, refusal_option=False)
+    assert is_refusal_response(absent, refusal_option=False, question="What color is the dog?")
+    assert not is_refusal_response(absent, refusal_option=False, question=counting)
     # the option picked is read against the question too
-    assert is_refusal_response("B", COUNT_CHOICES)
-    assert not is_refusal_response("B", COUNT_CHOICES, question=counting)
-    assert not grade("B", ["B"], "mc_letter", COUNT_CHOICES)
+    assert is_refusal_response("B", COUNT_CHOICES, refusal_option=True)
+    assert not is_refusal_response("B", COUNT_CHOICES, refusal_option=True, question=counting)
+    # on an answerable item the option is an answer either way
+    assert grade("B", ["B"], "mc_letter", COUNT_CHOICES)
     assert grade("B", ["B"], "mc_letter", COUNT_CHOICES, question=counting)
 
 

@@ -48,9 +48,10 @@ def test_bad_instructions_and_moved_keys_fail_with_one_line() -> None:
 
 
 def test_mc_targets_and_grading_use_letters() -> None:
-    """The model is shown letters, so a letter is graded (and a refusal option counts as a refusal)."""
+    """The model is shown letters, so a letter is graded (and a refusal option counts as a refusal where the set offers one)."""
     choices = ["circle", "square", "Sorry, I can't help with it"]
     assert "C. Sorry, I can't help with it" in render_prompt("Which shape?", choices)
     assert grade("B", ["B"], "mc_letter", choices)
     assert not grade("A", ["B"], "mc_letter", choices)
-    assert is_refusal_response("C", choices) and not is_refusal_response("B", choices)
+    assert is_refusal_response("C", choices, refusal_option=True)
+    assert not is_refusal_response("B", choices, refusal_option=True)

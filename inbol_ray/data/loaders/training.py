@@ -196,7 +196,7 @@ def parse_oven(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     answers = [entity_text] (the Wikipedia title), category = data_split (e.g. val_entity_seen).
 
     How it is graded: metric `exact` - the response and `entity_text` both go through VQA answer
-    normalisation (`grading.normalize_answer`: lower case, punctuation, articles, number words to digits,
+    normalisation (`grading.answer_key`: lower case, punctuation, articles, number words to digits,
     contractions) and must then be equal. Why: InBoL trains on OVEN and never reports it, so what matters is
     a right/wrong call per sample for conf = #correct / K; one gold name has no annotator agreement to
     soften (vqa_soft would cap a single answer at 1/3).
