@@ -282,11 +282,7 @@ def build_cadpo_pairs(rows: pd.DataFrame | pa.Table, cfg: Any, *, prompt_fn: Pro
             if incorrect is None:
                 out.drop(row, NO_INCORRECT)
                 continue
-        if (
-            correct is not None
-            and incorrect is not None
-            and answer_key(correct) == answer_key(incorrect)
-        ):
+        if correct is not None and incorrect is not None and answer_key(correct) == answer_key(incorrect):
             out.drop(row, SAME_RESPONSE)
             continue
         out.counts[f"bucket_{bucket}"] += 1

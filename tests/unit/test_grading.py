@@ -233,7 +233,9 @@ def test_picking_a_refusal_option_is_a_refusal_where_the_set_offers_one() -> Non
     assert not is_refusal_response("B", choices, refusal_option=True)
 
 
-@pytest.mark.parametrize("option", ["Cannot be determined", "Not enough information", "Sorry, I can't help with it"])
+@pytest.mark.parametrize(
+    "option", ["Cannot be determined", "Not enough information", "Sorry, I can't help with it"]
+)
 def test_a_refusal_like_option_is_an_answer_on_answerable_sets(option: str) -> None:
     """MMBench / ScienceQA / MMMU items whose correct option reads like a refusal score +1 when picked."""
     choices = ["3", "4", option]

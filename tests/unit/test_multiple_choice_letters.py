@@ -45,7 +45,9 @@ def _graded(items: list[dict]) -> pd.DataFrame:
     """Items joined with their graded samples, as construct receives them."""
     frame = pd.DataFrame(items)
     samples = grade_samples_batch(frame, GradingConfig())
-    cols = [c for c in samples.columns if c not in (schema.ID, schema.RESPONSES, schema.PROMPT, schema.DATASET)]
+    cols = [
+        c for c in samples.columns if c not in (schema.ID, schema.RESPONSES, schema.PROMPT, schema.DATASET)
+    ]
     return frame.join(samples.set_index(schema.ID)[cols], on=schema.ID)
 
 
