@@ -35,6 +35,12 @@ class ModelConfig:
     """Tiny model: BPE vocabulary size trained on ShapesWorld text."""
     dtype: Dtype = "float32"
     """Weights dtype for inference and training."""
+    image_aspect: Literal["pad", "crop"] = "crop"
+    """How a non-square image becomes the vision tower's square input. `pad`: centred on a square of the
+    processor's mean colour, then resized (LLaVA-1.5's `image_aspect_ratio pad` and its `expand2square`,
+    how it was trained and evaluated: nothing at the edges is lost); `crop`: the processor as shipped
+    (short side resized, then centre-cropped: a 640x480 photo loses a quarter of its width). Applied in
+    one place (`inbol_ray.data.images.to_model_image`) before every processor call and for vLLM."""
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -113,7 +119,16 @@ class DatasetSpec:
     """Which role the data set plays: InBoL training items, the validation set settings are chosen on, or
     one of the test splits."""
     limit: int = 0
-    """Read at most this many rows (0 = all)."""
+    """Read the first this many rows of the file (0 = all): a *head*, for a quick look or a file already in
+    random order. For a representative subset use `sample_rows`."""
+    sample_rows: int = 0
+    """Keep a seeded random subset of this many rows (0 = all), chosen while streaming with bounded memory
+    (a hash of (data.sample_seed, row id) ranks each row; the lowest `sample_rows` are kept), so the
+    subset is the same on every run and machine and unbiased by the file's order. Applied after `limit`."""
+    instances: str = ""
+    """COCO instance annotations (`instances_<split>.json`) of this data set's images, optional: with it
+    prepare's mismatch recipe only puts a question on an image whose annotations prove the referent's
+    COCO category absent (relative: under `data.root`)."""
     text_only: bool = False
     """Keep questions that have no image as text-only items (ScienceQA's text problems, MMMU's image-less
     questions, `items` rows without an image) instead of quarantining them as skipped. Off by default: the
@@ -124,6 +139,8 @@ class DatasetSpec:
             raise ConfigError("data.datasets: every data set needs a name")
         if not self.path:
             raise ConfigError(f"data.datasets[{self.name}]: path is empty")
+        if self.limit < 0 or self.sample_rows < 0:
+            raise ConfigError(f"data.datasets[{self.name}]: limit and sample_rows must be >= 0")
         if self.text_only and self.split == "train":
             raise ConfigError(
                 f"data.datasets[{self.name}]: text_only is for evaluation splits (training items need an image)"
@@ -167,11 +184,18 @@ class DataConfig:
     most this share of images mention it: absence of a mention proves little for common things."""
     mismatch_max_image_uses: int = 2
     """How many mismatched rows may share one image, so no picture becomes a cue to refuse."""
+    mismatch_min_fill: float = 0.5
+    """Prepare fails when the recipe builds fewer than this share of its target row count (a shortfall
+    that large changes the training mix the config asked for); a smaller shortfall is counted and
+    printed in the report."""
+    sample_seed: int = 0
+    """Seed of every data set's `sample_rows` subset."""
 
     def __post_init__(self) -> None:
         if self.root:
             for spec in self.datasets:
                 spec.path, spec.images = under_root(self.root, spec.path), under_root(self.root, spec.images)
+                spec.instances = under_root(self.root, spec.instances)
         if self.source == "files" and not self.datasets:
             raise ConfigError("data.datasets is empty but data.source is 'files'")
         names = [d.name for d in self.datasets]
@@ -189,6 +213,7 @@ class DataConfig:
             )
         in_range("data.mismatch_max_referent_share", self.mismatch_max_referent_share, 0.0, 1.0)
         at_least("data.mismatch_max_image_uses", self.mismatch_max_image_uses, 1)
+        in_range("data.mismatch_min_fill", self.mismatch_min_fill, 0.0, 1.0)
         reserved = [n for n in names if n == "mismatch" or n.endswith("_mismatch")]
         if reserved and self.unanswerable_per_answerable:
             raise ConfigError(

@@ -165,6 +165,9 @@ class TrainConfig:
     """LoRA: also save a merged full copy of the model next to the adapter. Off, a LoRA run stores one base
     and an adapter per method (MBs, not a 7B model's ~14 GB per method), and evaluation, Serve and the DPO
     stages load base + adapter (vLLM through a LoRARequest). Full fine-tuning always writes a full model."""
+    weight_decay: float = 0.01
+    """AdamW weight decay of every training (torch's AdamW default). LLaVA-1.5's LoRA recipe
+    (scripts/v1_5/finetune_lora.sh) uses 0, which the LLaVA configs set."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping; the norm is logged either way)."""
     cpus_per_worker: float = 1.0
@@ -248,6 +251,9 @@ class PromptConfig:
     """Ends every multiple-choice question, after its options (one per line as `A. <option>`)."""
     refusal_clause: str = "If you are not sure, answer: I don't know."
     """The `refusal_prompt` baseline's only change: this clause after the instruction."""
+    system: str = ""
+    """A system line before the conversation ("" = none). LLaVA-1.5's evaluation scripts use the vicuna_v1
+    conversation, whose system line the LLaVA configs set (llava/conversation.py, `conv_vicuna_v1`)."""
 
     def __post_init__(self) -> None:
         for name in ("short_answer", "multiple_choice", "refusal_clause"):

@@ -81,6 +81,8 @@ class Sources:
     mismatch: dict[str, int] = field(default_factory=dict)
     """Counts of the mismatched rows (`MismatchResult.counts`: wanted, built, short, why); empty when none
     were asked for."""
+    not_sampled: dict[str, int] = field(default_factory=dict)
+    """Usable rows left out of a data set's `sample_rows` subset, per data set (counted in `read`)."""
 
     @property
     def items_parts(self) -> str:
@@ -114,13 +116,18 @@ class PrepareResult:
     items_uri: str
     quarantine_uri: str
     counts: dict[str, dict[str, int]]
-    """Per data set: `read` (input rows), `items` (written), `quarantined`. Mismatched rows are data sets
+    """Per data set: `read` (input rows), `items` (written), `quarantined`, and `not_sampled` (usable rows
+    left out of its `sample_rows` subset) where it has one. Mismatched rows are data sets
     `<name>_mismatch`: their `read` is what was built, so the check read = items + quarantined covers them."""
     mismatch: dict[str, int] = field(default_factory=dict)
     """`Sources.mismatch`: how many mismatched rows were wanted and built, and why any were not."""
 
     def summary_line(self) -> str:
-        parts = [f"{name} {c['items']}/{c['read']}" for name, c in sorted(self.counts.items())]
+        parts = [
+            f"{name} {c['items']}/{c['read']}"
+            + (f" ({c['not_sampled']} not sampled)" if c.get("not_sampled") else "")
+            for name, c in sorted(self.counts.items())
+        ]
         total = sum(c["items"] for c in self.counts.values())
         bad = sum(c["quarantined"] for c in self.counts.values())
         line = f"prepare: items {total}, quarantined {bad} | " + ", ".join(parts) + " (items/read)"
@@ -255,14 +262,19 @@ def read_sources(cfg: Config, staging: str | None = None, chunk_rows: int = CHUN
     root = staging or staging_root(RunLayout.of(cfg))
     dio.remove(root)
     stager = _Stager(root)
+    not_sampled: Counter[str] = Counter()
     if cfg.data.source == "shapes":
         stager.items(shapes_items(cfg))
     else:
         for spec in cfg.data.datasets:
-            load_streaming(spec, stager.items, stager.bad, chunk_rows)
+            dropped = load_streaming(
+                spec, stager.items, stager.bad, chunk_rows, sample_seed=cfg.data.sample_seed
+            )
+            stager.read.update(dropped)
+            not_sampled.update(dropped)
     repeated = _repeated_ids(stager)
     mismatch = _mismatches(cfg, stager, repeated) if cfg.data.unanswerable_per_answerable else {}
-    return Sources(root, dict(stager.read), repeated, mismatch)
+    return Sources(root, dict(stager.read), repeated, mismatch, dict(not_sampled))
 
 
 # --- the Ray Data stage ---------------------------------------------------------------------------------
@@ -342,7 +354,7 @@ def run_prepare(
         dio.write_table(ITEMS.empty_table(), dio.join(items_uri, "empty.parquet"))
     quarantine_uri = layout.quarantine(STAGE_NAME)
     quarantined = _write_quarantine(rejected, quarantine_uri)
-    counts = _counts(sources.read, quarantined, _dataset_counts(items_uri))
+    counts = _counts(sources.read, quarantined, _dataset_counts(items_uri), sources.not_sampled)
     dio.remove(sources.root)  # the staged text repeats the items: keep no second copy
     if dio.exists(parent := dio.parent(sources.root)) and not dio.list_files(parent):
         dio.remove(parent)  # an empty `staging` folder says nothing
@@ -370,11 +382,21 @@ def _write_quarantine(parts: list[str], uri: str) -> Counter[str]:
     return counts
 
 
-def _counts(read: dict[str, int], quarantined: Counter[str], kept: Counter[str]) -> dict[str, dict[str, int]]:
-    """Per-data-set counts, and the no-silent-loss check: read == written + quarantined."""
+def _counts(
+    read: dict[str, int],
+    quarantined: Counter[str],
+    kept: Counter[str],
+    not_sampled: dict[str, int] | None = None,
+) -> dict[str, dict[str, int]]:
+    """Per-data-set counts, and the no-silent-loss check: read == written + quarantined + not sampled."""
     counts = {}
+    skipped = not_sampled or {}
     for name in sorted(set(read) | set(kept) | set(quarantined)):
         counts[name] = {"read": read.get(name, 0), "items": kept[name], "quarantined": quarantined[name]}
-        if counts[name]["read"] != kept[name] + quarantined[name]:
-            raise RuntimeError(f"prepare lost rows of {name}: {counts[name]} (read != items + quarantined)")
+        if skipped.get(name):
+            counts[name]["not_sampled"] = skipped[name]
+        if counts[name]["read"] != kept[name] + quarantined[name] + skipped.get(name, 0):
+            raise RuntimeError(
+                f"prepare lost rows of {name}: {counts[name]} (read != items + quarantined + not_sampled)"
+            )
     return counts

@@ -44,6 +44,7 @@ the file and field; a bad row becomes a quarantine row whose reason names the fi
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable
 
 from inbol_ray.config import DatasetSpec
@@ -58,6 +59,7 @@ from inbol_ray.data.loaders.evaluation import (
     parse_vizwiz,
     vizwiz_answerable_set,
 )
+from inbol_ray.data.loaders.sampling import RowSample
 from inbol_ray.data.loaders.training import parse_oven, parse_scienceqa, parse_vqav2, vqav2_annotations_path
 
 LOADERS: dict[str, Callable[[DatasetSpec, Parsed | None], Parsed]] = {
@@ -135,16 +137,38 @@ def _absolute(spec: DatasetSpec) -> DatasetSpec:
     return dataclasses.replace(spec, path=dio.absolute(spec.path), images=images)
 
 
-def load(spec: DatasetSpec) -> Parsed:
-    """Parse one data set spec with its format's loader (file-level problems raise DataFormatError)."""
-    return LOADERS[spec.format](_absolute(spec), None)
+def load(spec: DatasetSpec, sample_seed: int = 0) -> Parsed:
+    """Parse one data set spec with its format's loader (file-level problems raise DataFormatError); with
+    `spec.sample_rows`, its items are the seeded subset (`loaders.sampling`), in input order."""
+    if not spec.sample_rows:
+        return LOADERS[spec.format](_absolute(spec), None)
+    parsed = Parsed()
+    load_streaming(spec, parsed.items.extend, parsed.quarantine.extend, sample_seed=sample_seed)
+    return parsed
 
 
-def load_streaming(spec: DatasetSpec, on_items: Sink, on_bad: Sink, chunk_rows: int = CHUNK_ROWS) -> int:
+def load_streaming(
+    spec: DatasetSpec,
+    on_items: Sink,
+    on_bad: Sink,
+    chunk_rows: int = CHUNK_ROWS,
+    *,
+    sample_seed: int = 0,
+) -> Counter[str]:
     """`load`, handing rows to `on_items` / `on_bad` in chunks of at most `chunk_rows` instead of returning
-    them; returns the rows read. What the caller holds is one chunk: JSONL formats (OVEN's millions of rows)
-    are read line by line; a JSON document (VQAv2, GQA, ...) is parsed whole by nature, then released."""
-    out = Parsed.streaming(on_items, on_bad, chunk_rows)
+    them. What the caller holds is one chunk: JSONL formats (OVEN's millions of rows) are read line by line;
+    a JSON document (VQAv2, GQA, ...) is parsed whole by nature, then released. With `spec.sample_rows` the
+    items are the seeded subset, handed over at the end (the sample holds `sample_rows` rows at most).
+
+    Returns the usable rows left out of the subset, per data set name (empty without `sample_rows`): the
+    caller counts them, so read = items + quarantined + not sampled still accounts for every row.
+    """
+    sample = RowSample(spec.sample_rows, sample_seed) if spec.sample_rows else None
+    out = Parsed.streaming(sample.add if sample else on_items, on_bad, chunk_rows)
     LOADERS[spec.format](_absolute(spec), out)
     out.flush()
-    return out.n_input
+    if sample is None:
+        return Counter()
+    for chunk in sample.chunks(chunk_rows):
+        on_items(chunk)
+    return sample.dropped
