@@ -65,8 +65,9 @@ def recipe_section(cfg, trained: Sequence[str]) -> list[str]:
         recipe_table(cfg, trained),
         "",
         f"From the run's config: lr is the schedule's peak (`train.lr` for SFT objectives, `train.dpo_lr` for "
-        f"the DPO family when set), batch {train.batch_size} rows per step, max grad norm "
-        f"{train.max_grad_norm:g}, model dtype {cfg.model.dtype}. `base` is the model InBoL starts from; "
+        f"the DPO family when set), batch {train.batch_size} rows per step, AdamW weight decay "
+        f"{train.weight_decay:g}, max grad norm {train.max_grad_norm:g}, model dtype {cfg.model.dtype}, "
+        f"images {cfg.model.image_aspect}. `base` is the model InBoL starts from; "
         "a DPO method's frozen reference is its start model.",
         "",
     ]

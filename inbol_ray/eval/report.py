@@ -30,6 +30,7 @@ import pandas as pd
 from inbol_ray import methods as M
 from inbol_ray import schema as S
 from inbol_ray.data import io as dio
+from inbol_ray.eval.denominators import data_section, with_datasets
 from inbol_ray.eval.figures import (
     ACCURACY_FIGURE,
     GROUP,
@@ -216,8 +217,10 @@ def render_report(
     note: str = "",
     recipe: Sequence[str] = (),
     others: Mapping[str, str] | None = None,
+    data: Sequence[str] = (),
 ) -> str:
     """The Markdown text (pure: no I/O). `splits`: data set -> split; `figures`: relative PNG links;
+    `data`: the denominators section's lines (`denominators.data_section`), after the result tables;
     `recipe`: the training-recipe section's lines (`recipe_section`), placed after the result tables;
     `others`: models that are not methods (name -> where they came from), listed after the methods.
 
@@ -252,6 +255,7 @@ def render_report(
     if other:
         out += ["## Other sets", "", split_table(metrics, other, order, TRUST_COLUMNS, False), ""]
         out += [sets_line(metrics, other), ""]
+    out += list(data)
     out += list(recipe)
     out += ["## Intrinsic boundary", ""]
     if boundary is None or boundary.empty:
@@ -317,6 +321,7 @@ def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) 
         note = f"No base-model confidence table at `{conf_uri}`: figures skipped."
         log(f"report: {note}")
     recipe = recipe_section(cfg, M.training_order(cfg.eval.methods, cfg.train.dpo_init))
+    data = _data_section(layout, keys, splits, metrics)
     text = render_report(
         metrics,
         splits,
@@ -327,10 +332,42 @@ def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) 
         note=note,
         recipe=recipe,
         others=others,
+        data=data,
     )
     uri = dio.write_bytes(layout.report, text.encode())
     log(f"report: {uri}")
     return uri
+
+
+def _data_section(
+    layout: RunLayout, keys: pd.DataFrame, splits: Mapping[str, str], metrics: pd.DataFrame
+) -> list[str]:
+    """The denominators section from the prepare manifest and the prepare and evaluation quarantines."""
+    from inbol_ray.data.mismatch import summary as mismatch_summary
+    from inbol_ray.manifest import read_manifest
+
+    found = read_manifest(layout.manifest("prepare")) or {}
+    counts = found.get("counts") or {}
+    per_set = {name: c for name, c in counts.items() if isinstance(c, dict) and "read" in c}
+    item_sets = dict(zip(keys[S.ID], keys[S.DATASET], strict=True))
+    sets = sorted(per_set)
+
+    def quarantine(stage: str) -> pd.DataFrame:
+        uri = layout.quarantine(stage)
+        frame = (
+            dio.read_table(uri).to_pandas()
+            if dio.exists(uri)
+            else pd.DataFrame(columns=[S.ROW_KEY, S.REASON])
+        )
+        return with_datasets(frame, item_sets, sets)
+
+    evaluated = pd.concat(
+        [quarantine(f"evaluate_{m}") for m in sorted(set(metrics[S.METHOD]))] or [quarantine("evaluate")],
+        ignore_index=True,
+    )
+    mismatch = counts.get("mismatch")
+    line = f"Mismatched unanswerable training rows: {mismatch_summary(mismatch)}." if mismatch else ""
+    return data_section(per_set, splits, metrics, evaluated, quarantine("prepare"), line)
 
 
 def relative(layout: RunLayout, uri: str) -> str:

@@ -209,7 +209,8 @@ def test_mmbench_tsv() -> None:
     parsed = load(spec("mmbench", "mmbench", "mmbench/MMBench_DEV_EN.tsv"))
     items = by_id(parsed.items)
     row = items["mmbench:0"]
-    assert row[QUESTION] == "Hint: The square is in the middle.\nWhat colour is the square?"
+    # the hint bare before the question, as LLaVA-1.5's llava/eval/model_vqa_mmbench.py writes it
+    assert row[QUESTION] == "The square is in the middle.\nWhat colour is the square?"
     assert row[CHOICES] == ["olive", "red", "blue", "white"] and row[ANSWERS] == ["A"]
     assert row[METRIC] == "mc_letter" and row[CATEGORY] == "attribute_recognition"
     two = items["mmbench:1"]

@@ -147,9 +147,11 @@ def read_tsv(uri: str) -> pd.DataFrame:
 def parse_mmbench(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """MMBench TSV (e.g. MMBench_DEV_EN.tsv): options in columns A, B, C, D, base64 image; metric mc_letter.
 
-    choices = the non-empty option columns in letter order; question = "Hint: <hint>\\n<question>" when a
-    hint is given; category = category. An `image` cell shorter than 64 characters that names another row's
-    `index` reuses that row's image (how the published TSVs store repeated images).
+    choices = the non-empty option columns in letter order; question = "<hint>\\n<question>" when a hint
+    is given, the hint bare as LLaVA-1.5's evaluation writes it (llava/eval/model_vqa_mmbench.py:
+    `question = hint + '\\n' + question`); category = category. An `image` cell shorter than 64
+    characters that names another row's `index` reuses that row's image (how the published TSVs store
+    repeated images).
     """
     out = Parsed() if out is None else out
     frame = read_tsv(spec.path)
@@ -188,7 +190,7 @@ def parse_mmbench(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
                 spec,
                 key,
                 source=spec.path,
-                question=f"Hint: {hint}\n{r['question']}" if hint else r["question"],
+                question=f"{hint}\n{r['question']}" if hint else r["question"],
                 answers=[answer],
                 choices=choices,
                 metric="mc_letter",
