@@ -35,7 +35,7 @@ SMALL = ShapesConfig(n_pretrain=20, n_train=80, n_val=12, n_id_test=16, n_ood_te
 LETTERS = "ABCDEFGHIJ"
 VQA_STYLE = {"vqav2", "vqav2_val", "aokvqa", "vizwiz", "vizwiz_train"}  # ten annotator answers
 MULTIPLE_CHOICE = {"scienceqa", "mmmu", "mmbench"}
-PROMPT_PREFIX = {"scienceqa": "Context: ", "mmbench": "Hint: "}  # the loaders prepend the hint
+PROMPT_PREFIX = {"scienceqa": "Context: ", "mmbench": ""}  # the loaders prepend the hint as LLaVA-1.5 does
 VIZWIZ_ANSWERABLE = ("vizwiz_answerable", "ood_test")  # (dataset, split) of VizWiz's answerable rows
 
 
