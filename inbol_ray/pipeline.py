@@ -75,7 +75,15 @@ def _base_model(ctx: Context) -> dict[str, Any]:
         init = f"{tmp}/init" if dio.is_uri(layout.root) else layout.tiny_init
         build_tiny_checkpoint(init, cfg.model, cfg.data.shapes, cfg.prompt)
         upload_dir(init, layout.tiny_init)  # a no-op when init already is the run's folder
-        train_base(init, items, layout.base_model, cfg.base_train, log=ctx.log, prompt=cfg.prompt)
+        train_base(
+            init,
+            items,
+            layout.base_model,
+            cfg.base_train,
+            log=ctx.log,
+            prompt=cfg.prompt,
+            image_aspect=cfg.model.image_aspect,
+        )
     names = invented_names(cfg.data.shapes.n_names, cfg.data.shapes.seed)
     rare = {names[k] for k in rare_combos(names, cfg.data.shapes)}
     acc = family_accuracy(
@@ -85,6 +93,7 @@ def _base_model(ctx: Context) -> dict[str, Any]:
         rare,
         max_new_tokens=cfg.eval.max_new_tokens,
         prompt=cfg.prompt,
+        image_aspect=cfg.model.image_aspect,
     )
     ctx.log("  base model accuracy by question family on shapes_val, answerable items (greedy):")
     for family, (n, a) in acc.items():

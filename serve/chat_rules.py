@@ -1,13 +1,16 @@
 """The refusal-aware rules of the OpenAI route, apart from the ingress so they test without Ray.
 
-Request side: at most one image, only as a `data:` URL, decodable and within the limits; the last user
-turn rendered by the project's renderer (left alone when already rendered); BOS kept (`with_bos`).
+Request side: at most one image, only as a `data:` URL, decodable and within the limits, padded to a square
+as LLaVA-1.5 sees it when `model.image_aspect` is pad; the last user turn rendered by the project's renderer
+(left alone when already rendered); BOS kept (`with_bos`).
 Response side: `refused` on every choice (and on each streamed choice's last chunk), the confidence of K
 samples. `serve/llm_ingress.py` applies them.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -17,6 +20,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletio
 from inbol_ray.boundary.agreement import answer_agreement
 from inbol_ray.boundary.construct import most_frequent
 from inbol_ray.config import Config
+from inbol_ray.data.images import decode_image, to_model_image
 from inbol_ray.model.prompt import render_prompt
 from inbol_ray.refusal import is_refusal
 from serve.api import ApiError, Limits, decode_image_field
@@ -46,6 +50,37 @@ def check_chat_images(messages: Sequence[dict[str, Any]], limits: Limits) -> Non
         if not isinstance(url, str) or not url.startswith("data:"):
             raise ApiError(422, "image_url must be a data: URL; the server fetches nothing", "messages")
         decode_image_field(url, limits, "messages")
+
+
+def pad_chat_images(
+    messages: list[dict[str, Any]], limits: Limits, background: tuple[int, int, int] | None
+) -> None:
+    """Replace each `image_url` by the picture LLaVA-1.5 is shown (`model.image_aspect` pad: centred on a
+    square of `background`, `data.images.to_model_image`), as a PNG data URL (lossless: vLLM decodes the
+    very pixels the other engines see). vLLM's OpenAI server runs the processor as shipped, whose centre
+    crop would cut a wide photo's edges, so the ingress pads first. `background` None (`crop`): as sent.
+    Run after `check_chat_images`."""
+    if background is None:
+        return
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            message["content"] = [_padded_part(part, limits, background) for part in content]
+
+
+def _padded_part(part: Any, limits: Limits, background: tuple[int, int, int]) -> Any:
+    if not (isinstance(part, dict) and part.get("type") == "image_url"):
+        return part
+    field = part.get("image_url")
+    url = field.get("url") if isinstance(field, dict) else field
+    image = decode_image(decode_image_field(url, limits, "messages"))
+    padded = to_model_image(image, "pad", background)
+    if padded is image:  # square: already what the model sees
+        return part
+    buf = io.BytesIO()
+    padded.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {**part, "image_url": {**field, "url": url} if isinstance(field, dict) else url}
 
 
 def _rendered(text: str, cfg: Config) -> str:

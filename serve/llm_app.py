@@ -31,6 +31,7 @@ from inbol_ray import checkpoint as ckpt
 from inbol_ray import methods as M
 from inbol_ray.config import Config, load_config
 from inbol_ray.data import io as dio
+from inbol_ray.data.images import checkpoint_background
 from inbol_ray.run_layout import RunLayout
 from inbol_ray.sampling.vllm_engine import CPU_ENV, engine_kwargs, lora_kwargs
 from serve.app import autoscaling_config, ingress_capacity
@@ -180,4 +181,6 @@ def build_llm_app(args: dict[str, Any]) -> serve.Application:
         max_ongoing_requests=ingress_capacity(cfg.serve),
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(llm_deployments, cards, served=served, cfg=cfg)
+    # vLLM's server runs the processor as shipped: the ingress pads images first, in the base's mean colour.
+    background = checkpoint_background(deployments[BASE]) if cfg.model.image_aspect == "pad" else None
+    return ingress.bind(llm_deployments, cards, served=served, cfg=cfg, background=background)

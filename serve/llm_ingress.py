@@ -8,6 +8,8 @@ max_tokens, multi-LoRA routing by model id. This subclass adds, thinly:
   instruction, as sampled, trained and evaluated), unless the request says `"render": false`;
 - input rules: at most one image (LLaVA-1.5 sees one), only `data:` URLs (the server fetches nothing),
   decodable and within the configured size; a bad request is refused before it reaches a replica;
+- images shaped as every other stage shapes them (`model.image_aspect` pad: padded to a square here,
+  since vLLM's server would centre-crop them);
 - `refused` on every choice (the project's detector; on the last streamed chunk of a choice), and, with
   `"confidence": true` and `n` = K >= 2, a `confidence` object: the majority answer, the share of the K
   samples agreeing with it, whether it is a refusal, and the samples;
@@ -58,6 +60,7 @@ from serve.chat_rules import (
     check_chat_images,
     choice_text,
     last_user_text,
+    pad_chat_images,
     render_last_user_turn,
     with_bos,
 )
@@ -98,6 +101,7 @@ class RefusalAwareIngress(OpenAiIngress):
         served: Sequence[ServedModel],
         cfg: Config,
         lora_paths: dict[str, str] | None = None,
+        background: tuple[int, int, int] | None = None,
     ) -> None:
         bind_replica_grpc_to_node_ip()
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
@@ -105,6 +109,8 @@ class RefusalAwareIngress(OpenAiIngress):
         self.routes = {m.route: m for m in served}
         self.cfg = cfg
         self.limits = Limits.from_config(cfg)
+        self.background = background
+        """The pad colour of images (`model.image_aspect` pad, the base's processor); None: sent as is."""
 
     # --- models ---
     async def _get_model_id(self, model: str | None) -> str:
@@ -153,6 +159,7 @@ class RefusalAwareIngress(OpenAiIngress):
             elif not isinstance(message.get("content"), str | None):
                 messages[i] = {**message, "content": list(message["content"])}
         check_chat_images(messages, self.limits)
+        pad_chat_images(messages, self.limits, self.background)
         question = last_user_text(messages)
         if extra.get("render", True):
             render_last_user_turn(messages, self.cfg)
@@ -199,6 +206,7 @@ class RefusalAwareIngress(OpenAiIngress):
     ) -> dict[str, Any]:
         """One image + question through the chat route: the greedy answer, and K samples in confidence mode."""
         messages = [chat_user_message(question, image)]
+        pad_chat_images(messages, self.limits, self.background)  # once for the greedy and the K samples
         name = model or ("cadpo" if "cadpo" in self.served else next(iter(self.served)))
         tokens = self.cfg.eval.max_new_tokens
         greedy = self._complete(name, messages, n=1, temperature=0.0, max_tokens=tokens)

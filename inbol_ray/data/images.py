@@ -2,7 +2,9 @@
 
 Pure functions with no Ray in them: the prepare and sampling stages run `check_images` inside Ray Data CPU
 map stages, and the sampling, training and serving stages call `load_image_bytes` + `decode_image` on the
-rows they read, so the rules for "a usable image" live in exactly one place.
+rows they read, so the rules for "a usable image" live in exactly one place. Likewise `to_model_image` is the
+one rule for how a decoded picture is shaped for the vision tower (`model.image_aspect`), applied before
+every processor call and to what vLLM is given.
 
 An `items` row holds its image in one of two ways (DESIGN.md section 3): encoded bytes in `image`, or a
 location in `image_path` (a local path or a pyarrow filesystem URI) read lazily. Bytes win when both are
@@ -14,7 +16,8 @@ question that needs no picture, e.g. ScienceQA's text problems): valid where its
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -89,6 +92,54 @@ def decode_image(data: bytes) -> Image.Image:
     """
     with Image.open(io.BytesIO(data)) as img:
         return img.convert("RGB")
+
+
+def to_model_image(image: Image.Image, aspect: str, background: tuple[int, int, int]) -> Image.Image:
+    """The picture the vision tower is shown, before the processor's resize and centre crop.
+
+    `pad` is LLaVA-1.5's `image_aspect_ratio pad` (`expand2square` in llava/mm_utils.py, line for line):
+    the image centred on a square of the processor's mean colour, so the crop that follows cuts nothing
+    and a wide photo keeps its edges, as LLaVA-1.5 was trained and evaluated. `crop` leaves the image to
+    the processor as shipped (short side resized, centre cropped). A square image is the same either way.
+    Every engine calls this on the decoded image (`model.image_aspect`), so they all see the same pixels.
+    """
+    if aspect == "crop":
+        return image
+    if aspect != "pad":
+        raise ValueError(f"image aspect must be 'pad' or 'crop', got {aspect!r}")
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def mean_colour(image_mean: Sequence[float]) -> tuple[int, int, int]:
+    """The pad colour of a processor's `image_mean`, truncated as LLaVA truncates it (`int(x*255)`), so a
+    padded border normalises to (about) zero, the tower's "nothing here"."""
+    return tuple(int(x * 255) for x in image_mean)  # type: ignore[return-value]
+
+
+def processor_background(processor: Any) -> tuple[int, int, int]:
+    """The pad colour of a loaded processor (a multimodal processor or its image processor)."""
+    return mean_colour(getattr(processor, "image_processor", processor).image_mean)
+
+
+def checkpoint_background(model_dir: str) -> tuple[int, int, int]:
+    """The pad colour of the checkpoint in `model_dir` (a local path or URI), from its processor files,
+    without loading the processor or copying the checkpoint: for the places that hand images to a vLLM
+    engine, which holds the processor itself. transformers 5 nests the image processor's settings in
+    `processor_config.json`; older saves (llava-hf's) keep them in `preprocessor_config.json`."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        uri = dio.join(model_dir, name)
+        if dio.exists(uri):
+            found = json.loads(dio.read_bytes(uri))
+            found = found.get(key, {}) if key else found
+            if "image_mean" in found:
+                return mean_colour(found["image_mean"])
+    raise FileNotFoundError(f"{model_dir}: no image processor settings (image_mean) in its processor files")
 
 
 def _check_row(row: dict[str, Any], storage: str, max_bytes: int, max_pixels: int) -> str:

@@ -75,6 +75,7 @@ class GenerateActor:
         decodings: Sequence[Decoding],
         dtype: str = "float32",
         exit_once_marker: str = "",
+        image_aspect: str = "crop",
     ) -> None:
         import torch
 
@@ -83,7 +84,7 @@ class GenerateActor:
         # Each actor gets `cpus_per_actor` cores: two actors on two cores must not each start 2+ threads.
         torch.set_num_threads(max(1, int(sampling.cpus_per_actor)))
         self.model_dirs, self.decodings = list(model_dirs), list(decodings)
-        self.sampling, self.dtype = sampling, dtype
+        self.sampling, self.dtype, self.image_aspect = sampling, dtype, image_aspect
         self.loaded: int | None = None
         self.sampler = None
         self._load(0)  # the first model now: a broken engine fails at actor start, not mid-stream
@@ -101,7 +102,13 @@ class GenerateActor:
             gc.collect()
         # Any checkpoint location: the engines copy what is on object storage and load an adapter on its
         # base themselves (in memory, or as a vLLM LoRARequest), so no merged copy is ever written.
-        self.sampler = build_sampler(self.sampling.engine, self.model_dirs[job], self.sampling, self.dtype)
+        self.sampler = build_sampler(
+            self.sampling.engine,
+            self.model_dirs[job],
+            self.sampling,
+            self.dtype,
+            image_aspect=self.image_aspect,
+        )
         self.loaded = job
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -198,6 +198,9 @@ def depends_on(cfg: Config, job: Job) -> dict[str, Any]:
         ],
         "model": [dio.absolute(job.model_dir), checkpoint.stamp(job.model_dir)],
         "dtype": cfg.model.dtype,
+        # `crop` is how every image was shaped before the setting existed: left out, so shards made then
+        # are still reused; `pad` shows the model other pixels.
+        **({"image_aspect": cfg.model.image_aspect} if cfg.model.image_aspect != "crop" else {}),
         "grading": [cfg.grading, REFUSAL_DETECTOR_VERSION],
         "limits": [cfg.data.max_image_bytes, cfg.data.max_image_pixels],
         "selection": job.selection,
@@ -315,6 +318,7 @@ def run_generations(
                     "sampling": sc,
                     "decodings": [job.decoding for job in jobs],
                     "dtype": cfg.model.dtype,
+                    "image_aspect": cfg.model.image_aspect,
                     "exit_once_marker": marker,
                 },
             )

@@ -221,7 +221,12 @@ class BaseTraining:
     """
 
     def __init__(
-        self, init_dir: str, items: pa.Table, cfg: BaseTrainConfig, prompt: PromptConfig | None = None
+        self,
+        init_dir: str,
+        items: pa.Table,
+        cfg: BaseTrainConfig,
+        prompt: PromptConfig | None = None,
+        image_aspect: str = "crop",
     ) -> None:
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
@@ -242,7 +247,7 @@ class BaseTraining:
             raise ValueError("base training: no answerable rows with split 'pretrain' in items")
         self.n_rows = train.num_rows
         answers = [a[0] for a in train[S.ANSWERS].to_pylist()]
-        pv = pixel_values(self.processor, train[S.IMAGE].to_pylist())
+        pv = pixel_values(self.processor, train[S.IMAGE].to_pylist(), image_aspect)
         # The one renderer: the base learns the prompts every later stage shows it (prompt.render_prompt).
         prompts = [
             render_prompt(q, c, prompt)
@@ -309,13 +314,15 @@ def train_base(
     cfg: BaseTrainConfig,
     log: Callable[[str], None] = print,
     prompt: PromptConfig | None = None,
+    image_aspect: str = "crop",
 ) -> str:
     """Train on the answerable rows of `items` (split `pretrain`) and save an HF checkpoint to `out_dir`.
 
     `init_dir`, `out_dir`: local paths or URIs (the run layout's `tiny_init` and `base_model`); returns
-    `out_dir`. Prompts are rendered with `prompt` (the run's `cfg.prompt`).
+    `out_dir`. Prompts are rendered with `prompt` (the run's `cfg.prompt`), images shaped by `image_aspect`
+    (`model.image_aspect`), as every later stage shows them.
     """
-    run = BaseTraining(init_dir, items, cfg, prompt)
+    run = BaseTraining(init_dir, items, cfg, prompt, image_aspect)
     t0, ema = time.time(), None
     for step, idx in run.batches():
         loss = run.step(step, idx)
@@ -333,6 +340,7 @@ def family_accuracy(
     batch_size: int = 64,
     max_new_tokens: int = 6,
     prompt: PromptConfig | None = None,
+    image_aspect: str = "crop",
 ) -> dict[str, tuple[int, float]]:
     """Greedy accuracy per question family on the answerable items of one data set, knowledge split into
     common / rare names.
@@ -355,6 +363,7 @@ def family_accuracy(
             [r[S.IMAGE] for r in chunk],
             [render_prompt(r[S.QUESTION], r[S.CHOICES], prompt) for r in chunk],
             max_new_tokens=max_new_tokens,
+            image_aspect=image_aspect,
         )
         for r, (resp,) in zip(chunk, outs, strict=True):
             family = r[S.CATEGORY]

@@ -43,6 +43,14 @@ def uses_own_template(model_type_name: str) -> bool:
     return model_type_name not in NATIVE_MODEL_TYPES
 
 
+def image_aspect_for(own_template: bool, image_aspect: str) -> str:
+    """How a checkpoint's images are shaped before its processor (`data.images.to_model_image`): the run's
+    `model.image_aspect` in LLaVA-1.5's format; `crop` (the image left to the processor as shipped) for
+    another architecture, whose makers shape images their own way (Qwen2-VL keeps the aspect ratio at its
+    own resolution, LLaVA-NeXT tiles): padding would show it pictures it was never shown."""
+    return "crop" if own_template else image_aspect
+
+
 def choose_engine(engine: str, config: dict, vllm_archs: Callable[[], frozenset[str]]) -> str:
     """The engine a checkpoint (its `config.json`) is scored with: the configured one, except that another
     architecture vLLM has no implementation of (none of its `architectures` in `vllm_archs()`, asked only

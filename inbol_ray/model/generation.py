@@ -82,6 +82,7 @@ def generate_responses(
     max_new_tokens: int = 8,
     seeds: Sequence[int] | None = None,
     seed: int | None = None,
+    image_aspect: str = "crop",
 ) -> list[list[str]]:
     """K responses per (image, rendered prompt); greedy when `do_sample` is False (then K must be 1).
 
@@ -89,6 +90,7 @@ def generate_responses(
     (seeds[i], j), never on the batch. `seed` (when `seeds` is None) seeds items by position instead.
     Neither: unseeded (torch's global generator). An image of None is a text-only item: it is encoded
     without the image placeholder and goes through forwards of text-only rows (no vision tower).
+    `image_aspect`: how images are shaped for the vision tower (`model.image_aspect`, `batching.pixel_values`).
     """
     if not do_sample and k != 1:
         raise ValueError("greedy decoding gives one response per prompt; use do_sample=True for k > 1")
@@ -102,8 +104,9 @@ def generate_responses(
     has_image = [image is not None for image in images]
     rows = encode_prompts(processor, prompts, has_image)
     with_image = [i for i, h in enumerate(has_image) if h]
-    pixels = pixel_values(processor, [images[i] for i in with_image]).to(model.device, dtype=model.dtype) \
-        if with_image else None  # fmt: skip
+    pixels = pixel_values(processor, [images[i] for i in with_image], image_aspect).to(
+        model.device, dtype=model.dtype
+    ) if with_image else None  # fmt: skip
     pixel_row = {i: n for n, i in enumerate(with_image)}
     # Forwards group rows by (has an image, padded width): both fixed by the item alone.
     by_shape: dict[tuple[bool, int], list[int]] = {}
@@ -136,11 +139,13 @@ def encode_batch(
     prompts: Sequence[str],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    image_aspect: str = "crop",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids, their attention mask and the pixel values, on the model's device."""
     rows = encode_prompts(processor, prompts)
     ids, mask = _left_pad(rows, processor.tokenizer.pad_token_id)
-    return ids.to(device), mask.to(device), pixel_values(processor, images).to(device, dtype=dtype)
+    pixels = pixel_values(processor, images, image_aspect)
+    return ids.to(device), mask.to(device), pixels.to(device, dtype=dtype)
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from inbol_ray.checkpoint import load_model
-from inbol_ray.model.chat_format import generate_chat, uses_own_template
+from inbol_ray.model.chat_format import generate_chat, image_aspect_for, uses_own_template
 from inbol_ray.model.generation import generate_responses
 from inbol_ray.sampling.base import check_request, check_seeds
 
@@ -31,11 +31,18 @@ class HFSampler:
     engine = "transformers"
 
     def __init__(
-        self, model_dir: str, *, dtype: str = "float32", device: str | None = None, base: str | None = None
+        self,
+        model_dir: str,
+        *,
+        dtype: str = "float32",
+        device: str | None = None,
+        base: str | None = None,
+        image_aspect: str = "crop",
     ) -> None:
         self.model_dir = str(model_dir)
         self.model, self.processor = load_model(self.model_dir, dtype, device or default_device(), base)
         self.own_template = uses_own_template(self.model.config.model_type)
+        self.image_aspect = image_aspect_for(self.own_template, image_aspect)
 
     def generate(
         self,
@@ -51,18 +58,18 @@ class HFSampler:
         check_request(images, prompts, k, temperature, top_p)
         check_seeds(seeds, len(prompts))
         sampling = temperature > 0
-        generate = generate_chat if self.own_template else generate_responses
-        return generate(
-            self.model,
-            self.processor,
-            images,
-            prompts,
+        options = dict(
             k=k,
             do_sample=sampling,
             temperature=temperature if sampling else 1.0,
             top_p=top_p if sampling else 1.0,
             max_new_tokens=max_new_tokens,
             seeds=seeds,
+        )
+        if self.own_template:
+            return generate_chat(self.model, self.processor, images, prompts, **options)
+        return generate_responses(
+            self.model, self.processor, images, prompts, image_aspect=self.image_aspect, **options
         )
 
     def close(self) -> None:

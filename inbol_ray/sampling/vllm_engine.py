@@ -26,7 +26,8 @@ from PIL import Image
 from inbol_ray import checkpoint
 from inbol_ray.config import SamplingConfig
 from inbol_ray.data import io as dio
-from inbol_ray.model.chat_format import chat_text, model_type, uses_own_template
+from inbol_ray.data.images import checkpoint_background, to_model_image
+from inbol_ray.model.chat_format import chat_text, image_aspect_for, model_type, uses_own_template
 from inbol_ray.model.generation import clean_response
 from inbol_ray.model.prompt import format_prompt
 from inbol_ray.sampling.base import check_request, check_seeds
@@ -102,13 +103,36 @@ def lora_kwargs(adapter_dirs: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def engine_input(
+    image: Image.Image | None,
+    prompt: str,
+    image_aspect: str,
+    background: tuple[int, int, int],
+    processor: Any = None,
+) -> dict[str, Any]:
+    """One `LLM.generate` input: the chat text (`format_prompt`, or the own template of `processor`'s
+    model) and the image shaped by `image_aspect` (`data.images.to_model_image`), which is what vLLM's copy
+    of the processor then resizes and crops, so it makes the pixels the transformers engine makes."""
+    has_image = image is not None
+    text = chat_text(processor, prompt, has_image) if processor else format_prompt(prompt, has_image)
+    if not has_image:
+        return {"prompt": text}
+    return {"prompt": text, "multi_modal_data": {"image": to_model_image(image, image_aspect, background)}}
+
+
 class VLLMSampler:
     """`Sampler` over an in-process `vllm.LLM`; one instance holds one engine."""
 
     engine = "vllm"
 
     def __init__(
-        self, model_dir: str, cfg: SamplingConfig, *, dtype: str = "float32", base: str | None = None
+        self,
+        model_dir: str,
+        cfg: SamplingConfig,
+        *,
+        dtype: str = "float32",
+        base: str | None = None,
+        image_aspect: str = "crop",
     ) -> None:
         gpu = on_gpu()
         if not gpu:
@@ -131,19 +155,22 @@ class VLLMSampler:
         self.llm = LLM(**kwargs)
         # Another architecture is asked through its own chat template (`model.chat_format`).
         self.processor = None
-        if uses_own_template(model_type(self.model_dir)):
+        own_template = uses_own_template(model_type(self.model_dir))
+        if own_template:
             from transformers import AutoProcessor
 
             self.processor = AutoProcessor.from_pretrained(checkpoint.local_dir(found.model_dir))
+        # vLLM runs the checkpoint's processor on the image it is given: it is given the shaped image. The
+        # pad colour is the processor's mean (read from its files; `crop` never uses it).
+        self.image_aspect = image_aspect_for(own_template, image_aspect)
+        self.background = (
+            checkpoint_background(checkpoint.local_dir(found.model_dir))
+            if self.image_aspect == "pad"
+            else (0, 0, 0)
+        )
 
     def _request(self, image: Image.Image | None, prompt: str) -> dict[str, Any]:
-        has_image = image is not None
-        text = (
-            chat_text(self.processor, prompt, has_image)
-            if self.processor
-            else format_prompt(prompt, has_image)
-        )
-        return {"prompt": text, "multi_modal_data": {"image": image}} if has_image else {"prompt": text}
+        return engine_input(image, prompt, self.image_aspect, self.background, self.processor)
 
     def generate(
         self,

@@ -8,8 +8,10 @@ memory is the table plus token ids, not a pixel tensor per row.
 A row becomes one item with K response slots: SFT-style methods have one slot (the target), DPO methods
 three (correct, incorrect, refusal; absent ones are None and cost nothing, see shared_prefix.py).
 Prompt and response ids are made exactly as `inbol_ray.model.batching.encode_prompt_response` makes them
-(prompt with BOS and expanded image tokens; " " + response without special tokens, then EOS), so the
-log-probs here equal those of the evaluation and reference paths (checked in the tests).
+(prompt with BOS and expanded image tokens; the response's tokens as they follow that prompt, then EOS:
+`batching.encode_responses`), so the log-probs here equal those of the evaluation and reference paths and
+score the tokens the sampler emitted after the same prompt ids (checked in the tests, for the tiny
+byte-level BPE and a Llama SentencePiece tokenizer: tests/unit/test_tokenizer_seam.py).
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ from torch import Tensor
 
 from inbol_ray import schema as S
 from inbol_ray.data.images import load_image_bytes
-from inbol_ray.model.batching import encode_prompts, pixel_values
-from inbol_ray.model.prompt import format_response
+from inbol_ray.model.batching import encode_prompts, encode_responses, pixel_values
 from inbol_ray.train.losses import bucket_codes
 from inbol_ray.train.shared_prefix import PackedBatch, pack_responses
 
@@ -60,14 +61,11 @@ class EncodedTable:
         return sum(len(r) for i in rows for r in self.responses[i] if r is not None)
 
 
-def _response_ids(tokenizer, texts: Sequence[str | None]) -> list[list[int] | None]:
-    present = [i for i, t in enumerate(texts) if t is not None]
-    out: list[list[int] | None] = [None] * len(texts)
-    if present:
-        enc = tokenizer([format_response(str(texts[i])) for i in present], add_special_tokens=False)
-        for i, ids in zip(present, enc["input_ids"], strict=True):
-            out[i] = list(ids) + [tokenizer.eos_token_id]
-    return out
+def _response_ids(
+    tokenizer, texts: Sequence[str | None], prompts: Sequence[str] | None = None
+) -> list[list[int] | None]:
+    """Response ids + EOS as they follow `prompts[i]` (None: any generation prompt), None where absent."""
+    return encode_responses(tokenizer, texts, prompts)
 
 
 def _float_column(table: pa.Table, name: str) -> np.ndarray:
@@ -83,8 +81,9 @@ def encode_table(table: pa.Table, processor, kinds: tuple[str, ...], need_ref: b
         S.check_columns(table, S.CADPO_PAIRS_WITH_REF if need_ref else S.CADPO_PAIRS, "cadpo_pairs table")
     tok = processor.tokenizer
     n = table.num_rows
-    prefixes = [list(p) for p in encode_prompts(processor, table.column(S.PROMPT).to_pylist())]
-    per_kind = [_response_ids(tok, table.column(kind).to_pylist()) for kind in kinds]
+    prompts = table.column(S.PROMPT).to_pylist()
+    prefixes = [list(p) for p in encode_prompts(processor, prompts)]
+    per_kind = [_response_ids(tok, table.column(kind).to_pylist(), prompts) for kind in kinds]
     responses = [[per_kind[k][i] for k in range(len(kinds))] for i in range(n)]
     if kinds == SFT_KINDS:
         groups = torch.tensor([TARGET_KIND_CODES[str(k)] for k in table.column(S.TARGET_KIND).to_pylist()])
@@ -117,15 +116,18 @@ class RowValues:
     ref_logps: Tensor | None
 
 
-def make_batch(enc: EncodedTable, rows: Sequence[int], processor) -> tuple[PackedBatch, RowValues]:
-    """Pack `rows` of an encoded table: images decoded and preprocessed here, once per item."""
+def make_batch(
+    enc: EncodedTable, rows: Sequence[int], processor, image_aspect: str = "crop"
+) -> tuple[PackedBatch, RowValues]:
+    """Pack `rows` of an encoded table: images decoded and preprocessed here, once per item, shaped by
+    `image_aspect` (`model.image_aspect`) as every stage that shows the model an image shapes it."""
     rows = [int(r) for r in rows]
     images = [load_image_bytes({S.IMAGE: enc.images[i], S.IMAGE_PATH: enc.image_paths[i]}) for i in rows]
     packed = pack_responses(
         [enc.prefixes[i] for i in rows],
         [enc.responses[i] for i in rows],
         processor.tokenizer.pad_token_id,
-        pixel_values(processor, images),
+        pixel_values(processor, images, image_aspect),
     )
     index = torch.tensor(rows, dtype=torch.long)
     values = RowValues(

@@ -71,6 +71,8 @@ class LoopSpec:
     """The training table (local path or URI): every worker reads the rows of its steps from it directly,
     a pool of row groups at a time (table_rows.py), never the whole table."""
     model_dtype: str = "float32"
+    image_aspect: str = "crop"
+    """How images are shaped for the vision tower (`model.image_aspect`): as sampled and evaluated."""
     local_checkpoint_dir: str = ""
     """Local mode only: Ray's in-driver controller keeps no checkpoints, so the loop keeps its own here
     (always a local absolute path; see trainer.local_checkpoint_dir)."""
@@ -145,11 +147,16 @@ def wrap_model(scorer: ResponseScorer, cfg: TrainConfig, world: int) -> nn.Modul
 
 @torch.no_grad()
 def _probe(
-    scorer: nn.Module, enc: EncodedTable, processor, device: torch.device, dtype: torch.dtype
+    scorer: nn.Module,
+    enc: EncodedTable,
+    processor,
+    device: torch.device,
+    dtype: torch.dtype,
+    image_aspect: str = "crop",
 ) -> dict[str, Any]:
     """Per-response log-probs of the first rows after training: the number a reloaded model must reproduce."""
     rows = list(range(min(PROBE_ROWS, len(enc))))
-    packed, _ = make_batch(enc, rows, processor)
+    packed, _ = make_batch(enc, rows, processor, image_aspect)
     packed = packed.to(device, pixel_dtype=dtype)
     scorer.eval()  # through the wrapper: an FSDP forward is collective, every worker runs it
     lp = per_response(scorer(packed), packed).double().cpu()
@@ -201,7 +208,9 @@ def _train(spec: LoopSpec) -> None:
     if restored is not None and rank == 0:
         _say(f"[train {spec.method}] resuming from checkpoint at step {start_step}/{total}")
     scorer = wrap_model(ResponseScorer(policy, cfg.logprob_chunk_size), cfg, world)
-    opt = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr)
+    opt = torch.optim.AdamW(
+        [p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     if saved_optim is not None:
         load_optimizer(scorer, opt, saved_optim)
     scorer.train()
@@ -228,7 +237,7 @@ def _train(spec: LoopSpec) -> None:
             group["lr"] = lr
         sums: dict[str, float] = {"tokens": 0.0}
         for i, micro in enumerate(micros):
-            packed, values = make_batch(enc, micro, processor)
+            packed, values = make_batch(enc, micro, processor, spec.image_aspect)
             packed = packed.to(device, pixel_dtype=dtype)
             sync = i == len(micros) - 1 or not hasattr(scorer, "no_sync")
             with contextlib.nullcontext() if sync else scorer.no_sync(), autocast:
@@ -272,9 +281,8 @@ def _train(spec: LoopSpec) -> None:
             state = {"step": step + 1, "total_steps": total, "history": history, "resumes": resumes}
             if last:
                 first = reader.rows(np.arange(min(PROBE_ROWS, n_rows)))  # the table's first rows
-                state["probe"] = _probe(
-                    scorer, encode_table(first, processor, kinds, need_ref), processor, device, dtype
-                )
+                first_enc = encode_table(first, processor, kinds, need_ref)
+                state["probe"] = _probe(scorer, first_enc, processor, device, dtype, spec.image_aspect)
             payload = (trainable_tensors, optim, state) if rank == 0 else None
             metrics = {k: v for k, v in sm.to_json_row(row).items() if k != "ids"}
             report_checkpoint(spec.local_checkpoint_dir, cfg.num_to_keep, rank, step + 1, metrics, payload)

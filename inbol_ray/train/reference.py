@@ -35,14 +35,22 @@ from inbol_ray.train.table_rows import TableBlocks, open_blocks
 class ReferenceScorer:
     """Ray Data actor: loads the reference once, adds the ref_logp_* columns to each batch."""
 
-    def __init__(self, model_dir: str, dtype: str, chunk_size: int, micro_batch: int, threads: int) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: str,
+        chunk_size: int,
+        micro_batch: int,
+        threads: int,
+        image_aspect: str = "crop",
+    ) -> None:
         from inbol_ray.checkpoint import load_for_training, load_processor
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_for_training(model_dir, dtype).to(self.device).eval()
         self.processor = load_processor(model_dir)
-        self.chunk_size, self.micro_batch = chunk_size, micro_batch
+        self.chunk_size, self.micro_batch, self.image_aspect = chunk_size, micro_batch, image_aspect
         self.dtype = getattr(torch, dtype)
 
     @torch.inference_mode()
@@ -52,7 +60,7 @@ class ReferenceScorer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         for start in range(0, len(enc), self.micro_batch):
             rows = range(start, min(start + self.micro_batch, len(enc)))
-            packed, _ = make_batch(enc, rows, self.processor)
+            packed, _ = make_batch(enc, rows, self.processor, self.image_aspect)
             packed = packed.to(self.device, pixel_dtype=self.dtype)
             with autocast:
                 token_logps = shared_prefix_token_logprobs(self.model, packed, self.chunk_size)
@@ -138,6 +146,7 @@ def run_reference_pass(
                 "chunk_size": tc.logprob_chunk_size,
                 "micro_batch": micro,
                 "threads": torch_threads(tc.cpus_per_worker),
+                "image_aspect": cfg.model.image_aspect,
             },
             batch_format="pyarrow",
             batch_size=rows,

@@ -75,7 +75,9 @@ class TrainResult:
 
 
 def run_name(train: TrainConfig, model: ModelConfig, table_uri: str, start_model: str) -> str:
-    digest = fingerprint(train, dtype=model.dtype, table=table_uri, base=start_model)
+    # `crop` shaped every image before `model.image_aspect` existed: left out, so those runs resume.
+    aspect = {"image_aspect": model.image_aspect} if model.image_aspect != "crop" else {}
+    digest = fingerprint(train, dtype=model.dtype, table=table_uri, base=start_model, **aspect)
     return f"{train.method}-{digest[:10]}"
 
 
@@ -194,6 +196,7 @@ def run_training(
         base_model_dir=start_model,
         table_uri=table_uri,
         model_dtype=cfg.model.dtype,
+        image_aspect=cfg.model.image_aspect,
         local_checkpoint_dir=local_checkpoint_dir(storage, name) if train.num_workers == 0 else "",
         tensorboard_dir=dio.join(out, "tensorboard") if train.tensorboard else "",
         fail_after_step=fail_after_step,

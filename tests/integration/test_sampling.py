@@ -25,6 +25,7 @@ from PIL import Image
 from inbol_ray import schema as S
 from inbol_ray.config import Config, SamplingConfig, load_config
 from inbol_ray.data import io as dio
+from inbol_ray.data.export.training_formats import COCO_ASPECT, VIZWIZ_ASPECT, as_photo
 from inbol_ray.data.shapes import generate_items
 from inbol_ray.generation import shards as shards_mod
 from inbol_ray.model.prompt import render_prompt
@@ -224,7 +225,9 @@ def test_vllm_greedy_answers_equal_transformers(
     ray_local, tiny_checkpoint: Path, items_table: pa.Table
 ) -> None:
     """Same prompt (with and without the refusal clause), same float32 weights: identical greedy text,
-    image questions and text-only ones (no image) alike.
+    image questions and text-only ones (no image) alike, and photos that are not square (the scenes
+    stretched to 4:3 and 3:4) padded as LLaVA-1.5 pads them (`model.image_aspect` pad; a square image is
+    the same under either setting).
 
     Runs in a Ray worker that exits afterwards (`max_calls=1`): an in-process vLLM engine changes process
     state (environment, torch's thread setter) that must not leak into the test process or other tests.
@@ -233,6 +236,8 @@ def test_vllm_greedy_answers_equal_transformers(
     rows += [
         {**rows[0], S.IMAGE: None, S.QUESTION: "Which shapes can a scene hold?"},
         {**rows[1], S.IMAGE: None},
+        {**rows[2], S.IMAGE: as_photo(rows[2][S.IMAGE], COCO_ASPECT)},
+        {**rows[3], S.IMAGE: as_photo(rows[3][S.IMAGE], VIZWIZ_ASPECT)},
     ]
     images = [r[S.IMAGE] for r in rows]
     questions = [render_prompt(r[S.QUESTION], r[S.CHOICES]) for r in rows]
@@ -247,7 +252,7 @@ def test_vllm_greedy_answers_equal_transformers(
         pil = [None if b is None else decode_image(b) for b in images]
         out: dict[str, list] = {}
         for engine in ("transformers", "vllm"):
-            sampler = build_sampler(engine, model_dir, cfg, "float32")
+            sampler = build_sampler(engine, model_dir, cfg, "float32", image_aspect="pad")
             out[engine] = sampler.generate(pil, questions, max_new_tokens=6)
             out[engine + "+refusal"] = sampler.generate(pil, refusing, max_new_tokens=6)
             if engine == "vllm":

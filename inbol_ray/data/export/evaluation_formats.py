@@ -28,7 +28,10 @@ from inbol_ray.data.export.questions import (
     token,
 )
 from inbol_ray.data.export.training_formats import (
+    COCO_ASPECT,
+    VIZWIZ_ASPECT,
     Written,
+    as_photo,
     dump_json,
     dump_jsonl,
     put_image,
@@ -44,7 +47,8 @@ AOKVQA_IMAGES = "coco/val2017"
 
 
 def write_aokvqa(rows: Sequence[Row], root: str, names: Sequence[str]) -> Written:
-    """Both A-OKVQA tasks in one file, as released: four choices + correct_choice_idx, ten direct answers."""
+    """Both A-OKVQA tasks in one file, as released: four choices + correct_choice_idx, ten direct answers;
+    COCO's 4:3 photos (`COCO_ASPECT`)."""
     out = Written()
     questions = []
     for i, row in enumerate(rows):
@@ -64,7 +68,7 @@ def write_aokvqa(rows: Sequence[Row], root: str, names: Sequence[str]) -> Writte
                 "rationales": [HINTS[row.family]],
             }
         )
-        put_image(root, AOKVQA_IMAGES, f"{image_id:012d}.jpg", row.image, out)
+        put_image(root, AOKVQA_IMAGES, f"{image_id:012d}.jpg", as_photo(row.image, COCO_ASPECT), out)
         out.key(qid, row)
     dump_json(root, AOKVQA_FILE, questions)
     out.files[AOKVQA_FILE] = len(questions)
@@ -217,7 +221,8 @@ def write_vizwiz(rows: Sequence[Row], root: str, part: str = "val") -> Written:
     """Answerable and unanswerable rows shuffled together (a fixed order), as in VizWiz's val.json (or
     train.json with `part` "train": the validation set of the rehearsal).
 
-    Unanswerable rows carry ten "unanswerable" answers and answer_type "unanswerable", as VizWiz marks them.
+    Unanswerable rows carry ten "unanswerable" answers and answer_type "unanswerable", as VizWiz marks them;
+    the photos are portrait (`VIZWIZ_ASPECT`).
     """
     file, images = vizwiz_paths(part)
     out = Written()
@@ -236,7 +241,7 @@ def write_vizwiz(rows: Sequence[Row], root: str, part: str = "val") -> Written:
                 "answerable": int(answerable),
             }
         )
-        put_image(root, images, image, row.image, out)
+        put_image(root, images, image, as_photo(row.image, VIZWIZ_ASPECT), out)
         out.key(image, row)
     dump_json(root, file, annotations)
     out.files[file] = len(annotations)
