@@ -4,8 +4,9 @@
 
 Three steps, each an ordinary entry point of the project:
 1. The embedded default (`configs/tiny.yaml`) up to its base model, under `<run-dir>/embedded` (or
-   `--embedded-run-dir`, e.g. the `runs/tiny` of `make demo`, whose finished stages are then reused): the
-   tiny LLaVA checkpoint and its pre-training stand in for `llava-hf/llava-1.5-7b-hf`.
+   `--embedded-run-dir`), with the 7B config's `prompt.system` (LLaVA-1.5's vicuna_v1 system line, which
+   its base was trained under): the tiny LLaVA checkpoint and its pre-training stand in for
+   `llava-hf/llava-1.5-7b-hf`. `make demo`'s `runs/tiny` has no system line, so it is not reused.
 2. Its ShapesWorld items exported as the published files (`inbol_ray.data.export`) under `<run-dir>/data`,
    laid out like the 7B config's `/data` tree.
 3. `configs/llava-1.5-7b.yaml` layered with `configs/rehearsal.yaml` (which changes only what a CPU and a
@@ -18,6 +19,7 @@ Overrides (`section.key=value`) go to step 3; `--embedded NAME=VALUE` ones to st
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -60,13 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     data_dir, real_dir = dio.join(run_dir, "data"), dio.join(run_dir, "run")
 
     print(f"rehearse [1/3]: embedded default up to its base model under {embedded_dir}")
-    step1 = ["--config", str(EMBEDDED_CONFIG), "--run-dir", embedded_dir, "--until", "base_model"]
-    if pipeline.main([*step1, *args.embedded]) != 0:
-        return 2
     try:
-        embedded = load_config(str(EMBEDDED_CONFIG), args.embedded)
-    except ConfigError as exc:  # already reported by step 1
+        # The base learns the real config's conversation (its system line), as LLaVA-1.5 was trained in
+        # the vicuna_v1 conversation its evaluation scripts ask in: a base that never saw the system line
+        # would measure prompt drift, not the recipe.
+        real = load_config([str(p) for p in REAL_CONFIGS], args.overrides)
+        embedded_overrides = [f"prompt.system={json.dumps(real.prompt.system)}", *args.embedded]
+        embedded = load_config(str(EMBEDDED_CONFIG), embedded_overrides)
+    except ConfigError as exc:
         print(f"rehearse: config error: {exc}", file=sys.stderr)
+        return 2
+    step1 = ["--config", str(EMBEDDED_CONFIG), "--run-dir", embedded_dir, "--until", "base_model"]
+    if pipeline.main([*step1, *embedded_overrides]) != 0:
         return 2
     layout = RunLayout.of(embedded, embedded_dir)
 

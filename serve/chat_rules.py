@@ -133,6 +133,15 @@ def render_last_user_turn(messages: list[dict[str, Any]], cfg: Config) -> None:
         ]
 
 
+def with_system_line(messages: list[dict[str, Any]], system: str) -> None:
+    """Open the conversation with `prompt.system` (LLaVA-1.5's vicuna_v1 line in the LLaVA configs) unless the
+    client sent a system message of its own: the model was sampled, trained and evaluated after that line,
+    and the checkpoint's chat template writes a system message's text before "USER:" as the project's
+    `format_prompt` does."""
+    if system and not any(m.get("role") == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+
+
 def with_bos(body: ChatCompletionRequest) -> None:
     """Tokenise the chat with the tokenizer's special tokens (BOS), unless the client chose: vLLM's chat
     route leaves them to the chat template, and LLaVA-1.5's template (llava-hf's, and the tiny checkpoint's)

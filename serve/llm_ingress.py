@@ -63,6 +63,7 @@ from serve.chat_rules import (
     pad_chat_images,
     render_last_user_turn,
     with_bos,
+    with_system_line,
 )
 from serve.model import bind_replica_grpc_to_node_ip
 
@@ -163,6 +164,7 @@ class RefusalAwareIngress(OpenAiIngress):
         question = last_user_text(messages)
         if extra.get("render", True):
             render_last_user_turn(messages, self.cfg)
+            with_system_line(messages, self.cfg.prompt.system)
         if confidence and (body.n or 1) < 2:
             raise ApiError(422, "confidence needs n >= 2 samples (set n to K)", "n")
         if confidence and body.stream:
@@ -230,6 +232,7 @@ class RefusalAwareIngress(OpenAiIngress):
         body = ChatCompletionRequest(model=model, messages=messages, **params)
         body.messages = [dict(m) for m in messages]
         render_last_user_turn(body.messages, self.cfg)
+        with_system_line(body.messages, self.cfg.prompt.system)
         with_bos(body)
         body.model = await self._get_model_id(model)
         response = await self._process_llm_request(body, call_method="chat", raw_request=None)

@@ -142,7 +142,13 @@ class RefusalAwareModel:
         # The engine loads the checkpoint itself: copied from object storage to a node-local cache, and an
         # adapter applied to its base (merged in memory by transformers, a LoRARequest in vLLM).
         self.sampler: Sampler | None = build_sampler(
-            self.engine, checkpoint, cfg.sampling, cfg.model.dtype, base, image_aspect=cfg.model.image_aspect
+            self.engine,
+            checkpoint,
+            cfg.sampling,
+            cfg.model.dtype,
+            base,
+            image_aspect=cfg.model.image_aspect,
+            system=cfg.prompt.system,
         )
         self.adapter = found.adapter_dir
         # One engine thread: calls run one at a time (the engines are not re-entrant, and on CPU two

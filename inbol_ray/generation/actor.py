@@ -76,6 +76,7 @@ class GenerateActor:
         dtype: str = "float32",
         exit_once_marker: str = "",
         image_aspect: str = "crop",
+        system: str = "",
     ) -> None:
         import torch
 
@@ -84,7 +85,7 @@ class GenerateActor:
         # Each actor gets `cpus_per_actor` cores: two actors on two cores must not each start 2+ threads.
         torch.set_num_threads(max(1, int(sampling.cpus_per_actor)))
         self.model_dirs, self.decodings = list(model_dirs), list(decodings)
-        self.sampling, self.dtype, self.image_aspect = sampling, dtype, image_aspect
+        self.sampling, self.dtype, self.image_aspect, self.system = sampling, dtype, image_aspect, system
         self.loaded: int | None = None
         self.sampler = None
         self._load(0)  # the first model now: a broken engine fails at actor start, not mid-stream
@@ -108,6 +109,7 @@ class GenerateActor:
             self.sampling,
             self.dtype,
             image_aspect=self.image_aspect,
+            system=self.system,
         )
         self.loaded = job
 

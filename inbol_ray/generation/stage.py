@@ -319,6 +319,7 @@ def run_generations(
                     "decodings": [job.decoding for job in jobs],
                     "dtype": cfg.model.dtype,
                     "image_aspect": cfg.model.image_aspect,
+                    "system": cfg.prompt.system,
                     "exit_once_marker": marker,
                 },
             )

@@ -36,13 +36,15 @@ def lr_at(step: int, cfg: BaseTrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def encode_rows(processor, pv: torch.Tensor, questions: list[str], answers: list[str]) -> dict:
+def encode_rows(
+    processor, pv: torch.Tensor, questions: list[str], answers: list[str], system: str = ""
+) -> dict:
     """Token ids, attention mask and labels [N, T_max] of every training row, encoded once.
 
     The one call to the shared encoder: all rows at once, right-padded, so `batch_rows` cutting a batch
     to its longest row gives exactly what encoding that batch alone gives.
     """
-    enc = encode_prompt_response(processor, pv, questions, answers)
+    enc = encode_prompt_response(processor, pv, questions, answers, system=system)
     return {k: enc[k] for k in ("input_ids", "attention_mask", "labels")}
 
 
@@ -253,7 +255,8 @@ class BaseTraining:
             render_prompt(q, c, prompt)
             for q, c in zip(train[S.QUESTION].to_pylist(), train[S.CHOICES].to_pylist(), strict=True)
         ]
-        self.encoded = encode_rows(self.processor, pv, prompts, answers)
+        system = prompt.system if prompt is not None else ""
+        self.encoded = encode_rows(self.processor, pv, prompts, answers, system)
         # A frozen tower's output is fixed: compute it once per image and drop the pixels.
         self.features = precompute_vision_features(self.model, pv) if frozen_vision else None
         self.pixel_values = None if frozen_vision else pv
@@ -364,6 +367,7 @@ def family_accuracy(
             [render_prompt(r[S.QUESTION], r[S.CHOICES], prompt) for r in chunk],
             max_new_tokens=max_new_tokens,
             image_aspect=image_aspect,
+            system=prompt.system if prompt is not None else "",
         )
         for r, (resp,) in zip(chunk, outs, strict=True):
             family = r[S.CATEGORY]

@@ -42,13 +42,13 @@ def pixel_values(
 
 
 def encode_prompts(
-    processor, prompts: Sequence[str], has_image: Sequence[bool] | None = None
+    processor, prompts: Sequence[str], has_image: Sequence[bool] | None = None, system: str = ""
 ) -> list[list[int]]:
-    """Token ids of rendered prompts (`prompt.render_prompt`), chat format applied, with the image
-    placeholder already expanded to the model's image-token count (`has_image[i]` False: a text-only
-    item, no placeholder)."""
+    """Token ids of rendered prompts (`prompt.render_prompt`), chat format applied (opened by `system`,
+    `prompt.system`), with the image placeholder already expanded to the model's image-token count
+    (`has_image[i]` False: a text-only item, no placeholder)."""
     flags = [True] * len(prompts) if has_image is None else list(has_image)
-    texts = [format_prompt(p, image) for p, image in zip(prompts, flags, strict=True)]
+    texts = [format_prompt(p, image, system) for p, image in zip(prompts, flags, strict=True)]
     tok = processor.tokenizer
     n_image = _image_tokens(processor)
     expanded = [t.replace(processor.image_token, processor.image_token * n_image) for t in texts]
@@ -61,6 +61,7 @@ def encode_responses(
     prompts: Sequence[str] | None = None,
     has_image: Sequence[bool] | None = None,
     add_eos: bool = True,
+    system: str = "",
 ) -> list[list[int] | None]:
     """Token ids of each response as it follows its generation prompt, EOS appended (None stays None).
 
@@ -90,7 +91,7 @@ def encode_responses(
     if prompts is not None and len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
     flags = [True] * len(responses) if has_image is None else list(has_image)
-    contexts = [format_prompt("" if prompts is None else prompts[i], flags[i]) for i in present]
+    contexts = [format_prompt("" if prompts is None else prompts[i], flags[i], system) for i in present]
     texts = [format_response(str(responses[i])) for i in present]
     # Without special tokens: the text's own tokens, no BOS (or EOS) from the post-processor.
     unique = sorted(set(contexts))
@@ -124,6 +125,7 @@ def encode_prompt_response(
     responses: Sequence[str],
     add_eos: bool = True,
     image_aspect: str = "crop",
+    system: str = "",
 ) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, pixel_values, labels, response_mask [B, T].
 
@@ -137,8 +139,8 @@ def encode_prompt_response(
             f"batch sizes differ: {len(images)} images, {len(prompts)} prompts, {len(responses)} responses"
         )
     tok = processor.tokenizer
-    prompt_ids = encode_prompts(processor, prompts)
-    resp_ids = encode_responses(tok, responses, prompts, add_eos=add_eos)
+    prompt_ids = encode_prompts(processor, prompts, system=system)
+    resp_ids = encode_responses(tok, responses, prompts, add_eos=add_eos, system=system)
     rows, masks = [], []
     for p, r in zip(prompt_ids, resp_ids, strict=True):
         rows.append(p + r)

@@ -83,6 +83,7 @@ def generate_responses(
     seeds: Sequence[int] | None = None,
     seed: int | None = None,
     image_aspect: str = "crop",
+    system: str = "",
 ) -> list[list[str]]:
     """K responses per (image, rendered prompt); greedy when `do_sample` is False (then K must be 1).
 
@@ -90,7 +91,8 @@ def generate_responses(
     (seeds[i], j), never on the batch. `seed` (when `seeds` is None) seeds items by position instead.
     Neither: unseeded (torch's global generator). An image of None is a text-only item: it is encoded
     without the image placeholder and goes through forwards of text-only rows (no vision tower).
-    `image_aspect`: how images are shaped for the vision tower (`model.image_aspect`, `batching.pixel_values`).
+    `image_aspect`: how images are shaped for the vision tower (`model.image_aspect`, `batching.pixel_values`);
+    `system`: the conversation's system line (`prompt.system`, `model.prompt.format_prompt`).
     """
     if not do_sample and k != 1:
         raise ValueError("greedy decoding gives one response per prompt; use do_sample=True for k > 1")
@@ -102,7 +104,7 @@ def generate_responses(
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     tok = processor.tokenizer
     has_image = [image is not None for image in images]
-    rows = encode_prompts(processor, prompts, has_image)
+    rows = encode_prompts(processor, prompts, has_image, system)
     with_image = [i for i, h in enumerate(has_image) if h]
     pixels = pixel_values(processor, [images[i] for i in with_image], image_aspect).to(
         model.device, dtype=model.dtype
@@ -140,9 +142,10 @@ def encode_batch(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     image_aspect: str = "crop",
+    system: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids, their attention mask and the pixel values, on the model's device."""
-    rows = encode_prompts(processor, prompts)
+    rows = encode_prompts(processor, prompts, system=system)
     ids, mask = _left_pad(rows, processor.tokenizer.pad_token_id)
     pixels = pixel_values(processor, images, image_aspect)
     return ids.to(device), mask.to(device), pixels.to(device, dtype=dtype)

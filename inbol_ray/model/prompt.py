@@ -65,10 +65,13 @@ def render_prompt(
     return "\n".join(lines)
 
 
-def format_prompt(prompt: str, image: bool = True) -> str:
+def format_prompt(prompt: str, image: bool = True, system: str = "") -> str:
     """The generation prompt (chat template applied) for a rendered user text, after its image unless
-    `image` is False (a text-only item: the template then shows the text alone)."""
-    return f"USER: {IMAGE_TOKEN}\n{prompt} ASSISTANT:" if image else f"USER: {prompt} ASSISTANT:"
+    `image` is False (a text-only item: the template then shows the text alone). `system` (`prompt.system`)
+    opens the conversation as LLaVA's vicuna_v1 does: `<system> USER: <image>\n<question> ASSISTANT:`
+    (llava/conversation.py, SeparatorStyle.TWO: system + " " + "USER: " + message + " " + "ASSISTANT:")."""
+    turn = f"USER: {IMAGE_TOKEN}\n{prompt} ASSISTANT:" if image else f"USER: {prompt} ASSISTANT:"
+    return f"{system} {turn}" if system else turn
 
 
 def format_response(answer: str) -> str:

@@ -47,12 +47,15 @@ def tokenizer_corpus(shapes_cfg: ShapesConfig, prompt: PromptConfig) -> list[str
     from inbol_ray.data.export.questions import HINTS, REFUSAL_OPTION
 
     lines = shapes.corpus(shapes_cfg) + list(REFUSAL_TEMPLATES)
-    instructions = [prompt.short_answer, prompt.multiple_choice, prompt.refusal_clause]
+    instructions = [prompt.short_answer, prompt.multiple_choice, prompt.refusal_clause, prompt.system]
     # Short lines are the answers: repeat them as responses so BPE merges each into one token, which
     # keeps answers to one or two generated tokens.
     words = [line for line in lines if len(line.split()) == 1]
     answers = [format_response(line) for line in words] * 20
-    rendered = [format_prompt(render_prompt(line, None, prompt)) + format_response(line) for line in lines]
+    rendered = [
+        format_prompt(render_prompt(line, None, prompt), system=prompt.system) + format_response(line)
+        for line in lines
+    ]
     # Multiple choice as the real formats show it: hints first, lettered options, letter answers.
     context = [f"{style}{hint}" for hint in HINTS.values() for style in shapes.HINT_STYLES]
     options = [render_prompt(q, words[i : i + 4] + [REFUSAL_OPTION], prompt) for i, q in enumerate(context)]
@@ -61,7 +64,8 @@ def tokenizer_corpus(shapes_cfg: ShapesConfig, prompt: PromptConfig) -> list[str
 
 
 def prompt_phrases(prompt: PromptConfig) -> list[str]:
-    """Whole sentences every prompt repeats (the instructions, the multiple-choice hints): one token each.
+    """Whole sentences every prompt repeats (the instructions, the system line, the multiple-choice hints):
+    one token each.
 
     Why: byte-level BPE never merges across spaces, so LLaVA-1.5's 11-word instruction would cost 11 of
     the ~25 positions of a tiny prompt (and the hints more) in every forward pass of every stage: 2x the
@@ -70,9 +74,8 @@ def prompt_phrases(prompt: PromptConfig) -> list[str]:
     """
     from inbol_ray.data.export.questions import HINTS
 
-    return [p for p in (prompt.short_answer, prompt.multiple_choice, prompt.refusal_clause) if p] + list(
-        HINTS.values()
-    )
+    sentences = (prompt.short_answer, prompt.multiple_choice, prompt.refusal_clause, prompt.system)
+    return [p for p in sentences if p] + list(HINTS.values())
 
 
 def train_tokenizer(lines: list[str], vocab_size: int, phrases: list[str] = ()) -> PreTrainedTokenizerFast:

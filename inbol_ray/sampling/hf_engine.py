@@ -38,11 +38,13 @@ class HFSampler:
         device: str | None = None,
         base: str | None = None,
         image_aspect: str = "crop",
+        system: str = "",
     ) -> None:
         self.model_dir = str(model_dir)
         self.model, self.processor = load_model(self.model_dir, dtype, device or default_device(), base)
         self.own_template = uses_own_template(self.model.config.model_type)
         self.image_aspect = image_aspect_for(self.own_template, image_aspect)
+        self.system = "" if self.own_template else system  # another architecture: its own template's
 
     def generate(
         self,
@@ -69,7 +71,13 @@ class HFSampler:
         if self.own_template:
             return generate_chat(self.model, self.processor, images, prompts, **options)
         return generate_responses(
-            self.model, self.processor, images, prompts, image_aspect=self.image_aspect, **options
+            self.model,
+            self.processor,
+            images,
+            prompts,
+            image_aspect=self.image_aspect,
+            system=self.system,
+            **options,
         )
 
     def close(self) -> None:

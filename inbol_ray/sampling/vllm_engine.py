@@ -109,12 +109,13 @@ def engine_input(
     image_aspect: str,
     background: tuple[int, int, int],
     processor: Any = None,
+    system: str = "",
 ) -> dict[str, Any]:
     """One `LLM.generate` input: the chat text (`format_prompt`, or the own template of `processor`'s
     model) and the image shaped by `image_aspect` (`data.images.to_model_image`), which is what vLLM's copy
     of the processor then resizes and crops, so it makes the pixels the transformers engine makes."""
     has_image = image is not None
-    text = chat_text(processor, prompt, has_image) if processor else format_prompt(prompt, has_image)
+    text = chat_text(processor, prompt, has_image) if processor else format_prompt(prompt, has_image, system)
     if not has_image:
         return {"prompt": text}
     return {"prompt": text, "multi_modal_data": {"image": to_model_image(image, image_aspect, background)}}
@@ -133,6 +134,7 @@ class VLLMSampler:
         dtype: str = "float32",
         base: str | None = None,
         image_aspect: str = "crop",
+        system: str = "",
     ) -> None:
         gpu = on_gpu()
         if not gpu:
@@ -163,6 +165,7 @@ class VLLMSampler:
         # vLLM runs the checkpoint's processor on the image it is given: it is given the shaped image. The
         # pad colour is the processor's mean (read from its files; `crop` never uses it).
         self.image_aspect = image_aspect_for(own_template, image_aspect)
+        self.system = "" if own_template else system  # another architecture: its own template's
         self.background = (
             checkpoint_background(checkpoint.local_dir(found.model_dir))
             if self.image_aspect == "pad"
@@ -170,7 +173,7 @@ class VLLMSampler:
         )
 
     def _request(self, image: Image.Image | None, prompt: str) -> dict[str, Any]:
-        return engine_input(image, prompt, self.image_aspect, self.background, self.processor)
+        return engine_input(image, prompt, self.image_aspect, self.background, self.processor, self.system)
 
     def generate(
         self,

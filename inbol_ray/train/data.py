@@ -62,10 +62,10 @@ class EncodedTable:
 
 
 def _response_ids(
-    tokenizer, texts: Sequence[str | None], prompts: Sequence[str] | None = None
+    tokenizer, texts: Sequence[str | None], prompts: Sequence[str] | None = None, system: str = ""
 ) -> list[list[int] | None]:
     """Response ids + EOS as they follow `prompts[i]` (None: any generation prompt), None where absent."""
-    return encode_responses(tokenizer, texts, prompts)
+    return encode_responses(tokenizer, texts, prompts, system=system)
 
 
 def _float_column(table: pa.Table, name: str) -> np.ndarray:
@@ -73,8 +73,11 @@ def _float_column(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-def encode_table(table: pa.Table, processor, kinds: tuple[str, ...], need_ref: bool = False) -> EncodedTable:
-    """Tokenise every row of an SFT table (kinds=SFT_KINDS) or a CA-DPO pairs table (kinds=DPO_KINDS)."""
+def encode_table(
+    table: pa.Table, processor, kinds: tuple[str, ...], need_ref: bool = False, system: str = ""
+) -> EncodedTable:
+    """Tokenise every row of an SFT table (kinds=SFT_KINDS) or a CA-DPO pairs table (kinds=DPO_KINDS), in
+    the conversation opened by `system` (`prompt.system`) as sampling and evaluation show it."""
     if kinds == SFT_KINDS:
         S.check_columns(table, S.SFT, "training table (idk_it / sft_baseline)")
     else:
@@ -82,8 +85,8 @@ def encode_table(table: pa.Table, processor, kinds: tuple[str, ...], need_ref: b
     tok = processor.tokenizer
     n = table.num_rows
     prompts = table.column(S.PROMPT).to_pylist()
-    prefixes = [list(p) for p in encode_prompts(processor, prompts)]
-    per_kind = [_response_ids(tok, table.column(kind).to_pylist(), prompts) for kind in kinds]
+    prefixes = [list(p) for p in encode_prompts(processor, prompts, system=system)]
+    per_kind = [_response_ids(tok, table.column(kind).to_pylist(), prompts, system) for kind in kinds]
     responses = [[per_kind[k][i] for k in range(len(kinds))] for i in range(n)]
     if kinds == SFT_KINDS:
         groups = torch.tensor([TARGET_KIND_CODES[str(k)] for k in table.column(S.TARGET_KIND).to_pylist()])

@@ -73,6 +73,8 @@ class LoopSpec:
     model_dtype: str = "float32"
     image_aspect: str = "crop"
     """How images are shaped for the vision tower (`model.image_aspect`): as sampled and evaluated."""
+    system: str = ""
+    """The conversation's system line (`prompt.system`): as sampled and evaluated."""
     local_checkpoint_dir: str = ""
     """Local mode only: Ray's in-driver controller keeps no checkpoints, so the loop keeps its own here
     (always a local absolute path; see trainer.local_checkpoint_dir)."""
@@ -228,7 +230,7 @@ def _train(spec: LoopSpec) -> None:
         torch.manual_seed(cfg.seed * 1_000_003 + step)
         epoch, lo, hi = step_positions(n_rows, cfg, step)
         _, step_table = reader.step(epoch, lo, hi)
-        enc = encode_table(step_table, processor, kinds, need_ref=need_ref)
+        enc = encode_table(step_table, processor, kinds, need_ref=need_ref, system=spec.system)
         rows = np.arange(len(enc))  # this step's rows, in schedule order
         norm = StepNorm(rows=len(rows), response_tokens=enc.response_tokens(rows), world_size=world)
         micros = micro_batches(rows, rank, world, cfg.grad_accum)
@@ -281,7 +283,7 @@ def _train(spec: LoopSpec) -> None:
             state = {"step": step + 1, "total_steps": total, "history": history, "resumes": resumes}
             if last:
                 first = reader.rows(np.arange(min(PROBE_ROWS, n_rows)))  # the table's first rows
-                first_enc = encode_table(first, processor, kinds, need_ref)
+                first_enc = encode_table(first, processor, kinds, need_ref, spec.system)
                 state["probe"] = _probe(scorer, first_enc, processor, device, dtype, spec.image_aspect)
             payload = (trainable_tensors, optim, state) if rank == 0 else None
             metrics = {k: v for k, v in sm.to_json_row(row).items() if k != "ids"}

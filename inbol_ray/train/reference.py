@@ -43,6 +43,7 @@ class ReferenceScorer:
         micro_batch: int,
         threads: int,
         image_aspect: str = "crop",
+        system: str = "",
     ) -> None:
         from inbol_ray.checkpoint import load_for_training, load_processor
 
@@ -51,11 +52,12 @@ class ReferenceScorer:
         self.model = load_for_training(model_dir, dtype).to(self.device).eval()
         self.processor = load_processor(model_dir)
         self.chunk_size, self.micro_batch, self.image_aspect = chunk_size, micro_batch, image_aspect
+        self.system = system
         self.dtype = getattr(torch, dtype)
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        enc = encode_table(batch, self.processor, DPO_KINDS)
+        enc = encode_table(batch, self.processor, DPO_KINDS, system=self.system)
         parts = []
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         for start in range(0, len(enc), self.micro_batch):
@@ -147,6 +149,7 @@ def run_reference_pass(
                 "micro_batch": micro,
                 "threads": torch_threads(tc.cpus_per_worker),
                 "image_aspect": cfg.model.image_aspect,
+                "system": cfg.prompt.system,
             },
             batch_format="pyarrow",
             batch_size=rows,

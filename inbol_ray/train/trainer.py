@@ -74,9 +74,13 @@ class TrainResult:
         return f"{self.method}: {self.steps} steps, final loss {loss:.4f}, {self.seconds:.0f}s -> {self.checkpoint_dir or self.adapter_dir}"
 
 
-def run_name(train: TrainConfig, model: ModelConfig, table_uri: str, start_model: str) -> str:
-    # `crop` shaped every image before `model.image_aspect` existed: left out, so those runs resume.
+def run_name(
+    train: TrainConfig, model: ModelConfig, table_uri: str, start_model: str, system: str = ""
+) -> str:
+    # `crop` shaped every image before `model.image_aspect` existed: left out, so those runs resume; the
+    # same for an empty system line (the table's prompts are the user turn only, so it is named here).
     aspect = {"image_aspect": model.image_aspect} if model.image_aspect != "crop" else {}
+    aspect.update({"system": system} if system else {})
     digest = fingerprint(train, dtype=model.dtype, table=table_uri, base=start_model, **aspect)
     return f"{train.method}-{digest[:10]}"
 
@@ -189,7 +193,7 @@ def run_training(
     out, storage = layout.model(method), layout.train_storage(method)
     _check_table(table_uri, method)
     train = dataclasses.replace(cfg.train, method=method, lr=method_lr(cfg.train, method))
-    name = run_name(train, cfg.model, table_uri, start_model)
+    name = run_name(train, cfg.model, table_uri, start_model, cfg.prompt.system)
     spec = LoopSpec(
         train=train,
         method=method,
@@ -197,6 +201,7 @@ def run_training(
         table_uri=table_uri,
         model_dtype=cfg.model.dtype,
         image_aspect=cfg.model.image_aspect,
+        system=cfg.prompt.system,
         local_checkpoint_dir=local_checkpoint_dir(storage, name) if train.num_workers == 0 else "",
         tensorboard_dir=dio.join(out, "tensorboard") if train.tensorboard else "",
         fail_after_step=fail_after_step,

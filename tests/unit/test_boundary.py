@@ -90,7 +90,9 @@ def test_grade_samples_batch_grades_every_metric_and_unanswerable_items() -> Non
     assert by_id.loc["v", schema.REFUSED] == [False, False, False, True]
     assert by_id.loc["e", schema.CORRECT] == [True, False, True, True]
     assert by_id.loc["m", schema.CORRECT] == [True, False, False, True]
-    assert by_id.loc["m", schema.REFUSED] == [False, False, True, False]  # the refusal option
+    # a refusal-like option on an answerable item is a (wrong) answer: only BeyondVisQA-style unanswerable
+    # items offer it as the way to refuse
+    assert by_id.loc["m", schema.REFUSED] == [False, False, False, False]
     assert by_id.loc["u", schema.CORRECT] == [False] * 4
     assert by_id.loc["u", schema.REFUSED] == [False, True, False, False]
     assert by_id[schema.CONF].to_dict() == {"v": 0.5, "e": 0.75, "m": 0.5, "u": 0.0}

@@ -66,8 +66,11 @@ def test_loaders_apply_it_after_limit_and_count_what_they_leave_out(tmp_path: Pa
     path = _oven(tmp_path / "oven_entity_train.jsonl", 300)
     spec = DatasetSpec(name="oven", format="oven", path=path, images=str(tmp_path), sample_rows=40)
     items: list[dict] = []
-    dropped = load_streaming(spec, items.extend, lambda rows: None, chunk_rows=16, sample_seed=3)
-    assert len(items) == 40 and dropped == {"oven": 260}
+    dropped: Counter[str] = Counter()
+    read = load_streaming(
+        spec, items.extend, lambda rows: None, chunk_rows=16, sample_seed=3, not_sampled=dropped
+    )
+    assert read == 300 and len(items) == 40 and dropped == {"oven": 260}
     assert [r[ID] for r in load(spec, sample_seed=3).items] == [r[ID] for r in items]
     assert [r[ID] for r in load(spec, sample_seed=4).items] != [r[ID] for r in items]
     head = DatasetSpec(name="oven", format="oven", path=path, images=str(tmp_path), limit=100, sample_rows=40)

@@ -154,21 +154,22 @@ def load_streaming(
     chunk_rows: int = CHUNK_ROWS,
     *,
     sample_seed: int = 0,
-) -> Counter[str]:
+    not_sampled: Counter[str] | None = None,
+) -> int:
     """`load`, handing rows to `on_items` / `on_bad` in chunks of at most `chunk_rows` instead of returning
-    them. What the caller holds is one chunk: JSONL formats (OVEN's millions of rows) are read line by line;
-    a JSON document (VQAv2, GQA, ...) is parsed whole by nature, then released. With `spec.sample_rows` the
-    items are the seeded subset, handed over at the end (the sample holds `sample_rows` rows at most).
-
-    Returns the usable rows left out of the subset, per data set name (empty without `sample_rows`): the
-    caller counts them, so read = items + quarantined + not sampled still accounts for every row.
+    them; returns the rows read. What the caller holds is one chunk: JSONL formats (OVEN's millions of rows)
+    are read line by line; a JSON document (VQAv2, GQA, ...) is parsed whole by nature, then released. With
+    `spec.sample_rows` the items are the seeded subset, handed over at the end (the sample holds
+    `sample_rows` rows at most), and the usable rows left out are added to `not_sampled` per data set name:
+    the caller counts them, so read = items + quarantined + not sampled accounts for every row.
     """
     sample = RowSample(spec.sample_rows, sample_seed) if spec.sample_rows else None
     out = Parsed.streaming(sample.add if sample else on_items, on_bad, chunk_rows)
     LOADERS[spec.format](_absolute(spec), out)
     out.flush()
-    if sample is None:
-        return Counter()
-    for chunk in sample.chunks(chunk_rows):
-        on_items(chunk)
-    return sample.dropped
+    if sample is not None:
+        for chunk in sample.chunks(chunk_rows):
+            on_items(chunk)
+        if not_sampled is not None:
+            not_sampled.update(sample.dropped)
+    return out.n_input
