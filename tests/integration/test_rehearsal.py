@@ -30,6 +30,9 @@ REAL = [
     "train.batch_size=16",
     "train.num_workers=0",  # local mode: each Ray Train worker group costs ~20 s to start (test_train covers it)
     "eval.methods=[base,refusal_prompt,idk_it,cadpo]",
+    # The 7B config's vicuna_v1 system line would make step 1 retrain the shared smoke base under it
+    # (`make rehearse` does); tests/unit/test_llava_conventions.py checks the line in every encoder.
+    'prompt.system=""',
 ]
 
 
