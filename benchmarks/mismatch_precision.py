@@ -59,10 +59,20 @@ def configs(overrides: list[str], quick: bool) -> tuple[Any, Any]:
 
 
 def pointed_at(cfg: Any, out: Path) -> Any:
-    """The 7B config's data sets with `/data` replaced by the export folder (as tests/unit/test_export.py)."""
+    """The 7B config's data sets with `/data` replaced by the export folder (as tests/unit/test_export.py).
+
+    COCO `instances:` files stay only where the export wrote one: ShapesWorld's referents (shapes, colours,
+    invented names) name no COCO category, so they would change no pair."""
+
+    def moved(path: str) -> str:
+        return path.replace("/data", str(out), 1)
+
     cfg.data.datasets = [
         dataclasses.replace(
-            s, path=s.path.replace("/data", str(out), 1), images=s.images.replace("/data", str(out), 1)
+            s,
+            path=moved(s.path),
+            images=moved(s.images),
+            instances=moved(s.instances) if s.instances and Path(moved(s.instances)).exists() else "",
         )
         for s in cfg.data.datasets
     ]

@@ -38,6 +38,7 @@ def _input_problems(cfg: Config, layout: RunLayout, names: Sequence[str]) -> tup
     extras: dict[str, Any] = {}
     if "prepare" in names:
         from inbol_ray.data.loaders import DataFormatError
+        from inbol_ray.data.mismatch import MismatchShortfall
         from inbol_ray.data.prepare import input_problems, read_sources, staging_root
 
         missing = input_problems(cfg.data)
@@ -48,6 +49,8 @@ def _input_problems(cfg: Config, layout: RunLayout, names: Sequence[str]) -> tup
                 extras["prepare"] = read_sources(cfg, staging_root(layout))
             except DataFormatError as exc:
                 problems.append(f"data format error: {exc}")
+            except MismatchShortfall as exc:  # the training mix the config asks for cannot be built
+                problems.append(str(exc))
     return problems, extras
 
 

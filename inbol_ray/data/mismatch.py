@@ -2,11 +2,12 @@
 
 Why: InBoL's extrinsic boundary needs training items that nobody can answer from the picture, and the
 paper's training sets (VQAv2, ScienceQA, OVEN) hold none. Pairing a question with an image that lacks
-what the question asks about makes one. Only the items' text is known here (no vision model runs in
-prepare), so every rule below trades eligible questions for precision: a wrongly "unanswerable" row
-teaches the model to refuse a question it should answer, which is worse than building fewer rows.
+what the question asks about makes one. Only the items' text (and, where configured, COCO's instance
+annotations) is known here (no vision model runs in prepare), so every rule below trades eligible questions
+for precision: a wrongly "unanswerable" row teaches the model to refuse a question it should answer, which
+is worse than building fewer rows.
 
-The recipe (`build_mismatches`), each rule with its reason:
+The recipe, each rule with its reason:
 
 1. Questions: answerable `train` rows only, and only questions that refer to a specific thing by a noun
    phrase ("the bus", "this building", "the red circle"): the referent's words (`referent_terms`, minus
@@ -24,44 +25,69 @@ The recipe (`build_mismatches`), each rule with its reason:
    word, not all: "the red circle" rejects every image that mentions red or a circle) and must not
    mention all words of any of the question's gold answers (an OVEN "Blue jay" photo answers "What
    bird is this?" without the word "bird").
-3. Evidence of absence comes first: an image whose own item proves the referent absent (a counting
-   question answered 0, or "Is there a ...?" answered no, whose words are all among the referent's) is
-   preferred to any other. These items are proofs, not mentions.
-4. Otherwise the image comes from a pool (one data set's images) in which the referent is rare: not
-   mentioning a word is weak evidence for common things (most photos show a person whether or not a
-   question says so), strong evidence for rare ones. A pool qualifies when the share of its images that
-   mention all the referent's words, (m + 1) / (n + 1), is at most `max_referent_share` (add-one: a pool
-   of ten images never claims anything is rarer than one in eleven). Other data sets' pools are tried
-   before the question's own (another image source or domain rarely holds the same things). A question
-   whose referent is common in every pool and has no proof image is not built.
+3. Pools, own first: a pool is one data set's images. A question goes onto an image of its own data set
+   (a VQAv2 question on another COCO image) and only when its own pool has no acceptable image onto
+   another data set's: a row whose picture comes from another source or domain would let the model learn
+   "the domain changed" instead of "the referent is absent". `counts["cross_dataset"]` says how many
+   rows had to cross.
+4. Evidence of absence, strongest first, within a pool:
+   a. proof: an image whose own item proves the referent absent (a counting question answered 0, or "Is
+      there a ...?" answered no, whose words are all among the referent's). These items are proofs, not
+      mentions.
+   b. instances: with `DatasetSpec.instances` (COCO's `instances_<split>.json`), a referent word that
+      names a COCO category (`inbol_ray.data.coco_categories`: "the man" -> person, "the buses" -> bus)
+      makes the category's boxes the evidence: on that data set's images the question only goes onto an
+      image whose annotations have no box of any such category (an image missing from the file is never
+      chosen for it). Annotators boxed every instance of the 80 categories, so this holds for common
+      things too, where not being mentioned proves little. Referent words that name no category still
+      follow rule c on their own ("the train station": no train box, and "station" rare in the pool).
+   c. rare pool: otherwise the image comes from a pool in which the referent is rare: not mentioning a
+      word is weak evidence for common things (most photos show a person whether or not a question says
+      so), strong evidence for rare ones. A pool qualifies when the share of its images that mention all
+      the referent's words, (m + 1) / (n + 1), is at most `max_referent_share` (add-one: a pool of ten
+      images never claims anything is rarer than one in eleven). A question whose referent is common in
+      every pool and has no proof image is not built.
 5. The new row: id `mismatch:<question id>@<image row id>`, data set `<question's data set>_mismatch`,
    split `train`, the question's text, the image's bytes or path (so prepare's image check treats it as
    any row), answers [], no choices, metric `exact`, answerable false, category `unanswerable`, source
-   naming both rows and how the image was chosen. Each question is used at most once, each image at most `max_image_uses` times.
+   naming both rows and how the image was chosen. Each question is used at most once, each image at most
+   `max_image_uses` times.
 
 `round(n_answerable * ratio)` rows are wanted; eligible questions are tried in a seeded random order until
-that many are built. Fewer is never silent: `MismatchResult.counts` says how many were wanted and built,
-why each tried question failed, and why each excluded row was excluded.
+that many are built. Fewer is never silent: `counts` says how many were wanted and built, why each tried
+question failed and why each excluded row was excluded; `check_fill` fails prepare when fewer than
+`data.mismatch_min_fill` of the wanted rows were built.
+
+Scale (OVEN has ~5M training rows): nothing here holds every answerable row. The rows are split into shards
+by a hash of their image (`shard_rows` answerable rows per shard on average; one shard below that), and a
+shard's questions only go onto the shard's images, which form a uniform random sample of every pool, so
+rarity is measured on that sample (a pool needs 19 images in a shard before the add-one share can reach
+0.05; shards are processed in order and each one's target includes what earlier ones fell short of).
+`mismatch_staged.plan_staged` (what prepare runs) counts the answerable rows, reads the staged rows once
+keeping per row only what selection needs (position, id, data set, image hash, referent words, answers, the
+row's own words, COCO category ids) in Parquet runs grouped by shard, then builds shard by shard holding one
+shard's compact index (`mismatch_index.ShardIndex`: words as integer ids in numpy arrays, ~0.3 KB per row)
+and writes each shard's chosen (question, image row) pairs; `fill_staged` streams the staged rows once more
+for the chosen images' bytes or paths. The driver's peak is one shard, whatever the data set's size
+(benchmarks/prepare_memory.py: 1M rows within 1.25x of 10k). `build_mismatches` runs the same selection on
+rows in memory (tests, small exports): the same rows and arguments give the same pairs either way.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from inbol_ray.data.referents import (
-    absence_proof,
-    exclusion_reason,
-    normalised,
-    referent_terms,
-    variants,
-    words,
-)
+from inbol_ray.data.coco_categories import CocoInstances, image_id_from_path
+from inbol_ray.data.mismatch_index import HOW, RECORD, SEQ, Pair, ShardIndex
+from inbol_ray.data.referents import absence_proof, exclusion_reason, normalised, referent_terms, words
 from inbol_ray.schema import (
     ANSWERABLE,
     ANSWERS,
@@ -79,6 +105,11 @@ from inbol_ray.schema import (
 
 SUFFIX = "_mismatch"
 """Data set name of the rows built from data set X: `X_mismatch`."""
+SHARD_ROWS = 25_000
+"""Answerable training rows per shard (on average): the most the selection holds at a time. Small enough
+that a shard's index stays ~10-20 MB, large enough that a shard's sample of each pool measures rarity and
+finds same-pool images (the 7B config's ~76k training rows: 4 shards of ~12k VQAv2 rows each; all 443k
+VQAv2 rows among 5M OVEN rows: ~2k per shard). Smaller shards find fewer proof images per referent."""
 
 # --- which images ---------------------------------------------------------------------------------------
 
@@ -90,40 +121,53 @@ def image_key(row: Mapping[str, Any]) -> str:
     return "sha1:" + hashlib.sha1(bytes(row[IMAGE] or b"")).hexdigest()
 
 
-@dataclass
-class _Image:
-    row: Mapping[str, Any]  # the first row showing this image: its id, image and data set
-    mentions: set[str] = field(default_factory=set)  # variants of every word its own items use
-    proofs: list[frozenset[str]] = field(default_factory=list)
+def image_hash(row: Mapping[str, Any]) -> int:
+    """`image_key` as 64 stable bits: what shards and orders images (the same on every run and machine)."""
+    return int.from_bytes(hashlib.blake2b(image_key(row).encode(), digest_size=8).digest(), "little")
 
 
-def _index(rows: Sequence[Mapping[str, Any]]) -> dict[str, _Image]:
-    images: dict[str, _Image] = {}
-    for row in rows:
-        image = images.setdefault(image_key(row), _Image(row))
+def shard_count(answerable: int, shard_rows: int = SHARD_ROWS) -> int:
+    """How many shards `answerable` rows are split into (a row's shard: `image_hash % shard_count`)."""
+    return max(1, -(-answerable // max(1, shard_rows)))
+
+
+# --- compact rows (what selection needs of each answerable training row) --------------------------------
+
+
+def compact_records(
+    rows: Iterable[Mapping[str, Any]],
+    seqs: Iterable[int],
+    n_shards: int,
+    instances: Mapping[str, CocoInstances],
+) -> pa.Table:
+    """The compact rows (`RECORD`) of answerable training rows, `seqs` their input positions."""
+    cols: dict[str, list[Any]] = {name: [] for name in RECORD.names}
+    for row, seq in zip(rows, seqs, strict=True):
+        key = image_hash(row)
+        why = exclusion_reason(row)
         proof = absence_proof(row)
-        if proof:
-            image.proofs.append(proof)
-            continue
         text = " ".join([row[QUESTION], *(row[ANSWERS] or []), *(row[CHOICES] or [])])
-        for w in words(text):
-            image.mentions |= variants(w)
-    return images
+        found = instances.get(row[DATASET])
+        cats = found.categories(image_id_from_path(row[IMAGE_PATH])) if found is not None else None
+        for name, value in (
+            (SEQ, seq),
+            (ID, row[ID]),
+            (DATASET, row[DATASET]),
+            ("key", key),
+            ("shard", key % n_shards),
+            (QUESTION, row[QUESTION] if why is None else None),
+            ("why", why),
+            ("terms", sorted(referent_terms(row[QUESTION])) if why is None else None),
+            (ANSWERS, sorted(set(normalised(row[ANSWERS] or []))) if why is None else None),
+            ("mentions", [] if proof else sorted(set(words(text)))),
+            ("proof", sorted(proof) if proof else None),
+            ("cats", sorted(cats) if cats is not None else None),
+        ):
+            cols[name].append(value)
+    return pa.table(cols, schema=RECORD)
 
 
-def _mentions(image: _Image, term: str) -> bool:
-    return bool(variants(term) & image.mentions)
-
-
-def _acceptable(image: _Image, terms: frozenset[str], answers: list[set[str]]) -> bool:
-    if any(_mentions(image, t) for t in terms):
-        return False
-    return not any(a and all(_mentions(image, w) for w in a) for a in answers)
-
-
-def _covers(proof: frozenset[str], terms: frozenset[str]) -> bool:
-    """A proof covers a referent when each proved-absent word is one of the referent's words."""
-    return all(any(variants(p) & variants(t) for t in terms) for p in proof)
+# --- results ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -131,93 +175,124 @@ class MismatchResult:
     rows: list[dict[str, Any]]
     """The new `items` rows, in the order they were built."""
     counts: dict[str, int]
-    """`answerable`, `wanted`, `eligible`, `built`, `built_by_proof`, `built_by_rare_pool`, `short`
-    (wanted - built), then `excluded: <reason>` per excluded question and `failed: <reason>` per tried
-    question that found no image (only reasons that occurred)."""
+    """`answerable`, `wanted`, `eligible`, `built`, `built_by_proof`, `built_by_instances`,
+    `built_by_rare_pool`, `cross_dataset` (built rows whose image is another data set's), `short`
+    (wanted - built), `shards`; with instances configured `instances_images` / `instances_images_missing`
+    (images of those data sets found / not found in their file); then `excluded: <reason>` per excluded
+    question and `failed: <reason>` per tried question that found no image (only reasons that occurred)."""
+
+
+class MismatchShortfall(RuntimeError):
+    """The recipe built fewer rows than `data.mismatch_min_fill` of its target (`check_fill`)."""
 
 
 def summary(counts: Mapping[str, int]) -> str:
-    """One line for logs: what was wanted, what was built, and why any fell short."""
+    """One line for logs: what was wanted, what was built, how many crossed data sets, why any fell short."""
     fails = "; ".join(f"{k[len('failed: ') :]}: {v}" for k, v in counts.items() if k.startswith("failed: "))
+    built = counts["built"]
     line = (
-        f"mismatch built {counts['built']} of {counts['wanted']} wanted ({counts['short']} short, "
-        f"{counts['eligible']} of {counts['answerable']} answerable questions eligible)"
+        f"mismatch built {built} of {counts['wanted']} wanted ({counts['short']} short, "
+        f"{counts['eligible']} of {counts['answerable']} answerable questions eligible"
     )
-    return line + (f" [failed: {fails}]" if fails else "")
+    if "cross_dataset" in counts:  # manifests written before own-pool-first have no such count
+        cross = counts["cross_dataset"]
+        line += f"; {cross} cross-data-set ({cross / built if built else 0:.1%})"
+        line += f", {counts['built_by_instances']} by COCO instances"
+    return line + ")" + (f" [failed: {fails}]" if fails else "")
 
 
-class _Chooser:
-    """Picks a mismatched image for one question at a time; holds the index and how often images were used."""
+def check_fill(counts: Mapping[str, int], min_fill: float, datasets: Sequence[str], ratio: float) -> None:
+    """Raise `MismatchShortfall` when fewer than `min_fill` x wanted rows were built, naming the data sets,
+    the target, what was built and why candidates ran out; a smaller shortfall stays in `counts`."""
+    wanted, built = counts["wanted"], counts["built"]
+    if not wanted or built >= min_fill * wanted:
+        return
+    excluded = {k[len("excluded: ") :]: v for k, v in counts.items() if k.startswith("excluded: ")}
+    failed = {k[len("failed: ") :]: v for k, v in counts.items() if k.startswith("failed: ")}
 
-    def __init__(self, rows: Sequence[Mapping[str, Any]], rng: np.random.Generator, *, max_referent_share: float,
-                 max_image_uses: int, tries: int) -> None:  # fmt: skip
-        self.images = _index(rows)
-        self.rng, self.share, self.max_uses, self.tries = rng, max_referent_share, max_image_uses, tries
-        self.uses: Counter[str] = Counter()
-        self.pools: dict[str, list[str]] = {}
-        self.by_term: dict[str, set[str]] = {}
-        self.proved: dict[str, set[str]] = {}
-        self._pool_mentions: dict[frozenset[str], Counter[str]] = {}
-        for key in sorted(self.images):
-            image = self.images[key]
-            self.pools.setdefault(image.row[DATASET], []).append(key)
-            for v in image.mentions:
-                self.by_term.setdefault(v, set()).add(key)
-            for proof in image.proofs:
-                for v in {v for p in proof for v in variants(p)}:
-                    self.proved.setdefault(v, set()).add(key)
+    def listed(found: Mapping[str, int]) -> str:
+        return "; ".join(f"{k} {v:,}" for k, v in sorted(found.items(), key=lambda kv: -kv[1])) or "none"
 
-    def _mentioning_all(self, terms: frozenset[str]) -> Counter[str]:
-        """Per pool, how many images mention every referent word (cached: many questions share a referent)."""
-        if terms not in self._pool_mentions:
-            sets = [set().union(*(self.by_term.get(v, set()) for v in variants(t))) for t in terms]
-            keys = set.intersection(*sets) if sets else set()
-            self._pool_mentions[terms] = Counter(self.images[k].row[DATASET] for k in keys)
-        return self._pool_mentions[terms]
+    why = [
+        f"{sum(excluded.values()):,} of {counts['answerable']:,} answerable questions cannot be mismatched "
+        f"({listed(excluded)})",
+        f"{counts['eligible']:,} eligible questions were tried, {sum(failed.values()):,} found no image "
+        f"({listed(failed)})",
+    ]
+    if counts["eligible"] < wanted:
+        why.append(f"only {counts['eligible']:,} questions are eligible for {wanted:,} wanted rows")
+    raise MismatchShortfall(
+        f"data.unanswerable_per_answerable={ratio} asks for {wanted:,} mismatched unanswerable rows from the "
+        f"training data sets {', '.join(datasets)} ({counts['answerable']:,} answerable rows), but the "
+        f"recipe built {built:,} ({built / wanted:.1%}, below data.mismatch_min_fill={min_fill}). Why "
+        f"candidates ran out: {'; '.join(why)}. Lower data.unanswerable_per_answerable, raise "
+        f"data.mismatch_max_referent_share or data.mismatch_max_image_uses, give COCO data sets their "
+        f"`instances:` file, or lower data.mismatch_min_fill."
+    )
 
-    def _free(self, key: str, own: str) -> bool:
-        return key != own and self.uses[key] < self.max_uses
 
-    def _draws(self, pools: list[list[str]]) -> list[str]:
-        """Up to `tries` random images of the pools together (all of them, shuffled, when fewer), without
-        building their union: pools can hold millions of images."""
-        sizes = np.cumsum([len(p) for p in pools])
-        total = int(sizes[-1]) if len(sizes) else 0
-        picks = (
-            self.rng.permutation(total) if total <= self.tries else self.rng.integers(total, size=self.tries)
-        )
-        out = []
-        for i in picks:
-            j = int(np.searchsorted(sizes, i, side="right"))
-            out.append(pools[j][int(i) - (int(sizes[j - 1]) if j else 0)])
-        return out
+class Tally:
+    """Counts over every shard; `quota` carries a shard's shortfall over to the shards after it."""
 
-    def choose(self, row: Mapping[str, Any], terms: frozenset[str]) -> tuple[str | None, str]:
-        """(image key, how: "proof" | "rare pool") or (None, why no image was found)."""
-        own = image_key(row)
-        answers = [set(words(a)) for a in sorted(set(normalised(row[ANSWERS] or [])))]
-        proved = sorted({k for t in terms for v in variants(t) for k in self.proved.get(v, ())})
-        proved = [
-            k
-            for k in proved
-            if self._free(k, own)
-            and any(_covers(p, terms) for p in self.images[k].proofs)
-            and _acceptable(self.images[k], terms, answers)
-        ]
-        if proved:
-            return proved[int(self.rng.integers(len(proved)))], "proof"
-        seen = self._mentioning_all(terms).copy()
-        if own in self.images and all(_mentions(self.images[own], t) for t in terms):
-            seen[self.images[own].row[DATASET]] -= 1  # the question's own image does not count
-        rare = [n for n, keys in self.pools.items() if (seen[n] + 1) / (len(keys) + 1) <= self.share]
-        if not rare:
-            return None, "referent common in every pool, no proof of absence"
-        for own_pool in (False, True):  # other data sets (image sources) first
-            pools = [self.pools[n] for n in sorted(rare) if (n == row[DATASET]) == own_pool]
-            for key in self._draws(pools):
-                if self._free(key, own) and _acceptable(self.images[key], terms, answers):
-                    return key, "rare pool"
-        return None, f"no acceptable image in {self.tries} draws"
+    def __init__(self, answerable: int, ratio: float, instance_pools: Iterable[str]) -> None:
+        self.answerable, self.ratio = answerable, ratio
+        self.wanted = round(answerable * ratio)
+        self.instance_pools = frozenset(instance_pools)
+        self.seen = self.built = self.cross = self.eligible = 0
+        self.how: Counter[str] = Counter()
+        self.excluded: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.instances: Counter[str] = Counter()
+
+    def quota(self, shard_rows: int) -> int:
+        """Rows the next shard should build: its share of the target plus what earlier shards missed."""
+        self.seen += shard_rows
+        return max(0, round(self.seen * self.ratio) - self.built)
+
+    def counts(self, n_shards: int) -> dict[str, int]:
+        out = {
+            "answerable": self.answerable,
+            "wanted": self.wanted,
+            "eligible": self.eligible,
+            "built": self.built,
+            **{f"built_by_{how.replace(' ', '_')}": self.how[how] for how in HOW},
+            "cross_dataset": self.cross,
+            "short": self.wanted - self.built,
+            "shards": n_shards,
+        }
+        if self.instance_pools:
+            out["instances_images"] = self.instances["found"]
+            out["instances_images_missing"] = self.instances["missing"]
+        return {
+            **out,
+            **dict(sorted((f"excluded: {k}", v) for k, v in self.excluded.items())),
+            **dict(sorted((f"failed: {k}", v) for k, v in self.failed.items())),
+        }
+
+    def see_records(self, table: pa.Table) -> None:
+        """Pass-1 counts: eligible questions and exclusion reasons."""
+        why = table["why"]
+        self.eligible += why.null_count
+        if len(why) > why.null_count:
+            for entry in pc.value_counts(why.drop_null()).to_pylist():
+                self.excluded[entry["values"]] += entry["counts"]
+
+
+# --- building ---------------------------------------------------------------------------------------------
+
+
+def build_shard(table: pa.Table, shard: int, tally: Tally, *, seed: int, **kw: Any) -> list[Pair]:
+    """Build one shard's rows (its quota: its share of the target plus what earlier shards fell short of);
+    counts go to `tally`."""
+    quota = tally.quota(table.num_rows)
+    index = ShardIndex(table, np.random.default_rng([seed, shard]), instance_pools=tally.instance_pools, **kw)
+    tally.instances.update(index.instance_counts())
+    built = index.build(quota)
+    tally.failed.update(index.failed)
+    tally.how.update(index.how)
+    tally.cross += index.cross
+    tally.built += len(built)
+    return built
 
 
 def build_mismatches(
@@ -228,53 +303,40 @@ def build_mismatches(
     max_referent_share: float = 0.05,
     max_image_uses: int = 2,
     tries: int = 64,
+    instances: Mapping[str, CocoInstances] | None = None,
+    shard_rows: int = SHARD_ROWS,
 ) -> MismatchResult:
-    """`round(n_answerable_train * ratio)` mismatched unanswerable rows from `items` rows (the recipe above).
+    """`round(n_answerable_train * ratio)` mismatched unanswerable rows from `items` rows (the recipe above),
+    all in memory; `instances`: COCO instance annotations per data set name.
 
-    Deterministic: the same rows in the same order with the same arguments give the same result.
+    Deterministic: the same rows in the same order with the same arguments give the same result, and the
+    same pairs as `mismatch_staged.plan_staged` on those rows staged.
     """
     if ratio < 0:
         raise ValueError(f"ratio must be >= 0, got {ratio}")
-    answerable = [r for r in rows if r[SPLIT] == "train" and r[ANSWERABLE]]
-    wanted = round(len(answerable) * ratio)
-    reasons = [exclusion_reason(r) for r in answerable]
-    eligible = [r for r, why in zip(answerable, reasons, strict=True) if why is None]
-    excluded = Counter(f"excluded: {why}" for why in reasons if why is not None)
-    failed: Counter[str] = Counter()
-    how_built: Counter[str] = Counter()
+    instances = dict(instances or {})
+    positions = [i for i, r in enumerate(rows) if r[SPLIT] == "train" and r[ANSWERABLE]]
+    n_shards = shard_count(len(positions), shard_rows)
+    records = compact_records((rows[i] for i in positions), positions, n_shards, instances)
+    tally = Tally(len(positions), ratio, instances)
+    tally.see_records(records)
     built: list[dict[str, Any]] = []
-    if wanted:
-        rng = np.random.default_rng(seed)
-        chooser = _Chooser(answerable, rng, max_referent_share=max_referent_share,
-                           max_image_uses=max_image_uses, tries=tries)  # fmt: skip
-        for i in rng.permutation(len(eligible)):
-            if len(built) == wanted:
-                break
-            row = eligible[int(i)]
-            key, how = chooser.choose(row, referent_terms(row[QUESTION]))
-            if key is None:
-                failed[f"failed: {how}"] += 1
-                continue
-            chooser.uses[key] += 1
-            how_built[how] += 1
-            built.append(mismatched_row(row, chooser.images[key].row, how))
-    counts = {
-        "answerable": len(answerable),
-        "wanted": wanted,
-        "eligible": len(eligible),
-        "built": len(built),
-        "built_by_proof": how_built["proof"],
-        "built_by_rare_pool": how_built["rare pool"],
-        "short": wanted - len(built),
-        **dict(sorted(excluded.items())),
-        **dict(sorted(failed.items())),
-    }
-    return MismatchResult(built, counts)
+    for shard in range(n_shards):
+        table = records.filter(pc.equal(records["shard"], shard))
+        for b in build_shard(table, shard, tally, seed=seed, max_referent_share=max_referent_share,
+                             max_image_uses=max_image_uses, tries=tries):  # fmt: skip
+            built.append(mismatched_row(_question_row(b), rows[b.image_seq], b.how))
+    return MismatchResult(built, tally.counts(n_shards))
+
+
+def _question_row(b: Pair) -> dict[str, Any]:
+    return {ID: b.id, DATASET: b.dataset, QUESTION: b.question}
 
 
 def mismatched_row(question: Mapping[str, Any], image: Mapping[str, Any], how: str) -> dict[str, Any]:
     """The unanswerable `items` row: `question`'s text on `image`'s picture (bytes or path as stored);
-    `how` the image was chosen ("proof" or "rare pool") stays in `source` for whoever audits the row."""
+    `how` the image was chosen ("proof", "instances" or "rare pool") stays in `source` for whoever audits
+    the row."""
     return {
         ID: f"mismatch:{question[ID]}@{image[ID]}",
         DATASET: f"{question[DATASET]}{SUFFIX}",

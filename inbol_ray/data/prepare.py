@@ -11,7 +11,8 @@ Three steps, split by where they run:
    quarantined. With `data.unanswerable_per_answerable` > 0 it then adds mismatched unanswerable training
    rows (a training question on another training image, `inbol_ray.data.mismatch`) as data sets
    `<name>_mismatch`; they reuse an existing image's bytes or path, so step 3 checks them like any row.
-   (The recipe indexes every answerable training image's mentions, so it holds those rows' text.)
+   The recipe holds one shard of compact per-row data at a time (`mismatch_staged.plan_staged`), never the
+   answerable rows; with fewer than `data.mismatch_min_fill` of its target built, the stage fails.
 3. `run_prepare` (Ray Data): a CPU `map_batches` stage over the staged parts opens every image (bytes in
    the row, or the file at `image_path`), validates it (decodable, within `data.max_image_bytes` /
    `data.max_image_pixels`), stores bytes or keeps the path (`data.image_storage`), and tags bad rows with a
@@ -36,14 +37,15 @@ import pyarrow.compute as pc
 
 from inbol_ray.config import Config, DataConfig
 from inbol_ray.data import io as dio
+from inbol_ray.data.coco_categories import read_instances
 from inbol_ray.data.images import check_images
 from inbol_ray.data.loaders import items_table, load_streaming, spec_problems
 from inbol_ray.data.loaders.common import CHUNK_ROWS
-from inbol_ray.data.mismatch import build_mismatches
+from inbol_ray.data.mismatch import check_fill
 from inbol_ray.data.mismatch import summary as mismatch_summary
+from inbol_ray.data.mismatch_staged import fill_staged, plan_staged
 from inbol_ray.run_layout import RunLayout
 from inbol_ray.schema import (
-    ANSWERABLE,
     DATASET,
     ID,
     ITEMS,
@@ -51,7 +53,6 @@ from inbol_ray.schema import (
     REASON,
     ROW_KEY,
     SOURCE,
-    SPLIT,
     STAGE,
     conform,
 )
@@ -146,6 +147,9 @@ def input_problems(data: DataConfig) -> list[str]:
         problems += [f"data.datasets[{i}] {line}" for line in spec_problems(spec)]
         if spec.name and names[spec.name] > 1:
             problems.append(f"data.datasets[{i}] {spec.name}: name used by {names[spec.name]} data sets")
+        used = spec.instances and data.unanswerable_per_answerable and spec.split == "train"
+        if used and not dio.exists(spec.instances):
+            problems.append(f"data.datasets[{i}] {spec.name}: instances file not found: {spec.instances}")
     return problems
 
 
@@ -230,25 +234,31 @@ def first_rows(table: pa.Table, repeated: pa.Array) -> pa.Array:
 
 
 def _mismatches(cfg: Config, stager: _Stager, repeated: frozenset[int]) -> dict[str, int]:
-    """Build the mismatched unanswerable rows from the staged answerable training rows, and stage them."""
+    """Build the mismatched unanswerable rows from the staged answerable training rows, and stage them.
+
+    Bounded memory (`mismatch_staged.plan_staged`): compact per-row data by shard, one shard's index at a
+    time, then one more pass over the staged parts for the chosen images. Fails (`MismatchShortfall`) when
+    fewer than `data.mismatch_min_fill` of the wanted rows were built."""
     data = cfg.data
-    rows: list[dict[str, Any]] = []
-    skip = positions(repeated)
-    for batch in dio.iter_batches(dio.join(stager.root, "items")):
-        table = pa.Table.from_batches([batch])
-        wanted = pc.and_(pc.equal(table[SPLIT], "train"), table[ANSWERABLE])
-        wanted = pc.and_(wanted, first_rows(table, skip))
-        rows += table.filter(wanted).drop_columns([SEQ]).to_pylist()
-    built = build_mismatches(
-        rows,
+    train = [spec for spec in data.datasets if spec.split == "train"]
+    instances = {spec.name: read_instances(spec.instances) for spec in train if spec.instances}
+    items, work = dio.join(stager.root, "items"), dio.join(stager.root, "mismatch")
+    plan = plan_staged(
+        items,
+        work,
         data.unanswerable_per_answerable,
+        seq_column=SEQ,
+        skip=positions(repeated),
         seed=data.mismatch_seed,
         max_referent_share=data.mismatch_max_referent_share,
         max_image_uses=data.mismatch_max_image_uses,
+        instances=instances,
     )  # ids are `mismatch:<question id>@<image id>`, one per question: unique, and unlike any loader's id
-    for start in range(0, len(built.rows), CHUNK_ROWS):
-        stager.items(built.rows[start : start + CHUNK_ROWS])
-    return built.counts
+    check_fill(
+        plan.counts, data.mismatch_min_fill, [spec.name for spec in train], data.unanswerable_per_answerable
+    )
+    fill_staged(plan, items, stager.items, seq_column=SEQ)  # parts of 8192 rows: a few MB of dicts each
+    return plan.counts
 
 
 def staging_root(layout: RunLayout) -> str:
@@ -267,8 +277,14 @@ def read_sources(cfg: Config, staging: str | None = None, chunk_rows: int = CHUN
         stager.items(shapes_items(cfg))
     else:
         for spec in cfg.data.datasets:
-            dropped = load_streaming(
-                spec, stager.items, stager.bad, chunk_rows, sample_seed=cfg.data.sample_seed
+            dropped: Counter[str] = Counter()
+            load_streaming(
+                spec,
+                stager.items,
+                stager.bad,
+                chunk_rows,
+                sample_seed=cfg.data.sample_seed,
+                not_sampled=dropped,
             )
             stager.read.update(dropped)
             not_sampled.update(dropped)

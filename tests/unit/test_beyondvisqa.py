@@ -134,7 +134,10 @@ def test_plausible_options_are_not_refusals() -> None:
         for i, option in enumerate(options):
             if option != SORRY:
                 assert not is_refusal(option, question=question), option
-                assert not is_refusal_response(LETTERS[i], options, refusal_option=True, question=question), (question, option)
+                assert not is_refusal_response(LETTERS[i], options, refusal_option=True, question=question), (
+                    question,
+                    option,
+                )
 
 
 # --- what the exporter writes ------------------------------------------------------------------------

@@ -1,14 +1,15 @@
-"""The image-question mismatch recipe (inbol_ray.data.mismatch) and its config fields.
+"""The image-question mismatch recipe (inbol_ray.data.mismatch): text rules, building rows, config fields.
 
-The corpus below has two data sets of 40 images each; every noun is mentioned on exactly one image, so
-every referent is rare in both pools and every eligible question can be built: what a test sees is the
-recipe's rules, not luck in the draws.
+The corpus (tests/unit/mismatch_helpers.py) has two data sets of 40 images each; every noun is mentioned on
+exactly one image, so every referent is rare in both pools and every eligible question can be built: what a
+test sees is the recipe's rules, not luck in the draws. Own pool first, COCO instances, the fill limit and
+the sharded staged path: tests/unit/test_mismatch_pools.py.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from pathlib import Path
 
 import pytest
 
@@ -30,44 +31,7 @@ from inbol_ray.schema import (
     SOURCE,
     SPLIT,
 )
-
-NOUNS = ["bus", "kite", "horse", "laptop", "bench", "umbrella", "clock", "giraffe", "pizza", "surfboard"] * 4
-ENTITIES = ["tower", "bridge", "castle", "temple", "stadium", "lighthouse", "palace", "windmill"] * 5
-
-
-def item(
-    rid: str, dataset: str, path: str | None, question: str, answers: list[str], **kw: Any
-) -> dict[str, Any]:
-    row = {ID: rid, DATASET: dataset, SPLIT: "train", IMAGE: None, IMAGE_PATH: path, QUESTION: question,
-           ANSWERS: answers, CHOICES: None, METRIC: "vqa_soft", ANSWERABLE: True, CATEGORY: "other",
-           SOURCE: f"{dataset}.json"}  # fmt: skip
-    return {**row, **kw}
-
-
-def corpus() -> list[dict[str, Any]]:
-    """coco: 40 images, each with one eligible colour question and one yes/no question about its own noun
-    (suffixed so every noun is unique); wiki: 40 images with one eligible entity question each."""
-    rows = []
-    for i, noun in enumerate(NOUNS):
-        noun = f"{noun}{i}"
-        rows.append(item(f"coco:{i}a", "coco", f"coco/{i}.jpg", f"What color is the {noun}?", ["red"] * 10))
-        rows.append(item(f"coco:{i}b", "coco", f"coco/{i}.jpg", f"Is there a {noun}?", ["yes"] * 10))
-    for i, thing in enumerate(ENTITIES):
-        rows.append(item(f"wiki:{i}", "wiki", f"wiki/{i}.jpg", f"What is the name of this {thing}{i}?",
-                         [f"Entity {i}"], metric="exact"))  # fmt: skip
-    return rows
-
-
-def by_id(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {r[ID]: r for r in rows}
-
-
-def parts(row: dict[str, Any]) -> tuple[str, str]:
-    """(question id, image row id) of a built row, from its id `mismatch:<question>@<image>`."""
-    assert row[ID].startswith("mismatch:")
-    question, image = row[ID][len("mismatch:") :].split("@")
-    return question, image
-
+from tests.unit.mismatch_helpers import by_id, corpus, item, parts
 
 # --- words and questions ---------------------------------------------------------------------------------
 
@@ -150,6 +114,7 @@ def test_rows_are_unanswerable_items_on_another_images_picture() -> None:
     questions = Counter(parts(r)[0] for r in result.rows)
     assert max(questions.values()) == 1  # each question once
     assert max(Counter(image_key(r) for r in result.rows).values()) == 1  # max_image_uses
+    crossed = 0
     for row in result.rows:
         qid, iid = parts(row)
         question, image = source[qid], source[iid]
@@ -159,10 +124,13 @@ def test_rows_are_unanswerable_items_on_another_images_picture() -> None:
         assert (row[DATASET], row[SPLIT], row[ANSWERS], row[CHOICES]) == (f"{question[DATASET]}_mismatch", "train", [], None)  # fmt: skip
         assert (row[METRIC], row[ANSWERABLE], row[CATEGORY]) == ("exact", False, "unanswerable")
         assert qid in row[SOURCE] and iid in row[SOURCE]
-        assert image[DATASET] != question[DATASET]  # another data set's images come first
+        crossed += image[DATASET] != question[DATASET]
         image_text = " ".join(r[QUESTION] for r in rows if image_key(r) == image_key(image))
         assert not referent_terms(question[QUESTION]) & set(words(image_text)), row[ID]
         assert set(row) == set(ITEMS.names)
+    # Own pool first: with each image used once, at most the last question of a pool finds only its own
+    # image left there and crosses; every crossing is counted.
+    assert crossed == result.counts["cross_dataset"] <= 2
 
 
 def test_an_image_showing_the_gold_answer_is_never_chosen() -> None:
@@ -246,8 +214,6 @@ def test_config_checks_the_ratio() -> None:
 
 @pytest.mark.parametrize("name", ["llava-1.5-7b.yaml", "llava-1.5-13b.yaml"])
 def test_real_scale_configs_train_on_mismatched_rows(name: str) -> None:
-    from pathlib import Path
-
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / name)
     ratio = cfg.data.unanswerable_per_answerable
     assert 0.15 <= ratio / (1 + ratio) <= 0.16  # 15% of training rows, as the tiny default's ShapesWorld

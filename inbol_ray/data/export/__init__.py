@@ -13,11 +13,12 @@ counterpart of, so it is not exported):
 |---|---|---|
 | `shapes_train`, perception, first 3/4 | `vqav2` (train2014, train) | VQAv2 is the bulk of InBoL training: open perception questions with 10 answers |
 | `shapes_train`, perception, last 1/4 | `scienceqa` (train) | ScienceQA is the closed-choice part: same questions as MC with options, answer index and a context `hint` |
-| `shapes_train`, knowledge | `oven` (train) | OVEN asks for named entities: ShapesWorld's invented names are its entities |
+| `shapes_train`, knowledge, first 3/4 | `oven` (train) | OVEN asks for named entities: ShapesWorld's invented names are its entities |
+| `shapes_train`, knowledge, last 1/4 | `oven_query` (train) | OVEN's query split: the same kind of entity question from its second training file |
 | `shapes_train`, unanswerable | `unanswerable_train` (`unanswerable_jsonl`, train) | not in the 7B config (its training sets are all answerable); add a line to give training the extrinsic boundary |
 | `shapes_val` | `vizwiz_train` (VizWiz `train.json`, val) | the validation set settings are chosen on: answerable and unanswerable rows in one file, as VizWiz's train annotations hold them (under split `val` they stay one set) |
 | `shapes_id_test` | `vqav2_val` (val2014, id_test) | same distribution as the training questions, like VQAv2 val for VQAv2 train |
-| `shapes_ood_paraphrase`, first half | `aokvqa` (ood_test) | A-OKVQA asks new questions about the training set's image source (COCO): a question-side shift |
+| `shapes_ood_paraphrase`, first half | `aokvqa` (`aokvqa_mc`, ood_test) | A-OKVQA asks new questions about the training set's image source (COCO): a question-side shift; scored by its multiple-choice task, as LLaVA-1.5 is (the file holds both tasks) |
 | `shapes_ood_paraphrase`, second half | `mmbench` (ood_test) | MMBench rewords perception questions as options + hint: also a question-side shift |
 | `shapes_ood_scene` but the VizWiz share, first half | `gqa` (ood_test) | GQA is scene-graph questions on another image source (Visual Genome): an image-side shift |
 | `shapes_ood_scene` but the VizWiz share, second half | `mmmu` (ood_test) | MMMU's images are another domain altogether: image-side shift, as multiple choice |
@@ -28,10 +29,17 @@ Splits are iid per data set, so taking slices (first half, last quarter) keeps e
 question families. Multiple-choice versions (ScienceQA, A-OKVQA's MC task, MMMU, MMBench, BeyondVisQA)
 draw distractors from the family's answer vocabulary, seeded by item id (`questions.py`).
 
-Images: every format keeps the item's encoded bytes unchanged (PNG for ShapesWorld), also under the
-`.jpg` names VQAv2, OVEN, A-OKVQA, GQA and VizWiz mandate. The project opens images by content with PIL
-(`inbol_ray.data.images`), never by extension, so the pixels read back are exactly the generated ones;
-JPEG re-encoding would have made the round trip lossy for no gain inside the project.
+Images: PNG in every format, also under the `.jpg` names VQAv2, OVEN, A-OKVQA, GQA and VizWiz mandate. The
+project opens images by content with PIL (`inbol_ray.data.images`), never by extension, and JPEG
+re-encoding would have made the round trip lossy for no gain inside the project. Where the real set's
+photos are not square, neither are the exported ones: the COCO images (VQAv2, A-OKVQA) are 4:3 landscape
+and VizWiz's 3:4 portrait, the square scene stretched to that shape (`training_formats.as_photo`: the
+whole scene stays in view, so the model's `image_aspect`, LLaVA-1.5's pad or the processor's centre crop,
+is exercised as on real photos); resized back to the scene's size they are its pixels exactly. The other
+formats keep the item's bytes unchanged.
+VQAv2's training images also get COCO instance annotations (`coco/annotations/instances_train2014.json`,
+the 7B config's absence evidence for mismatched questions): the images listed, no boxes, which is true of
+ShapesWorld's pictures (no COCO object in them), so the config's instances path runs end to end.
 
 Answers: ShapesWorld has one gold answer per item; the VQA-style formats get ten agreeing annotators, so
 VQA accuracy equals exact match. Counts stay number words ("two"): VQA normalisation maps them to digits.
@@ -67,6 +75,7 @@ from inbol_ray.data.export.questions import Row, name_pool, rows_of
 from inbol_ray.data.export.training_formats import (
     OVEN_ENTITY,
     OVEN_IMAGES,
+    OVEN_QUERY,
     SCIENCEQA_IMAGES,
     SCIENCEQA_PROBLEMS,
     Written,
@@ -94,10 +103,11 @@ LAYOUT: dict[str, tuple[str, str, str, str]] = {
     "vqav2": ("vqav2", "train", vqav2_paths("train2014")[0], vqav2_paths("train2014")[2]),
     "scienceqa": ("scienceqa", "train", SCIENCEQA_PROBLEMS, SCIENCEQA_IMAGES),
     "oven": ("oven", "train", OVEN_ENTITY, OVEN_IMAGES),
+    "oven_query": ("oven", "train", OVEN_QUERY, OVEN_IMAGES),
     "unanswerable_train": ("unanswerable_jsonl", "train", UNANSWERABLE_TRAIN_FILE, ""),
     "vizwiz_train": ("vizwiz", "val", *vizwiz_paths("train")),
     "vqav2_val": ("vqav2", "id_test", vqav2_paths("val2014")[0], vqav2_paths("val2014")[2]),
-    "aokvqa": ("aokvqa", "ood_test", AOKVQA_FILE, AOKVQA_IMAGES),
+    "aokvqa": ("aokvqa_mc", "ood_test", AOKVQA_FILE, AOKVQA_IMAGES),
     "gqa": ("gqa", "ood_test", GQA_FILE, GQA_IMAGES),
     "mmmu": ("mmmu", "ood_test", MMMU_DIR, ""),
     "mmbench": ("mmbench", "ood_test", MMBENCH_FILE, ""),
@@ -110,6 +120,7 @@ WRITERS: dict[str, Callable[[Sequence[Row], str, Sequence[str]], Written]] = {
     "vqav2": lambda rows, root, names: write_vqav2(rows, root, "train2014"),
     "scienceqa": write_scienceqa,
     "oven": lambda rows, root, names: write_oven(rows, root),
+    "oven_query": lambda rows, root, names: write_oven(rows, root, "query"),
     "unanswerable_train": lambda rows, root, names: write_unanswerable_jsonl(
         rows, root, UNANSWERABLE_TRAIN_FILE, names, with_choices=False
     ),
@@ -124,7 +135,17 @@ WRITERS: dict[str, Callable[[Sequence[Row], str, Sequence[str]], Written]] = {
     ),
     "vizwiz": lambda rows, root, names: write_vizwiz(rows, root),
 }
-ANSWERABLE_ONLY = ("vqav2", "scienceqa", "oven", "vqav2_val", "aokvqa", "gqa", "mmmu", "mmbench")
+ANSWERABLE_ONLY = (
+    "vqav2",
+    "scienceqa",
+    "oven",
+    "oven_query",
+    "vqav2_val",
+    "aokvqa",
+    "gqa",
+    "mmmu",
+    "mmbench",
+)
 
 
 def _halves(rows: list[Row]) -> tuple[list[Row], list[Row]]:
@@ -144,6 +165,8 @@ def assign(rows: Sequence[Row]) -> dict[str, list[Row]]:
     train = by_set.get("shapes_train", [])
     perception = [r for r in train if r.answer is not None and r.family != "name_of"]
     n_mc = len(perception) // 4
+    knowledge = [r for r in train if r.answer is not None and r.family == "name_of"]
+    n_query = len(knowledge) // 4
     beyond, vizwiz_unanswerable = _halves(by_set.get("shapes_unanswerable", []))
     aokvqa, mmbench = _halves(by_set.get("shapes_ood_paraphrase", []))
     scene = by_set.get("shapes_ood_scene", [])
@@ -152,7 +175,8 @@ def assign(rows: Sequence[Row]) -> dict[str, list[Row]]:
     out = {
         "vqav2": perception[: len(perception) - n_mc],
         "scienceqa": perception[len(perception) - n_mc :],
-        "oven": [r for r in train if r.answer is not None and r.family == "name_of"],
+        "oven": knowledge[: len(knowledge) - n_query],
+        "oven_query": knowledge[len(knowledge) - n_query :],
         "unanswerable_train": [r for r in train if r.answer is None],
         "vizwiz_train": by_set.get("shapes_val", []),
         "vqav2_val": by_set.get("shapes_id_test", []),

@@ -7,13 +7,17 @@ from, since the formats' own keys (question ids, pids) cannot carry ours.
 
 from __future__ import annotations
 
+import io
 import json
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
+
 from inbol_ray.data import io as dio
+from inbol_ray.data.coco_categories import write_instances
 from inbol_ray.data.export.questions import (
     ANSWER_TYPE,
     FAMILY_CATEGORY,
@@ -22,6 +26,7 @@ from inbol_ray.data.export.questions import (
     multiple_choice,
     question_type,
 )
+from inbol_ray.data.images import decode_image
 
 N_ANNOTATORS = 10  # VQAv2, A-OKVQA and VizWiz keep ten human answers per question
 
@@ -49,10 +54,34 @@ def dump_jsonl(root: str, rel: str, objs: Sequence[dict[str, Any]]) -> None:
 
 
 def put_image(root: str, folder: str, name: str, data: bytes, out: Written) -> None:
-    """The item's encoded bytes as they are (PNG for ShapesWorld) under the publisher's file name; the
-    project reads images by content, so a `.jpg` name holding PNG bytes decodes to the same pixels."""
+    """Encoded bytes as they are (PNG for ShapesWorld) under the publisher's file name; the project reads
+    images by content, so a `.jpg` name holding PNG bytes decodes to the same pixels."""
     dio.write_bytes(dio.join(root, folder, name), data)
     out.files[folder + "/"] = out.files.get(folder + "/", 0) + 1
+
+
+COCO_ASPECT = (4, 3)
+"""Width:height of a typical COCO photo (640x480): VQAv2's and A-OKVQA's images."""
+VIZWIZ_ASPECT = (3, 4)
+"""Width:height of a phone photo taken upright, as most of VizWiz's blind users' photos are."""
+
+
+def as_photo(data: bytes, aspect: tuple[int, int]) -> bytes:
+    """The (square) ShapesWorld scene stretched to the real set's photo shape, as PNG.
+
+    Why: COCO's and VizWiz's photos are not square, and how the model squares a photo (`model.image_aspect`:
+    LLaVA-1.5's pad, or the processor's centre crop) only matters for photos that are not; square exports
+    would leave that path untried. Stretched, not cropped or padded here: the whole scene stays in the
+    picture, so every question stays answerable from it, and a centre crop visibly costs the edge cells
+    while pad keeps them. Nearest-neighbour keeps ShapesWorld's flat colours exact (no blended edges for a
+    colour question), and resizing the photo back to the scene's size gives its pixels back exactly.
+    """
+    image = decode_image(data)
+    side, scale = min(image.size), min(aspect)
+    size = (round(side * aspect[0] / scale), round(side * aspect[1] / scale))
+    buf = io.BytesIO()
+    image.resize(size, Image.Resampling.NEAREST).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def ten_answers(answer: str) -> list[dict[str, Any]]:
@@ -73,7 +102,7 @@ def vqav2_paths(subtype: str) -> tuple[str, str, str]:
 
 
 def write_vqav2(rows: Sequence[Row], root: str, subtype: str) -> Written:
-    """Open questions; one COCO-named image per question, question_id = image_id * 1000 as in VQAv2."""
+    """Open questions; one COCO-named 4:3 photo per question, question_id = image_id * 1000 as in VQAv2."""
     out = Written()
     questions_rel, annotations_rel, images_rel = vqav2_paths(subtype)
     questions, annotations = [], []
@@ -91,7 +120,8 @@ def write_vqav2(rows: Sequence[Row], root: str, subtype: str) -> Written:
                 "answers": [{**a, "answer_id": k + 1} for k, a in enumerate(ten_answers(str(row.answer)))],
             }
         )
-        put_image(root, images_rel, f"COCO_{subtype}_{image_id:012d}.jpg", row.image, out)
+        photo = as_photo(row.image, COCO_ASPECT)
+        put_image(root, images_rel, f"COCO_{subtype}_{image_id:012d}.jpg", photo, out)
         out.key(qid, row)
     head = {"info": {"description": "ShapesWorld in VQAv2's layout"}, "license": {}, "data_subtype": subtype}
     dump_json(
@@ -102,6 +132,10 @@ def write_vqav2(rows: Sequence[Row], root: str, subtype: str) -> Written:
     dump_json(root, annotations_rel, {**head, "data_type": "mscoco", "annotations": annotations})
     out.files[questions_rel] = len(questions)
     out.files[annotations_rel] = len(annotations)
+    if subtype == "train2014":  # the LLaVA configs' absence evidence for mismatched training questions
+        instances = f"coco/annotations/instances_{subtype}.json"
+        write_instances(dio.join(root, instances), range(1, len(rows) + 1), split=subtype)
+        out.files[instances] = len(rows)
     return out
 
 
@@ -146,16 +180,22 @@ def write_scienceqa(rows: Sequence[Row], root: str, names: Sequence[str]) -> Wri
 # --- OVEN -----------------------------------------------------------------------------------------------
 
 OVEN_ENTITY = "oven/oven_entity_train.jsonl"
+OVEN_QUERY = "oven/oven_query_train.jsonl"
 OVEN_IMAGES = "oven/oven_images"
 
 
-def write_oven(rows: Sequence[Row], root: str) -> Written:
-    """Entity questions whose answer is an invented name, images sharded by the id's first two digits."""
+def write_oven(rows: Sequence[Row], root: str, task: str = "entity") -> Written:
+    """Entity questions whose answer is an invented name, images sharded by the id's first two digits.
+
+    `task`: OVEN's two training files, `entity` (oven_entity_train.jsonl) and `query`
+    (oven_query_train.jsonl); one image folder serves both, so their image ids never collide."""
     out = Written()
     lines = []
+    path = {"entity": OVEN_ENTITY, "query": OVEN_QUERY}[task]
+    offset = 0 if task == "entity" else 50_000_000
     for i, row in enumerate(rows):
-        image_id = f"oven_{i:08d}"
-        data_id = f"oven_entity_train_{i:08d}"
+        image_id = f"oven_{offset + i:08d}"
+        data_id = f"oven_{task}_train_{i:08d}"
         lines.append(
             {
                 "data_id": data_id,
@@ -168,6 +208,6 @@ def write_oven(rows: Sequence[Row], root: str) -> Written:
         )
         put_image(root, f"{OVEN_IMAGES}/{image_id[5:7]}", f"{image_id}.jpg", row.image, out)
         out.key(data_id, row)
-    dump_jsonl(root, OVEN_ENTITY, lines)
-    out.files[OVEN_ENTITY] = len(lines)
+    dump_jsonl(root, path, lines)
+    out.files[path] = len(lines)
     return out
