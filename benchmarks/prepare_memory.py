@@ -109,7 +109,7 @@ def measure_recipe(paths: list[str], run_dir: str) -> dict:
     from pathlib import Path as P
 
     from inbol_ray.config import Config, DataConfig, DatasetSpec
-    from inbol_ray.data import prepare
+    from inbol_ray.data import prepare, prepare_sources
 
     specs = [
         DatasetSpec(name=P(p).name.rsplit("_", 1)[0], format="oven", path=p,
@@ -123,7 +123,7 @@ def measure_recipe(paths: list[str], run_dir: str) -> dict:
         ),
     )
     phase: dict = {}
-    inner = prepare._mismatches
+    inner = prepare_sources._mismatches
 
     def timed(*args, **kwargs):
         parse_peak = _rss_mb()
@@ -133,7 +133,7 @@ def measure_recipe(paths: list[str], run_dir: str) -> dict:
         phase.update(seconds=time.perf_counter() - t0, peak=_rss_mb(), parse_peak=parse_peak)
         return out
 
-    prepare._mismatches = timed
+    prepare_sources._mismatches = timed
     t0 = time.perf_counter()
     sources = prepare.read_sources(cfg)
     seconds = time.perf_counter() - t0

@@ -130,7 +130,6 @@ def with_datasets(
     def which(key: str) -> str:
         if key in item_sets:
             return item_sets[key]
-        prefix = key.split(":", 1)[0]
-        return prefix if prefix in sets or not sets else (sets[0] if len(sets) == 1 else prefix)
+        return sets[0] if len(sets) == 1 else key.split(":", 1)[0]
 
     return quarantine.assign(**{S.DATASET: [which(str(k)) for k in quarantine[S.ROW_KEY]]})

@@ -361,9 +361,9 @@ def _data_section(
         )
         return with_datasets(frame, item_sets, sets)
 
+    none = pd.DataFrame(columns=[S.ROW_KEY, S.REASON, S.DATASET])
     evaluated = pd.concat(
-        [quarantine(f"evaluate_{m}") for m in sorted(set(metrics[S.METHOD]))] or [quarantine("evaluate")],
-        ignore_index=True,
+        [quarantine(f"evaluate_{m}") for m in sorted(set(metrics[S.METHOD]))] or [none], ignore_index=True
     )
     mismatch = counts.get("mismatch")
     line = f"Mismatched unanswerable training rows: {mismatch_summary(mismatch)}." if mismatch else ""
