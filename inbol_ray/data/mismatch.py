@@ -85,6 +85,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from inbol_ray.data import io as dio
 from inbol_ray.data.coco_categories import CocoInstances, image_id_from_path
 from inbol_ray.data.mismatch_index import HOW, RECORD, SEQ, Pair, ShardIndex
 from inbol_ray.data.referents import absence_proof, exclusion_reason, normalised, referent_terms, words
@@ -121,9 +122,30 @@ def image_key(row: Mapping[str, Any]) -> str:
     return "sha1:" + hashlib.sha1(bytes(row[IMAGE] or b"")).hexdigest()
 
 
-def image_hash(row: Mapping[str, Any]) -> int:
-    """`image_key` as 64 stable bits: what shards and orders images (the same on every run and machine)."""
-    return int.from_bytes(hashlib.blake2b(image_key(row).encode(), digest_size=8).digest(), "little")
+def image_hash(row: Mapping[str, Any], root: str = "") -> int:
+    """`image_key` as 64 stable bits: what shards and orders images. A path is hashed below `root` (the
+    folder that holds every data set's images, `common_image_root`), so the same data under another folder
+    or on another machine gives the same shards, order and pairs."""
+    key = image_key(row)
+    if root and row[IMAGE_PATH] and row[IMAGE_PATH].startswith(root.rstrip("/") + "/"):
+        key = "file:" + row[IMAGE_PATH][len(root.rstrip("/")) + 1 :]
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def common_image_root(locations: Iterable[str | None]) -> str:
+    """The deepest folder above every data set's `images` location ("" when they share none): the part of
+    an image path that says where the data lives, not which image it is."""
+    found = [dio.absolute(loc).rstrip("/") for loc in locations if loc]
+    if not found:
+        return ""
+    parts = [loc.split("/") for loc in found]
+    common: list[str] = []
+    for column in zip(*parts, strict=False):
+        if len(set(column)) != 1:
+            break
+        common.append(column[0])
+    root = "/".join(common)
+    return "" if root in ("", "s3:", "gs:", "s3:/", "gs:/") else root
 
 
 def shard_count(answerable: int, shard_rows: int = SHARD_ROWS) -> int:
@@ -139,11 +161,12 @@ def compact_records(
     seqs: Iterable[int],
     n_shards: int,
     instances: Mapping[str, CocoInstances],
+    image_root: str = "",
 ) -> pa.Table:
     """The compact rows (`RECORD`) of answerable training rows, `seqs` their input positions."""
     cols: dict[str, list[Any]] = {name: [] for name in RECORD.names}
     for row, seq in zip(rows, seqs, strict=True):
-        key = image_hash(row)
+        key = image_hash(row, image_root)
         why = exclusion_reason(row)
         proof = absence_proof(row)
         text = " ".join([row[QUESTION], *(row[ANSWERS] or []), *(row[CHOICES] or [])])
@@ -305,6 +328,7 @@ def build_mismatches(
     tries: int = 64,
     instances: Mapping[str, CocoInstances] | None = None,
     shard_rows: int = SHARD_ROWS,
+    image_root: str = "",
 ) -> MismatchResult:
     """`round(n_answerable_train * ratio)` mismatched unanswerable rows from `items` rows (the recipe above),
     all in memory; `instances`: COCO instance annotations per data set name.
@@ -317,7 +341,7 @@ def build_mismatches(
     instances = dict(instances or {})
     positions = [i for i, r in enumerate(rows) if r[SPLIT] == "train" and r[ANSWERABLE]]
     n_shards = shard_count(len(positions), shard_rows)
-    records = compact_records((rows[i] for i in positions), positions, n_shards, instances)
+    records = compact_records((rows[i] for i in positions), positions, n_shards, instances, image_root)
     tally = Tally(len(positions), ratio, instances)
     tally.see_records(records)
     built: list[dict[str, Any]] = []

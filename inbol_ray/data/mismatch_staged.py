@@ -134,6 +134,7 @@ def plan_staged(
     instances: Mapping[str, CocoInstances] | None = None,
     shard_rows: int = SHARD_ROWS,
     batch_rows: int = 1024,
+    image_root: str = "",
 ) -> StagedPlan:
     """Choose the mismatched pairs from staged `items` Parquet parts (files in input order, with the input
     position in `seq_column`; positions in `skip` are repeated ids, left out) in bounded memory: a count,
@@ -154,7 +155,9 @@ def plan_staged(
         table = table.filter(_answerable(table, seq_column, skip))
         if not table.num_rows:
             continue
-        records = compact_records(table.to_pylist(), table[seq_column].to_pylist(), n_shards, instances)
+        records = compact_records(
+            table.to_pylist(), table[seq_column].to_pylist(), n_shards, instances, image_root
+        )
         tally.see_records(records)
         for name in instances:
             mine = pc.equal(records[DATASET], name)

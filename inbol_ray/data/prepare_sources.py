@@ -31,7 +31,7 @@ from inbol_ray.data import io as dio
 from inbol_ray.data.coco_categories import read_instances
 from inbol_ray.data.loaders import items_table, load_streaming, spec_problems
 from inbol_ray.data.loaders.common import CHUNK_ROWS
-from inbol_ray.data.mismatch import check_fill
+from inbol_ray.data.mismatch import check_fill, common_image_root
 from inbol_ray.data.mismatch_staged import fill_staged, plan_staged
 from inbol_ray.run_layout import RunLayout
 from inbol_ray.schema import DATASET, ID, ITEMS, REASON, ROW_KEY, SOURCE, conform
@@ -208,6 +208,7 @@ def _mismatches(cfg: Config, stager: _Stager, repeated: frozenset[int]) -> dict[
         max_referent_share=data.mismatch_max_referent_share,
         max_image_uses=data.mismatch_max_image_uses,
         instances=instances,
+        image_root=common_image_root(spec.images for spec in train),
     )  # ids are `mismatch:<question id>@<image id>`, one per question: unique, and unlike any loader's id
     check_fill(
         plan.counts, data.mismatch_min_fill, [spec.name for spec in train], data.unanswerable_per_answerable

@@ -42,7 +42,7 @@ SPECS = [
 
 BUILT = [
     "mismatch:oven:oven_entity_val_00000001@oven:oven_entity_val_00000004",  # own pool
-    "mismatch:vqav2:1001@oven:oven_entity_val_00000001",  # crossed: COCO images 2 and 3 are "square"
+    "mismatch:vqav2:1001@oven:oven_entity_val_00000004",  # crossed: COCO images 2 and 3 are "square"
 ]
 
 
@@ -144,3 +144,26 @@ def test_precision_against_shapesworld_scene_graphs(tmp_path: Path, monkeypatch)
     assert total["by proof"] == counts["built_by_proof"] > 0
     assert total["precision"] >= 0.95, table
     assert total["precision"] > total["random image"] + 0.1, table
+
+
+def test_pairs_do_not_depend_on_where_the_data_lives(tmp_path: Path) -> None:
+    """The recipe shards and orders images by a hash of their path below the data's common folder, so the
+    same files under another folder (another checkout, machine or mount) give the same pairs. CI once
+    built a different pair than a developer's machine because the absolute path was hashed."""
+    import shutil
+
+    def built_under(base: Path) -> list[str]:
+        specs = []
+        for s in SPECS:
+            rel_path, rel_images = Path(s.path).relative_to(FIX), Path(s.images).relative_to(FIX)
+            folder = rel_path.parts[0]  # a data set's files and images, as published
+            if not (base / folder).exists():
+                shutil.copytree(FIX / folder, base / folder)
+            specs.append(replace(s, path=str(base / rel_path), images=str(base / rel_images)))
+        data = DataConfig(source="files", datasets=specs, unanswerable_per_answerable=0.25,
+                          mismatch_max_referent_share=1.0)  # fmt: skip
+        rows = read_sources(Config(run_dir=str(base / "run"), data=data)).items.to_pylist()
+        return sorted(r[ID] for r in rows if r[DATASET].endswith("_mismatch"))
+
+    here = built_under(tmp_path / "a")
+    assert here == built_under(tmp_path / "somewhere" / "else" / "entirely") == BUILT
