@@ -16,21 +16,17 @@ loader expects llava-hf's `vision_tower.vision_model.X`; every writer of a check
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from inbol_ray.checkpoint_cache import CACHE_ENV, local_dir, stamp  # re-exported
 from inbol_ray.data import io as dio
 
 ADAPTER_SUBDIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
-CACHE_ENV = "INBOL_CHECKPOINT_CACHE"
-"""Where checkpoints on object storage are copied to (default: `<tmp>/inbol-checkpoints`)."""
 
 
 # --- where a checkpoint is -------------------------------------------------------------------------------
@@ -38,50 +34,6 @@ CACHE_ENV = "INBOL_CHECKPOINT_CACHE"
 
 def _is_file(location: str) -> bool:
     return dio.file_type(location) == pafs.FileType.File
-
-
-def local_dir(location: str) -> str:
-    """A local directory holding `location`'s files: the path itself, or a cached copy of a remote one.
-
-    The copy is keyed by the URI and by the remote file listing (names, sizes), so a retrained checkpoint
-    is fetched again and an unchanged one is not. Several processes on a node (sampler actors, Serve
-    replicas) ask for the same checkpoint at once: each copies into a private temporary folder and renames
-    it into place, so no reader ever sees a half-copied safetensors file; the loser of the race drops its
-    copy and uses the winner's.
-    """
-    if not dio.is_uri(location) or location.startswith("file://"):
-        return dio.resolve(location)[1]
-    fs, path = dio.resolve(location)
-    listing = sorted(
-        (info.path[len(path) :], info.size)
-        for info in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        if info.type == pafs.FileType.File
-    )
-    if not listing:
-        raise FileNotFoundError(f"checkpoint not found or empty: {location}")
-    root = os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(), "inbol-checkpoints")
-    stamp = json.dumps({"uri": location, "files": listing})
-    out = os.path.join(root, _digest(location), _digest(stamp))
-    if os.path.isdir(out):
-        return out
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".copy-", dir=os.path.dirname(out))
-    try:
-        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        with open(os.path.join(tmp, ".inbol_copied_from.json"), "w") as f:
-            f.write(stamp)
-        os.rename(tmp, out)
-    except OSError:
-        if not os.path.isdir(out):  # a real copy failure, not a lost race
-            raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def upload_dir(local: str, location: str) -> str:
@@ -136,20 +88,6 @@ def resolve(location: str, base: str | None = None) -> Resolved:
     if not base_dir or not has_model(base_dir):
         raise FileNotFoundError(f"adapter {adapter}: base model {base_dir} not found; pass its path as base")
     return Resolved(dio.absolute(base_dir), adapter)
-
-
-def stamp(location: str) -> list[tuple[str, int]]:
-    """Names and sizes of a checkpoint's files (mtimes where local): retraining changes it, reading does not."""
-    fs, path = dio.resolve(location)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    files = sorted(
-        (info.path[len(path) :], info.size, info.mtime_ns if isinstance(fs, pafs.LocalFileSystem) else 0)
-        for info in infos
-        if info.type == pafs.FileType.File and "/ray/" not in info.path[len(path) :]
-    )
-    if not files:
-        raise FileNotFoundError(f"checkpoint directory not found or empty: {location}")
-    return files
 
 
 # --- writing ---------------------------------------------------------------------------------------------
@@ -237,3 +175,22 @@ def load_processor(location: str):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(local_dir(resolve(location).model_dir))
+
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_SUBDIR",
+    "CACHE_ENV",
+    "Resolved",
+    "adapter_dir",
+    "has_model",
+    "load_for_training",
+    "load_model",
+    "load_processor",
+    "local_dir",
+    "resolve",
+    "save_model",
+    "stamp",
+    "to_llava_hf_layout",
+    "upload_dir",
+]

@@ -10,6 +10,7 @@ from inbol_ray.config.data_sections import (
 from inbol_ray.config.errors import ConfigError
 from inbol_ray.config.loading import apply_overrides, load_config, merge_layers
 from inbol_ray.config.sections import (
+    CheckpointConfig,
     Config,
     ConstructConfig,
     EvalConfig,
@@ -23,6 +24,7 @@ from inbol_ray.config.sections import (
 
 __all__ = [
     "BaseTrainConfig",
+    "CheckpointConfig",
     "Config",
     "ConfigError",
     "ConstructConfig",

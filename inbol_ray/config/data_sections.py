@@ -190,6 +190,13 @@ class DataConfig:
     printed in the report."""
     sample_seed: int = 0
     """Seed of every data set's `sample_rows` subset."""
+    verify: Literal["identity", "digest"] = "identity"
+    """How prepare knows its input files are unchanged: `identity` (size and modification time locally,
+    ETag or version on object storage: free, and any edit in place changes it) or `digest` (also the
+    SHA-256 of every annotation file: survives copies that reset mtimes, costs one read per run)."""
+    max_line_bytes: int = 64_000_000
+    """Longest line a JSONL reader accepts: a file with no newline (or a truncated one) fails naming its
+    file and line instead of being buffered whole."""
 
     def __post_init__(self) -> None:
         if self.root:
@@ -214,6 +221,7 @@ class DataConfig:
         in_range("data.mismatch_max_referent_share", self.mismatch_max_referent_share, 0.0, 1.0)
         at_least("data.mismatch_max_image_uses", self.mismatch_max_image_uses, 1)
         in_range("data.mismatch_min_fill", self.mismatch_min_fill, 0.0, 1.0)
+        at_least("data.max_line_bytes", self.max_line_bytes, 1024)
         reserved = [n for n in names if n == "mismatch" or n.endswith("_mismatch")]
         if reserved and self.unanswerable_per_answerable:
             raise ConfigError(

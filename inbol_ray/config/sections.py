@@ -340,9 +340,30 @@ class RayConfig:
     methods beside each other). Each asks Ray for its own resources (a training: train.num_workers x
     cpus_per_worker), so what does not fit waits. Never changes an output."""
 
+    driver_lease_s: float = 300.0
+    """One driver per run directory: a job holds a lease on the run (`<run_dir>/.lease.json`, renewed every
+    third of this), and a second driver fails naming the holder; a lease not renewed for this long (a
+    killed driver) is taken over with a warning."""
+
     def __post_init__(self) -> None:
         at_least("ray.num_cpus", self.num_cpus, 1)
         at_least("ray.concurrent_stages", self.concurrent_stages, 1)
+        if self.driver_lease_s < 10:
+            raise ConfigError(f"ray.driver_lease_s must be >= 10, got {self.driver_lease_s}")
+
+
+@dataclass
+class CheckpointConfig:
+    """The node-local copies of checkpoints on object storage (`inbol_ray.checkpoint_cache`)."""
+
+    cache_dir: str = ""
+    """Where copies go (empty: $INBOL_CHECKPOINT_CACHE, else a private folder under the temp dir). The
+    folder is created 0700: a copy is whatever a later load executes into the model."""
+    cache_bytes: int = 200_000_000_000
+    """Bound of the cache: least recently used copies are evicted beyond it (a 7B base is ~14 GB)."""
+
+    def __post_init__(self) -> None:
+        at_least("checkpoint.cache_bytes", self.cache_bytes, 1)
 
 
 def check_training_precision(model_dtype: str, train: TrainConfig) -> None:
@@ -384,6 +405,8 @@ class Config:
     """Serving."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Ray connection."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Local copies of remote checkpoints."""
 
     def __post_init__(self) -> None:
         check_training_precision(self.model.dtype, self.train)
