@@ -131,13 +131,31 @@ def save_model(model, processor, out_dir: str) -> str:
 # --- loading ---------------------------------------------------------------------------------------------
 
 
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint whose weights are only in a pickle format (`.bin`, `.pt`): loading it would run
+    whatever code whoever could write the folder (or bucket) put there."""
+
+
+def safe_adapter(directory: str) -> str:
+    """`directory` when its peft adapter weights are safetensors; raises `UnsafeCheckpoint` when they are a
+    pickle (`adapter_model.bin`), which peft would otherwise unpickle."""
+    names = set(os.listdir(directory))
+    if "adapter_model.safetensors" not in names:
+        pickled = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl")))
+        raise UnsafeCheckpoint(
+            f"adapter {directory}: no adapter_model.safetensors"
+            + (f" (only pickle weights {pickled}: refused, they could run code on load)" if pickled else "")
+        )
+    return directory
+
+
 def _with_adapter(model, found: Resolved):
     """`model` (the base) with `found`'s adapter merged in memory, or as it is when there is none."""
     if found.adapter_dir is None:
         return model
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, local_dir(found.adapter_dir)).merge_and_unload()
+    return PeftModel.from_pretrained(model, safe_adapter(local_dir(found.adapter_dir))).merge_and_unload()
 
 
 def load_model(location: str, dtype: str = "float32", device: str = "cpu", base: str | None = None):
@@ -149,7 +167,9 @@ def load_model(location: str, dtype: str = "float32", device: str = "cpu", base:
     found = resolve(location, base)
     path = local_dir(found.model_dir)
     # LLaVA-1.5 and every other image-text-to-text architecture transformers knows (Qwen2-VL, ...).
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=getattr(torch, dtype), use_safetensors=True
+    )
     model = _with_adapter(model, found).to(device)
     model.eval()
     processor = AutoProcessor.from_pretrained(path)
@@ -165,7 +185,10 @@ def load_for_training(location: str, dtype: str = "float32", merge_adapter: bool
 
     found = resolve(location)
     model = LlavaForConditionalGeneration.from_pretrained(
-        local_dir(found.model_dir), dtype=getattr(torch, dtype), attn_implementation="sdpa"
+        local_dir(found.model_dir),
+        dtype=getattr(torch, dtype),
+        attn_implementation="sdpa",
+        use_safetensors=True,
     )
     return _with_adapter(model, found) if merge_adapter else model
 

@@ -40,7 +40,7 @@ def load_policy(model_dir: str, model_dtype: str, cfg: TrainConfig) -> nn.Module
     frozen reference (IDK-IT) is the same base + adapter, scored once by the reference pass. Full fine-tuning
     from an adapter start merges it in memory first.
     """
-    from inbol_ray.checkpoint import adapter_dir, load_for_training, local_dir
+    from inbol_ray.checkpoint import adapter_dir, load_for_training, local_dir, safe_adapter
 
     dtype = master_dtype(cfg, model_dtype)
     adapter = adapter_dir(model_dir)
@@ -51,7 +51,7 @@ def load_policy(model_dir: str, model_dtype: str, cfg: TrainConfig) -> nn.Module
     base = load_for_training(model_dir, dtype, merge_adapter=False)
     for p in base.parameters():
         p.requires_grad_(False)
-    policy = PeftModel.from_pretrained(base, local_dir(adapter), is_trainable=True)
+    policy = PeftModel.from_pretrained(base, safe_adapter(local_dir(adapter)), is_trainable=True)
     _check_trainable(policy, cfg)
     return policy
 
