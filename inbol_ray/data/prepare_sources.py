@@ -239,6 +239,7 @@ def read_sources(cfg: Config, staging: str | None = None, chunk_rows: int = CHUN
                 stager.bad,
                 chunk_rows,
                 sample_seed=cfg.data.sample_seed,
+                max_line_bytes=cfg.data.max_line_bytes,
                 not_sampled=not_sampled,
             )
         stager.read.update(not_sampled)  # read: every row, subset or not

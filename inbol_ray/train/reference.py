@@ -75,6 +75,24 @@ class ReferenceScorer:
         return out
 
 
+def empty_table_error(table_uri: str, who: str, table: str) -> ValueError:
+    """The error for a training table with no rows, naming where the rows went.
+
+    Why its own message: an empty table used to reach the Ray Train workers, fail in each of them and be
+    retried `train.max_failures` times, ending in an "empty table" far from its cause, which is always
+    upstream: construct dropped every row (its quarantine says why) or had none to start from. Tables live
+    at `<run>/tables/<name>`, so the construct quarantine is found beside them when the layout is a run's.
+    """
+    run_dir = dio.parent(dio.parent(table_uri))
+    quarantine = dio.quarantine_uri(run_dir, f"construct_{table}")
+    where = quarantine if dio.exists(quarantine) else f"the construct stage's quarantine (construct_{table})"
+    return ValueError(
+        f"{who}: training table {table_uri} has 0 rows, nothing to train on. Construct kept 0 rows for "
+        f"'{table}': either it dropped every row (each one and its reason is in {where}) or it had no "
+        f"input (check the sample and prepare stages' counts and the construct.* settings)."
+    )
+
+
 BLOCK, POSITION = "_block", "_position"
 """Where a row came from (row group of the pairs table, place in it): the driver puts each block back
 together and writes it as its own file, in the input's order."""
@@ -102,7 +120,8 @@ def run_reference_pass(
     every one is written (a file move works on object storage; a folder move does not), so a crash never
     leaves a table that looks complete. Output order = input order (row group by row group). Runs on
     max(1, train.num_workers) actors at most (one GPU each when train.use_gpu), `train.reference_batch_size`
-    items per forward (the memory knob of a large model's pass).
+    items per forward (the memory knob of a large model's pass). A pairs table without rows fails here,
+    before any actor starts, and leaves no reference table behind (`empty_table_error`).
     """
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -120,10 +139,8 @@ def run_reference_pass(
     blocks = open_blocks(pairs_uri, allow_empty=True)  # footers only
     n_in = blocks.n_rows
     dio.remove(out_uri)  # an older run may have left a file or a folder there
-    if n_in == 0:
-        dio.write_table(S.CADPO_PAIRS_WITH_REF.empty_table(), dio.join(out_uri, "part-000000.parquet"))
-        log(f"[reference] {pairs_uri} has no rows: wrote an empty table")
-        return {"rows": 0, "seconds": round(time.time() - t0, 1)}
+    if n_in == 0:  # no DPO method can train on it: say so now, not after every worker's retries
+        raise empty_table_error(pairs_uri, "reference pass", "cadpo_pairs")
     micro = tc.reference_batch_size or tc.batch_size  # items per forward
     rows = max(tc.batch_size, micro) * 4  # one actor call
     actors = max(1, min(tc.num_workers, -(-n_in // rows)))  # no more actors than batches

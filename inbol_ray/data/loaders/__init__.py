@@ -38,7 +38,11 @@ Notes on grading (each loader's docstring has the details and the reasons):
 
 Item ids are `<spec name>:<native key>` (question_id, pid, data_id, index, ...) so they stay unique when
 several data sets share one `items` table. Errors: a file not in its format raises `DataFormatError` naming
-the file and field; a bad row becomes a quarantine row whose reason names the field.
+the file and field (so does a JSONL line longer than `data.max_line_bytes`); a bad row becomes a quarantine
+row whose reason names the field. Image paths built from a file's values (`image`, `imageId`, a problem id,
+`image_id`) must stay under `images`: a value with a `..` component, an absolute path, a URI or a NUL byte
+quarantines its row (`common.path_problem`; `unanswerable_jsonl` and `items` keep their documented
+absolute paths and URIs, but not `..`).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from collections.abc import Callable
 
 from inbol_ray.config import DatasetSpec
 from inbol_ray.data import io as dio
-from inbol_ray.data.loaders.common import CHUNK_ROWS, DataFormatError, Parsed, Sink
+from inbol_ray.data.loaders.common import CHUNK_ROWS, MAX_LINE_BYTES, DataFormatError, Parsed, Sink
 from inbol_ray.data.loaders.embedded import items_table, parse_items, parse_mmbench, parse_mmmu
 from inbol_ray.data.loaders.evaluation import (
     parse_aokvqa,
@@ -137,13 +141,19 @@ def _absolute(spec: DatasetSpec) -> DatasetSpec:
     return dataclasses.replace(spec, path=dio.absolute(spec.path), images=images)
 
 
-def load(spec: DatasetSpec, sample_seed: int = 0) -> Parsed:
+def load(spec: DatasetSpec, sample_seed: int = 0, *, max_line_bytes: int = MAX_LINE_BYTES) -> Parsed:
     """Parse one data set spec with its format's loader (file-level problems raise DataFormatError); with
     `spec.sample_rows`, its items are the seeded subset (`loaders.sampling`), in input order."""
     if not spec.sample_rows:
-        return LOADERS[spec.format](_absolute(spec), None)
+        return LOADERS[spec.format](_absolute(spec), Parsed(max_line_bytes=max_line_bytes))
     parsed = Parsed()
-    load_streaming(spec, parsed.items.extend, parsed.quarantine.extend, sample_seed=sample_seed)
+    load_streaming(
+        spec,
+        parsed.items.extend,
+        parsed.quarantine.extend,
+        sample_seed=sample_seed,
+        max_line_bytes=max_line_bytes,
+    )
     return parsed
 
 
@@ -155,6 +165,7 @@ def load_streaming(
     *,
     sample_seed: int = 0,
     not_sampled: Counter[str] | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> int:
     """`load`, handing rows to `on_items` / `on_bad` in chunks of at most `chunk_rows` instead of returning
     them; returns the rows read. What the caller holds is one chunk: JSONL formats (OVEN's millions of rows)
@@ -162,9 +173,10 @@ def load_streaming(
     `spec.sample_rows` the items are the seeded subset, handed over at the end (the sample holds
     `sample_rows` rows at most), and the usable rows left out are added to `not_sampled` per data set name:
     the caller counts them, so read = items + quarantined + not sampled accounts for every row.
+    `max_line_bytes` (`data.max_line_bytes`) bounds what a JSONL reader buffers of one line.
     """
     sample = RowSample(spec.sample_rows, sample_seed) if spec.sample_rows else None
-    out = Parsed.streaming(sample.add if sample else on_items, on_bad, chunk_rows)
+    out = Parsed.streaming(sample.add if sample else on_items, on_bad, chunk_rows, max_line_bytes)
     LOADERS[spec.format](_absolute(spec), out)
     out.flush()
     if sample is not None:

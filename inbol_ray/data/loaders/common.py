@@ -13,11 +13,12 @@ Every input row ends up in exactly one of `items` or `quarantine` (the prepare s
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from inbol_ray.config import DatasetSpec
+from inbol_ray.config import DataConfig, DatasetSpec
 from inbol_ray.data import io as dio
 from inbol_ray.schema import (
     ANSWERABLE,
@@ -42,6 +43,9 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 class DataFormatError(ValueError):
     """A data file is not in the format its loader reads: the message names the file and the field."""
 
+
+MAX_LINE_BYTES: int = DataConfig.max_line_bytes
+"""Longest JSONL line read when the caller sets no limit: the config's default (`data.max_line_bytes`)."""
 
 CHUNK_ROWS = 50_000
 """Rows a streaming loader hands over at a time: the most a loader holds of a multi-million-row file."""
@@ -77,18 +81,26 @@ class Spool(list):
 
 @dataclass
 class Parsed:
-    """A loader's output: item dicts (ITEMS columns) and quarantine dicts (QUARANTINE columns + dataset)."""
+    """A loader's output: item dicts (ITEMS columns) and quarantine dicts (QUARANTINE columns + dataset).
+
+    It also carries `max_line_bytes`, the one reading limit that comes from `data` rather than the spec:
+    every loader is called as `(spec, out)`, so the object it writes into is how a run-wide setting reaches
+    the line reader without a parameter on every loader.
+    """
 
     items: Spool = field(default_factory=Spool)
     quarantine: Spool = field(default_factory=Spool)
+    max_line_bytes: int = MAX_LINE_BYTES
 
     @property
     def n_input(self) -> int:
         return self.items.total + self.quarantine.total
 
     @classmethod
-    def streaming(cls, on_items: Sink, on_bad: Sink, chunk_rows: int = CHUNK_ROWS) -> Parsed:
-        return cls(Spool(on_items, chunk_rows), Spool(on_bad, chunk_rows))
+    def streaming(
+        cls, on_items: Sink, on_bad: Sink, chunk_rows: int = CHUNK_ROWS, max_line_bytes: int = MAX_LINE_BYTES
+    ) -> Parsed:
+        return cls(Spool(on_items, chunk_rows), Spool(on_bad, chunk_rows), max_line_bytes)
 
     def flush(self) -> None:
         self.items.flush()
@@ -150,27 +162,55 @@ def read_json(uri: str) -> Any:
         raise DataFormatError(f"{uri}: malformed JSON ({exc})") from exc
 
 
-def iter_lines(uri: str, block_bytes: int = 1 << 18) -> Iterator[bytes]:
+def iter_lines(uri: str, max_line_bytes: int = MAX_LINE_BYTES, block_bytes: int = 1 << 18) -> Iterator[bytes]:
     """A file's lines (without the newline), read a block at a time: a JSONL of millions of rows is never
-    held whole. Lines split on `\\n` only (a JSON string may hold U+2028, which `str.splitlines` would cut)."""
+    held whole. Lines split on `\\n` only (a JSON string may hold U+2028, which `str.splitlines` would cut).
+
+    Why a limit: a file without newlines (a JSON array saved as .jsonl, a truncated download, a binary file)
+    would otherwise be buffered whole before the first row fails. The reader holds at most `max_line_bytes`
+    of an unfinished line plus one block, and a longer line stops the file with a `DataFormatError`.
+    """
     fs, path = dio.resolve(uri)
+    number = 0  # lines handed over so far
+    pending: list[bytes] = []  # pieces of a line that runs over block boundaries
+    size = 0
     with fs.open_input_stream(path) as stream:
-        tail = b""
         while block := stream.read(block_bytes):
-            lines = (tail + block).split(b"\n")
+            lines = block.split(b"\n")
             tail = lines.pop()
-            yield from lines
-        if tail:
-            yield tail
+            for line in lines:
+                number += 1
+                if size + len(line) > max_line_bytes:
+                    raise line_too_long(uri, number, max_line_bytes)
+                if pending:
+                    line, pending, size = b"".join([*pending, line]), [], 0
+                yield line
+            if tail:
+                size += len(tail)
+                if size > max_line_bytes:
+                    raise line_too_long(uri, number + 1, max_line_bytes)
+                pending.append(tail)
+    if pending:
+        yield b"".join(pending)
+
+
+def line_too_long(uri: str, number: int, limit: int) -> DataFormatError:
+    """File level, not a row: past the limit the reader cannot find where the next row starts."""
+    return DataFormatError(
+        f"{uri}: line {number} is longer than data.max_line_bytes ({limit:,} bytes); a JSONL file holds one "
+        f"object per line, so the file is likely not JSONL or is cut off. If its lines really are that "
+        f"long, raise data.max_line_bytes"
+    )
 
 
 def read_jsonl(uri: str, spec: DatasetSpec, out: Parsed) -> Iterator[tuple[int, dict[str, Any]]]:
     """Parse a JSONL file line by line, as a stream: a malformed line is quarantined, the others yielded.
 
-    Yields (line number, object) pairs; blank lines are not rows. `limit` counts lines read.
+    Yields (line number, object) pairs; blank lines are not rows. `limit` counts lines read. A line longer
+    than `out.max_line_bytes` stops the file (`iter_lines`).
     """
     seen = 0
-    for number, raw in enumerate(iter_lines(uri), start=1):
+    for number, raw in enumerate(iter_lines(uri, out.max_line_bytes), start=1):
         line = raw.decode("utf-8", errors="replace").rstrip("\r")
         if not line.strip():
             continue
@@ -272,6 +312,44 @@ def answer_letter(index: Any, choices: Sequence[str], name: str) -> tuple[str, s
     return LETTERS[index], ""
 
 
+_SEPARATORS = re.compile(r"[/\\]")
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[/\\]")
+
+
+def path_problem(value: str, *, inside_root: bool = True) -> str:
+    """What makes a path taken from a data file unsafe to open, or '' when nothing does.
+
+    Why: image paths are built from values in annotation files (`image`, `imageId`, a problem id), and a
+    file that says `../../etc/passwd` must not make a worker read outside the images folder. With
+    `inside_root` (a part joined under the spec's `images`) absolute paths and URIs are refused too; formats
+    whose documented field may be a location of its own (`unanswerable_jsonl`'s `image`, `items`'
+    `image_path`) pass `inside_root=False` and keep them. A `..` component or a NUL byte is refused either
+    way: no published layout needs one. `\\` counts as a separator, as in a file written on Windows.
+    """
+    if "\x00" in value:
+        return "holds a NUL byte"
+    if inside_root and "://" in value:
+        return "is a URI, not a path inside the images folder"
+    if inside_root and (value.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(value)):
+        return "is an absolute path, not a path inside the images folder"
+    if ".." in _SEPARATORS.split(value):
+        return "has a '..' component (a path may not climb out of its folder)"
+    return ""
+
+
+def path_reason(what: str, value: Any, *, inside_root: bool = True) -> str:
+    """A quarantine reason naming the field and its value when `value` is not a safe path, else ''."""
+    problem = path_problem(str(value), inside_root=inside_root)
+    return f"{what} ({str(value)!r}) {problem}" if problem else ""
+
+
 def image_location(base: str, *parts: str) -> str:
-    """Where a file-per-image format keeps one image (absolute, so Ray workers can open it)."""
+    """Where a file-per-image format keeps one image (absolute, so Ray workers can open it).
+
+    Loaders quarantine a row whose parts fail `path_problem` before they get here; this check is the
+    backstop that keeps a loader that forgot from opening a file outside `base`.
+    """
+    for part in parts:
+        if problem := path_problem(part):
+            raise ValueError(f"image path part {part!r} {problem}")
     return dio.join(dio.absolute(base), *parts)

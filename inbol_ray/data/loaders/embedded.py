@@ -24,6 +24,7 @@ from inbol_ray.data.loaders.common import (
     make_bad,
     make_item,
     missing_field,
+    path_reason,
     string_list,
 )
 from inbol_ray.schema import (
@@ -218,6 +219,8 @@ def _items_row_reason(row: dict[str, Any], text_only: bool) -> str:
         return f"field '{METRIC}' ({row[METRIC]!r}) is not one of {list(METRICS)}"
     if row[IMAGE] is None and not row[IMAGE_PATH] and not text_only:
         return f"missing field '{IMAGE}' (and '{IMAGE_PATH}'; set text_only: true for text-only items)"
+    if row[IMAGE_PATH]:  # absolute paths and URIs are how a previous prepare stored them: kept
+        return path_reason(f"field '{IMAGE_PATH}'", row[IMAGE_PATH], inside_root=False)
     return ""
 
 
@@ -225,7 +228,9 @@ def parse_items(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     """Parquet already in the `items` schema (a file or a folder of shards): rows are kept as they are.
 
     Their own `dataset`/`split` columns win over the spec (one ShapesWorld file holds several data sets);
-    relative `image_path`s are made absolute so Ray workers can open them.
+    relative `image_path`s are made absolute (against the working directory, as always) so Ray workers can
+    open them. An `image_path` is the location itself, not a part under a root, so absolute paths and URIs
+    (what a previous prepare writes) are kept; one with a `..` component or a NUL byte is quarantined.
     """
     out = Parsed() if out is None else out
     for uri in _parquet_files(spec.path):

@@ -19,6 +19,7 @@ from inbol_ray.data.loaders.common import (
     make_bad,
     make_item,
     missing_field,
+    path_reason,
     read_json,
     read_jsonl,
     string_list,
@@ -122,6 +123,7 @@ def parse_gqa(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     check_fields(questions.values(), GQA_FIELDS, spec.path)
     for qid, q in add_limit(list(questions.items()), spec):
         reason = "row is not a JSON object" if not isinstance(q, dict) else missing_field(q, GQA_FIELDS)
+        reason = reason or path_reason("field 'imageId'", q["imageId"])
         if reason:
             out.quarantine.append(make_bad(spec, qid, spec.path, reason))
             continue
@@ -174,7 +176,8 @@ def parse_vizwiz(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     absent or not 0/1 cannot be routed and is quarantined under `<name>`. `limit` counts rows of the file,
     before the split. category = answer_type (yes/no, number, other, unanswerable). Images:
     `<images>/<image>`. Unanswerable rows keep their ten "unanswerable" answers; they are never graded
-    correct (answerable is false), only refused or not.
+    correct (answerable is false), only refused or not. An `image` that is not a plain name under
+    `images` (`..`, an absolute path, a URI) is quarantined with the value.
     """
     out = Parsed() if out is None else out
     rows = expect_type(read_json(spec.path), list, spec.path, "list of annotations")
@@ -199,6 +202,7 @@ def parse_vizwiz(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
                 answers = [str(a["answer"]) for a in raw]
         if not reason and not _is_flag(flag):
             reason = f"field 'answerable' must be 0 or 1, got {flag!r}"
+        reason = reason or path_reason("field 'image'", r["image"])
         if reason:
             out.quarantine.append(make_bad(spec, key, spec.path, reason, dataset=dataset))
             continue
@@ -240,7 +244,9 @@ def parse_unanswerable_jsonl(spec: DatasetSpec, out: Parsed | None = None) -> Pa
 
     One object per line: {"id": str, "image": path, "question": str, "answers": [str] (optional),
     "choices": [str] (optional; BeyondVisQA style, one option is the refusal), "category": str (optional)}.
-    `image` is a URI, an absolute path, or relative to `images` (default: the JSONL's folder).
+    `image` is a URI, an absolute path, or relative to `images` (default: the JSONL's folder). A path with
+    a `..` component is quarantined: to reach images outside that folder, set `images` to a folder above
+    them or write absolute paths.
     metric = mc_letter with choices (answers then hold letters, if any), else exact.
 
     BeyondVisQA (MM-SAP) gives five options, one of which is "Sorry, I can't help with it" at any position
@@ -254,6 +260,8 @@ def parse_unanswerable_jsonl(spec: DatasetSpec, out: Parsed | None = None) -> Pa
         fields.see(r)
         key = r.get("id") or f"line{number}"
         reason = missing_field(r, UNANSWERABLE_FIELDS)
+        if not reason:  # a URI or an absolute path is documented; a relative one stays under its root
+            reason = path_reason("field 'image'", r["image"], inside_root=False)
         answers: list[str] = []
         choices: list[str] | None = None
         if not reason and r.get("answers") is not None:

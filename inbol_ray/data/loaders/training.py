@@ -19,6 +19,7 @@ from inbol_ray.data.loaders.common import (
     make_bad,
     make_item,
     missing_field,
+    path_reason,
     read_json,
     read_jsonl,
     string_list,
@@ -58,6 +59,8 @@ def parse_vqav2(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     subtype = (
         questions_doc.get("data_subtype") or _VQA_QUESTIONS.match(spec.path.rsplit("/", 1)[-1])["subtype"]
     )
+    if reason := path_reason("field 'data_subtype'", subtype):  # one value names every row's image
+        raise DataFormatError(f"{spec.path}: {reason}")
     annotations = expect_key(read_json(annotations_uri), "annotations", annotations_uri)
     check_fields(questions, VQAV2_QUESTION_FIELDS, spec.path)
     check_fields(annotations, VQAV2_ANNOTATION_FIELDS, annotations_uri)
@@ -137,6 +140,10 @@ def parse_scienceqa(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
         letter = ""
         if not reason and not p.get("image") and not spec.text_only:
             reason = "skipped: field 'image' is null (text-only question; set text_only: true to load it)"
+        if not reason and p.get("image"):  # both name parts of the image path
+            image = p["image"]
+            reason = "field 'image' must be a string" if not isinstance(image, str) else ""
+            reason = reason or path_reason("problem id", pid) or path_reason("field 'image'", image)
         if not reason:
             choices, reason = string_list(p["choices"], "choices")
         if not reason:
@@ -216,7 +223,7 @@ def parse_oven(spec: DatasetSpec, out: Parsed | None = None) -> Parsed:
     for number, r in read_jsonl(spec.path, spec, out):
         fields.see(r)
         key = r.get("data_id") or f"line{number}"
-        reason = missing_field(r, OVEN_FIELDS)
+        reason = missing_field(r, OVEN_FIELDS) or path_reason("field 'image_id'", r["image_id"])
         if reason:
             out.quarantine.append(make_bad(spec, key, spec.path, reason))
             continue
