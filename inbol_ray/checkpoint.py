@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -46,13 +50,111 @@ def upload_dir(local: str, location: str) -> str:
     return location
 
 
+# --- a method's published export ----------------------------------------------------------------------
+
+EXPORT_POINTER = "export.json"
+"""In `<run_dir>/models/<method>/`: which `export-<token>/` folder holds the method's weights, and the
+names and sizes of its files. Written last, so it only ever names a whole export."""
+EXPORT_PREFIX = "export-"
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint folder that cannot be trusted to hold one training's weights (half-written, mixed, or
+    not matching its pointer); the message says what to do."""
+
+
+def _listing(location: str) -> dict[str, int]:
+    """Relative file names and sizes below `location` (empty when it does not exist)."""
+    fs, path = dio.resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    root = path.rstrip("/") + "/"
+    return {i.path[len(root) :]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def publish_export(out: str, write: Callable[[str], None], *, about: dict | None = None) -> str:
+    """Write a method's weights as a fresh `out/export-<token>/` and swap it in whole; returns its location.
+
+    Why: a retrained method must never leave files of two trainings side by side (a stale merged model
+    beside a new adapter was loaded in its place). `write(local_dir)` saves the model and/or adapter into an
+    empty local folder; it is uploaded (object storage) or moved (local) under a name no one reads yet,
+    then `export.json` (files and sizes) is written in one atomic put, and only then are older exports and
+    files of the pre-pointer layout removed. A crash at any point leaves the previous pointer valid.
+    """
+    token = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    name = EXPORT_PREFIX + token
+    target = dio.join(out, name)
+    fs, out_path = dio.resolve(out)
+    fs.create_dir(out_path, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        staging = tempfile.mkdtemp(prefix=f".{name}-", dir=out_path)  # same filesystem: rename is atomic
+        write(staging)
+        os.rename(staging, dio.resolve(target)[1])
+    else:
+        with tempfile.TemporaryDirectory() as staging:
+            write(staging)
+            upload_dir(staging, target)
+    files = _listing(target)
+    if not files:
+        raise CheckpointError(f"export to {target} wrote no files")
+    pointer = {
+        "dir": name,
+        "files": files,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **(about or {}),
+    }
+    dio.write_bytes(dio.join(out, EXPORT_POINTER), json.dumps(pointer, indent=1, sort_keys=True).encode())
+    _remove_superseded(out, keep=name)
+    return target
+
+
+TRAINING_FILES = ("ray", "tensorboard", "metrics.jsonl", "train_result.json", EXPORT_POINTER)
+"""What else lives in `models/<method>/`: Ray Train's resume state and the training's records."""
+
+
+def _remove_superseded(out: str, keep: str) -> None:
+    """Older exports and the weights of the layout before pointers (files at the top, `adapter/`)."""
+    fs, path = dio.resolve(out)
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.base_name in (keep, *TRAINING_FILES) or info.base_name.startswith((".tmp-",)):
+            continue
+        dio.remove(dio.join(out, info.base_name))
+
+
+def read_pointer(location: str) -> dict | None:
+    """`location`'s export pointer, or None when it has none (a plain HF folder, a bare adapter)."""
+    uri = dio.join(location, EXPORT_POINTER)
+    if not _is_file(uri):
+        return None
+    return json.loads(dio.read_bytes(uri).decode())
+
+
+def follow_export(location: str) -> str:
+    """The folder that holds `location`'s weights: its current export when it has a pointer (checked
+    against the files: every listed file present with its size), else `location` itself."""
+    pointer = read_pointer(location)
+    if pointer is None:
+        return location
+    target = dio.join(location, pointer["dir"])
+    found = _listing(target)
+    wrong = sorted(n for n, size in pointer["files"].items() if found.get(n) != size)
+    extra = sorted(set(found) - set(pointer["files"]))
+    if wrong or extra:
+        raise CheckpointError(
+            f"{location}: the files of {pointer['dir']} do not match {EXPORT_POINTER} (missing or resized: "
+            f"{wrong[:5]}, unlisted: {extra[:5]}); the export was changed after it was published: retrain, "
+            f"or restore the folder"
+        )
+    return target
+
+
 def has_model(location: str) -> bool:
-    return _is_file(dio.join(location, "config.json"))
+    return _is_file(dio.join(follow_export(location), "config.json"))
 
 
 def adapter_dir(location: str) -> str | None:
     """The peft adapter of a checkpoint that holds no full model (training output or bare adapter)."""
-    if has_model(location):
+    location = follow_export(location)
+    if _is_file(dio.join(location, "config.json")):
         return None
     for candidate in (dio.join(location, ADAPTER_SUBDIR), location):
         if _is_file(dio.join(candidate, ADAPTER_CONFIG)):
@@ -69,12 +171,23 @@ class Resolved:
 
 
 def resolve(location: str, base: str | None = None) -> Resolved:
-    """What `location` holds: a full model (a merged one wins over an adapter beside it), or base + adapter.
+    """What `location` holds: a full model, or base + adapter; a training output through its export
+    pointer (where a merged model and the adapter it was merged from are one training's: the model wins).
 
     A bare adapter names its base in `adapter_config.json`; `base` overrides that, for an adapter trained
-    elsewhere whose recorded path does not exist here.
+    elsewhere whose recorded path does not exist here. A folder without a pointer that holds both a full
+    model and `adapter/` is refused: nothing says they come from one training (the layout before export
+    pointers, where a retrained method could leave its old merged model beside a new adapter).
     """
-    if has_model(location):
+    pointed = read_pointer(location) is not None
+    location = follow_export(location)
+    if _is_file(dio.join(location, "config.json")):
+        if not pointed and _is_file(dio.join(location, ADAPTER_SUBDIR, ADAPTER_CONFIG)):
+            raise CheckpointError(
+                f"{location}: holds both a full model (config.json) and {ADAPTER_SUBDIR}/, with no "
+                f"{EXPORT_POINTER} saying they are one training's; retrain the method (exports now replace "
+                f"the folder whole), or remove whichever is stale"
+            )
         return Resolved(location)
     adapter = adapter_dir(location)
     if adapter is None:
@@ -87,7 +200,7 @@ def resolve(location: str, base: str | None = None) -> Resolved:
     base_dir = base or recorded
     if not base_dir or not has_model(base_dir):
         raise FileNotFoundError(f"adapter {adapter}: base model {base_dir} not found; pass its path as base")
-    return Resolved(dio.absolute(base_dir), adapter)
+    return Resolved(dio.absolute(follow_export(base_dir)), adapter)
 
 
 # --- writing ---------------------------------------------------------------------------------------------
@@ -204,12 +317,17 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_SUBDIR",
     "CACHE_ENV",
+    "EXPORT_POINTER",
+    "CheckpointError",
     "Resolved",
     "adapter_dir",
+    "follow_export",
     "has_model",
     "load_for_training",
     "load_model",
     "load_processor",
+    "publish_export",
+    "read_pointer",
     "local_dir",
     "resolve",
     "save_model",

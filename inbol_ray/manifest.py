@@ -13,6 +13,7 @@ import hashlib
 import json
 import platform
 import time
+import uuid
 from typing import Any
 
 from inbol_ray.data import io as dio
@@ -57,15 +58,35 @@ def read_manifest(uri: str) -> dict[str, Any] | None:
     return json.loads(dio.read_bytes(uri).decode())
 
 
-def is_done(uri: str, config_hash: str) -> bool:
+def is_done(uri: str, config_hash: str, inputs: dict[str, str | None] | None = None) -> bool:
+    """The manifest at `uri` exists with `config_hash` and, when `inputs` is given, was written from
+    exactly those input outputs (their manifests' tokens)."""
     found = read_manifest(uri)
-    return found is not None and found.get("config_hash") == config_hash
+    if found is None or found.get("config_hash") != config_hash:
+        return False
+    return inputs is None or found.get("inputs") == inputs
 
 
-def write_manifest(uri: str, stage: str, config_hash: str, counts: dict[str, Any], **extra: Any) -> None:
+def token(uri: str) -> str | None:
+    """A manifest's token: new each time the stage finishes, so a reader can tell a rerun output from
+    the one it was made from even when the config (and so the hash) is the same."""
+    found = read_manifest(uri)
+    return None if found is None else found.get("token")
+
+
+def write_manifest(
+    uri: str,
+    stage: str,
+    config_hash: str,
+    counts: dict[str, Any],
+    inputs: dict[str, str | None] | None = None,
+    **extra: Any,
+) -> None:
     body = {
         "stage": stage,
         "config_hash": config_hash,
+        "token": uuid.uuid4().hex,
+        "inputs": inputs or {},
         "counts": counts,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),

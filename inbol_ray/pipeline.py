@@ -20,6 +20,7 @@ from typing import Any
 from inbol_ray import manifest
 from inbol_ray import methods as M
 from inbol_ray.config import Config
+from inbol_ray.input_identity import data_identity, model_identity
 from inbol_ray.run_layout import RunLayout
 
 
@@ -187,30 +188,50 @@ def stages(cfg: Config) -> list[Stage]:
 
 def stage_hashes(cfg: Config, all_stages: Sequence[Stage]) -> dict[str, str]:
     """Each stage's hash: its config sections and its inputs' hashes (so, transitively, everything
-    upstream). Computed from the config alone, so a job can check its inputs before starting Ray."""
+    upstream), with the outside inputs by identity (`input_identity`: the data sets' files, `model.path`'s
+    checkpoint). Computed before anything runs, so a job can check its inputs before starting Ray."""
+    outside = {"data": data_identity(cfg.data), "model": model_identity(cfg.model)}
     hashes: dict[str, str] = {}
     for stage in all_stages:
         hashes[stage.name] = manifest.fingerprint(
-            {s: _hashed_section(cfg, s) for s in stage.sections},
+            {s: _hashed_section(cfg, s, outside) for s in stage.sections},
             {name: hashes[name] for name in stage.inputs},
         )
     return hashes
 
 
-def _hashed_section(cfg: Config, name: str) -> Any:
+def _hashed_section(cfg: Config, name: str, outside: dict[str, Any]) -> Any:
     """A config section as stages see it. `train.method` only picks what `jobs.train` runs (each training
     stage is named for its method), so it is left out: a model trained by `jobs.train method=sft` is the
-    pipeline's `train_sft` output, not one "made with another config"; `construct.window_rows` changes
-    memory, not tables. ShapesWorld's items are also a
-    function of its generator's version (a changed world must not reuse an old run's items)."""
+    pipeline's `train_sft` output, not one "made with another config"; `construct.window_rows` and
+    `data.max_line_bytes` change memory or a guard, not tables. ShapesWorld's items are also a function of
+    its generator's version (a changed world must not reuse an old run's items); read data sets and a
+    given base model enter by the identity of their files."""
     section = getattr(cfg, name)
-    if name == "data" and section.source == "shapes":
-        from inbol_ray.data.shapes import VERSION
+    if name == "data":
+        kept = {k: v for k, v in asdict(section).items() if k != "max_line_bytes"}
+        if section.source == "shapes":
+            from inbol_ray.data.shapes import VERSION
 
-        return [section, VERSION]
+            return [kept, VERSION]
+        return [kept, outside["data"]]
+    if name == "model":
+        return section if outside["model"] is None else [section, outside["model"]]
     if name == "construct":  # bounds memory only: the tables are the same for any window
         return {k: v for k, v in asdict(section).items() if k != "window_rows"}
     return replace(section, method="") if name == "train" else section
+
+
+def fresh(layout: RunLayout, stage: Stage, config_hash: str) -> bool:
+    """Whether `stage`'s output can be reused: its manifest's hash matches, and it was made from the
+    outputs its inputs hold now (the token each input's manifest had when this one was written). The hash
+    alone cannot see an input rerun with the same config (a manifest deleted to force a retraining): its
+    downstream would keep results of the old weights."""
+    return manifest.is_done(layout.manifest(stage.name), config_hash, _input_tokens(layout, stage))
+
+
+def _input_tokens(layout: RunLayout, stage: Stage) -> dict[str, str | None]:
+    return {name: manifest.token(layout.manifest(name)) for name in stage.inputs}
 
 
 def select(all_stages: Sequence[Stage], only: Sequence[str] = (), until: str = "") -> list[Stage]:
@@ -228,12 +249,13 @@ def select(all_stages: Sequence[Stage], only: Sequence[str] = (), until: str = "
 def stale_inputs(cfg: Config, layout: RunLayout, chosen: Sequence[Stage]) -> list[str]:
     """Inputs of the chosen stages that no chosen stage makes and no current manifest vouches for."""
     all_stages = stages(cfg)
+    by_name = {s.name: s for s in all_stages}
     hashes = stage_hashes(cfg, all_stages)
     making = {s.name for s in chosen}
     problems = []
     for stage in chosen:
         for name in stage.inputs:
-            if name in making or manifest.is_done(layout.manifest(name), hashes[name]):
+            if name in making or fresh(layout, by_name[name], hashes[name]):
                 continue
             found = manifest.read_manifest(layout.manifest(name))
             why = "not run yet" if found is None else "made with another config"
@@ -298,10 +320,11 @@ def run_pipeline(
     results: dict[str, dict[str, Any]] = {}
     t_start = time.time()
     heads = {stage.name: f"[{i}/{len(chosen)}] {stage.name}" for i, stage in enumerate(chosen, 1)}
-    todo = []
-    for stage in chosen:
+    todo: list[Stage] = []
+    for stage in chosen:  # in stage order: an input that reruns makes its readers rerun
         uri = layout.manifest(stage.name)
-        if manifest.is_done(uri, hashes[stage.name]):
+        rerun_input = any(name in {t.name for t in todo} for name in stage.inputs)
+        if not rerun_input and fresh(layout, stage, hashes[stage.name]):
             log(f"{heads[stage.name]}: up to date, skipped")
             results[stage.name] = manifest.read_manifest(uri)["counts"]
         else:
@@ -314,7 +337,12 @@ def run_pipeline(
         manifest.clear_manifest(uri)
         counts = stage.run(ctx)
         manifest.write_manifest(
-            uri, stage.name, hashes[stage.name], counts, seconds=round(time.time() - t0, 1)
+            uri,
+            stage.name,
+            hashes[stage.name],
+            counts,
+            inputs=_input_tokens(layout, stage),
+            seconds=round(time.time() - t0, 1),
         )
         log(f"{heads[stage.name]}: done in {time.time() - t0:.0f}s (total {time.time() - t_start:.0f}s)")
         return counts

@@ -46,7 +46,9 @@ class RunAdapterLoader(LoraModelLoader):
         if lora_model_id in self.disk_cache:
             return self.disk_cache[lora_model_id]
         lora_id = get_lora_id(lora_model_id)
-        local = await asyncio.to_thread(lambda: ckpt.local_dir(adapter_location(self.models_root, lora_id)))
+        local = await asyncio.to_thread(
+            lambda: ckpt.safe_adapter(ckpt.local_dir(adapter_location(self.models_root, lora_id)))
+        )
         found = DiskMultiplexConfig.model_validate(
             {
                 "model_id": lora_model_id,

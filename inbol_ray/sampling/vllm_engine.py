@@ -63,6 +63,7 @@ def engine_kwargs(model_dir: str, cfg: SamplingConfig, dtype: str, gpu: bool) ->
         "limit_mm_per_prompt": {"image": 1},
         "seed": cfg.seed,
         "disable_log_stats": True,
+        "load_format": "safetensors",  # never unpickle a checkpoint's `.bin` weights (issue 31)
     }
     if gpu:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
@@ -149,7 +150,7 @@ class VLLMSampler:
         if found.adapter_dir is not None:  # the base with the adapter applied per request, no merged copy
             from vllm.lora.request import LoRARequest
 
-            adapter = checkpoint.local_dir(found.adapter_dir)
+            adapter = checkpoint.safe_adapter(checkpoint.local_dir(found.adapter_dir))
             kwargs.update(lora_kwargs([adapter]))
             self.lora_request = LoRARequest(
                 os.path.basename(self.model_dir.rstrip("/")) or "adapter", 1, adapter

@@ -22,7 +22,6 @@ changed config starts a fresh run next to it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -36,7 +35,7 @@ import pyarrow.fs as pafs
 
 from inbol_ray import methods as M
 from inbol_ray import schema as S
-from inbol_ray.checkpoint import ADAPTER_SUBDIR, upload_dir
+from inbol_ray.checkpoint import ADAPTER_SUBDIR
 from inbol_ray.config import Config, ModelConfig, TrainConfig
 from inbol_ray.config.sections import check_training_precision
 from inbol_ray.data import io as dio
@@ -46,7 +45,7 @@ from inbol_ray.runtime import RAY_TRAIN_POLL
 from inbol_ray.train.loop import LoopSpec, train_loop_per_worker
 from inbol_ray.train.loop_checkpoint import STATE_FILE, latest_local
 from inbol_ray.train.objectives import objective_for
-from inbol_ray.train.reference import run_reference_pass
+from inbol_ray.train.reference import empty_table_error, run_reference_pass
 from inbol_ray.train.schedule import master_dtype, method_lr
 from inbol_ray.train.step_metrics import write_jsonl
 
@@ -112,7 +111,11 @@ def needs_reference(method: str, layout: RunLayout) -> bool:
 
 
 def _check_table(table_uri: str, method: str) -> None:
-    """Fail in the driver, before any worker starts, when the table cannot feed this method."""
+    """Fail in the driver, before any worker starts, when the table cannot feed this method.
+
+    Rows too, not only columns: an empty table otherwise fails inside every worker, after
+    `train.max_failures` retries. The count comes from the Parquet footers (`dio.row_count`), not a read.
+    """
     if not dio.exists(table_uri):
         raise FileNotFoundError(f"{method}: training table {table_uri} not found")
     names = _columns(table_uri)
@@ -122,6 +125,8 @@ def _check_table(table_uri: str, method: str) -> None:
     if missing:
         hint = " (run run_reference_pass first)" if set(missing) <= set(S.REF_LOGP.values()) else ""
         raise ValueError(f"{method}: table {table_uri} lacks column(s) {missing}{hint}")
+    if dio.row_count(table_uri) == 0:
+        raise empty_table_error(table_uri, method, str(M.method(method).table))
 
 
 def worker_resources(train: TrainConfig) -> dict[str, float]:
@@ -227,7 +232,7 @@ def run_training(
     with checkpoint.as_directory() as directory:
         with open(os.path.join(directory, STATE_FILE)) as f:
             state = json.load(f)
-        model_dir, adapter_dir = _export(train, cfg.model.dtype, start_model, directory, out)
+        model_dir, adapter_dir = _export(train, cfg.model.dtype, start_model, directory, out, name)
     metrics_uri = dio.join(out, "metrics.jsonl")
     write_jsonl(state["history"], metrics_uri)
     final = {k: v for k, v in state["history"][-1].items() if k != "ids"} if state["history"] else {}
@@ -252,26 +257,31 @@ def run_training(
 
 
 def _export(
-    train: TrainConfig, dtype: str, start_model: str, checkpoint_dir: str, out: str
+    train: TrainConfig, dtype: str, start_model: str, checkpoint_dir: str, out: str, run: str = ""
 ) -> tuple[str | None, str | None]:
-    """Rebuild the policy from the start model and the checkpoint's trainable tensors, save adapter/merged
-    model under `out` (in place when local, else through a local temporary folder); return their URIs."""
-    from inbol_ray.checkpoint import load_processor, resolve
+    """Rebuild the policy from the start model and the checkpoint's trainable tensors and publish it as
+    `out`'s new export (`checkpoint.publish_export`: a fresh folder swapped in whole, so no file of an
+    earlier training of this method stays beside it); return the merged model's and adapter's URIs."""
+    from inbol_ray.checkpoint import load_processor, publish_export, resolve
     from inbol_ray.train.lora import export_model, load_policy, load_trainable_state, read_trainable
 
     policy = load_policy(start_model, dtype, train)  # float32 master weights when the loop had them
     cast = dtype if master_dtype(train, dtype) != dtype else None  # back to model.dtype for the export
     load_trainable_state(policy, read_trainable(checkpoint_dir))
-    fs, out_path = dio.resolve(out)
-    local = isinstance(fs, pafs.LocalFileSystem)
-    with contextlib.nullcontext(out_path) if local else tempfile.TemporaryDirectory() as export_dir:
-        processor = load_processor(start_model)
+    processor = load_processor(start_model)
+    written: dict[str, bool] = {}
+
+    def write(local: str) -> None:
         model_dir, adapter_dir = export_model(
-            policy, processor, export_dir, train.merge, dtype=cast, base=resolve(start_model).model_dir
+            policy, processor, local, train.merge, dtype=cast, base=resolve(start_model).model_dir
         )
-        if not local:
-            upload_dir(export_dir, out)
-    return (out if model_dir else None), (dio.join(out, ADAPTER_SUBDIR) if adapter_dir else None)
+        written.update(model=model_dir is not None, adapter=adapter_dir is not None)
+
+    about = {"train_run": run, "start_model": start_model, "lora": train.lora, "merge": train.merge}
+    target = publish_export(out, write, about=about)
+    return (target if written["model"] else None), (
+        dio.join(target, ADAPTER_SUBDIR) if written["adapter"] else None
+    )
 
 
 __all__ = [

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from inbol_ray.checkpoint import follow_export
 from inbol_ray.data import io as dio
 from jobs import pipeline as pipeline_job
 
@@ -79,8 +80,10 @@ def test_pipeline_and_serve_on_s3(
         assert dio.exists(f"{RUN}/{location}"), location
     assert dio.exists(f"{RUN}/tables/cadpo_pairs_ref")
     assert dio.exists(f"{RUN}/models/base/config.json")
-    assert dio.exists(f"{RUN}/models/cadpo/adapter/adapter_config.json")
-    assert not dio.exists(f"{RUN}/models/cadpo/config.json")  # an adapter, no merged copy
+    published = follow_export(f"{RUN}/models/cadpo")  # the export the pointer names, files checked
+    assert published.startswith(f"{RUN}/models/cadpo/export-")
+    assert dio.exists(f"{published}/adapter/adapter_config.json")
+    assert not dio.exists(f"{published}/config.json")  # an adapter, no merged copy
     ray_files = dio.list_files(f"{RUN}/models/cadpo/ray")
     assert any("/checkpoint_" in f for f in ray_files), ray_files[:5]
     metrics = dio.read_table(f"{RUN}/metrics.parquet")

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pytest
 
 from inbol_ray import schema as S
+from inbol_ray.checkpoint import follow_export
 from inbol_ray.data import io as dio
 from jobs import pipeline as pipeline_job
 
@@ -68,7 +69,7 @@ def test_pipeline_end_to_end_and_rerun(
     assert sample_counts["done"] + sample_counts["quarantined"] == sample_counts["items"] == 64
 
     for method in METHODS[2:]:  # every trained method left a loadable HF checkpoint
-        assert (run_dir / "models" / method / "config.json").exists(), method
+        assert (Path(follow_export(str(run_dir / "models" / method))) / "config.json").exists(), method
     report = (run_dir / "report.md").read_text()
     assert all(f"| {m} " in report for m in METHODS)
     headings = {line.lstrip("# ").strip() for line in report.splitlines()}

@@ -36,6 +36,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from inbol_ray import methods as M
 from inbol_ray import schema as S
 from inbol_ray.boundary.construct import build_cadpo_pairs, build_idk_it, build_sft_baseline
+from inbol_ray.checkpoint import follow_export
 from inbol_ray.config import Config, ShapesConfig
 from inbol_ray.data import io as dio
 from inbol_ray.data.shapes import generate_items
@@ -241,21 +242,28 @@ def test_train_job_entry_point(ray_local, tmp_path: Path, run_dir: Path, tiny_ch
     cfg.run_dir = str(job_dir)
     hashes = stage_hashes(cfg, stages(cfg))
     layout = RunLayout.of(cfg)
-    for stage in ("base_model", "construct"):
-        manifest.write_manifest(layout.manifest(stage), stage, hashes[stage], {})
+    by_name = {s.name: s for s in stages(cfg)}
+    for stage in ("base_model", "construct"):  # made from inputs this run never had (tokens None)
+        inputs = {name: manifest.token(layout.manifest(name)) for name in by_name[stage].inputs}
+        manifest.write_manifest(layout.manifest(stage), stage, hashes[stage], {}, inputs=inputs)
     rc = main(["--config", str(config), "--run-dir", str(job_dir), "method=dpo2", *overrides[1:]])
     assert rc == 0
     assert (job_dir / "tables" / "cadpo_pairs_ref").exists()
-    assert (job_dir / "models" / "dpo2" / "adapter" / "adapter_config.json").exists()
-    assert not (job_dir / "models" / "dpo2" / "config.json").exists()  # merge=false: adapter only
+    published = Path(follow_export(str(job_dir / "models" / "dpo2")))
+    assert (published / "adapter" / "adapter_config.json").exists()
+    assert not (published / "config.json").exists()  # merge=false: adapter only
     assert len((job_dir / "models" / "dpo2" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def _assert_outputs(out: Path, result: TrainResult, steps: int) -> None:
-    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
-    assert (out / "preprocessor_config.json").exists() or (out / "processor_config.json").exists()
+def _assert_outputs(out: Path, result: TrainResult, steps: int) -> Path:
+    """Checks a method's folder; returns its published export (`checkpoint.publish_export`)."""
+    published = Path(follow_export(str(out)))
+    assert published.parent == out and published.name.startswith("export-")
+    assert (published / "config.json").exists() and (published / "model.safetensors").exists()
+    assert (published / "preprocessor_config.json").exists() or (published / "processor_config.json").exists()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == steps == result.steps
     assert json.loads((out / "train_result.json").read_text())["steps"] == steps
+    return published
 
 
 def test_tiny_default_trains_through_ray_train_workers(
@@ -274,16 +282,16 @@ def test_tiny_default_trains_through_ray_train_workers(
     layout = _layout(f"file://{root}", tiny_checkpoint)
     result = run_training(cfg, "idk_it", layout)
     out = root / "models" / "idk_it"
-    _assert_outputs(out, result, 2)
-    assert result.checkpoint_dir == f"file://{out}" and result.adapter_dir is None  # full fine-tuning
+    published = _assert_outputs(out, result, 2)
+    assert result.checkpoint_dir == f"file://{published}" and result.adapter_dir is None  # full fine-tuning
     assert len(list(out.glob("ray/idk_it-*/checkpoint_[0-9]*"))) == 1
     assert list(cwd.iterdir()) == []
     from safetensors.torch import load_file
 
-    saved = load_file(str(out / "model.safetensors"))  # llava-hf layout, as vLLM loads it
+    saved = load_file(str(published / "model.safetensors"))  # llava-hf layout, as vLLM loads it
     assert any("vision_tower.vision_model." in k for k in saved)
     assert not any(k.startswith("vision_tower.embeddings") for k in saved)
-    LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    LlavaForConditionalGeneration.from_pretrained(published, dtype=torch.float32)
 
 
 def test_run_dir_on_a_non_local_filesystem(
@@ -314,10 +322,10 @@ def test_run_dir_on_a_non_local_filesystem(
     layout = RunLayout(root="store://run", model_path="store://base", dpo_init="base")
     result = run_training(cfg, "idk_it", layout)
     out = store / "run" / "models" / "idk_it"
-    _assert_outputs(out, result, 2)
-    assert (out / "adapter" / "adapter_config.json").exists()
-    assert result.checkpoint_dir == "store://run/models/idk_it"
-    assert result.adapter_dir == "store://run/models/idk_it/adapter"
+    published = _assert_outputs(out, result, 2)
+    assert (published / "adapter" / "adapter_config.json").exists()
+    assert result.checkpoint_dir == f"store://run/models/idk_it/{published.name}"
+    assert result.adapter_dir == f"store://run/models/idk_it/{published.name}/adapter"
     assert list(cwd.iterdir()) == []
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith("store:")]
 

@@ -63,6 +63,7 @@ def test_engine_kwargs_cpu_and_gpu() -> None:
     assert cpu["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
     assert cpu["enable_prefix_caching"] and cpu["limit_mm_per_prompt"] == {"image": 1}
     assert (cpu["max_model_len"], cpu["tensor_parallel_size"], cpu["seed"]) == (512, 2, 3)
+    assert cpu["load_format"] == "safetensors"  # vLLM never unpickles `.bin` weights
     gpu = engine_kwargs("/m", cfg, "bfloat16", gpu=True)
     assert gpu["gpu_memory_utilization"] == cfg.gpu_memory_utilization and gpu["dtype"] == "bfloat16"
     assert "enforce_eager" not in gpu and "kv_cache_memory_bytes" not in gpu

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from inbol_ray.boundary.agreement import answer_agreement
-from inbol_ray.checkpoint import Resolved, resolve
+from inbol_ray.checkpoint import CheckpointError, Resolved, resolve
 from inbol_ray.config import Config
 from serve.app import BUILD_ARGS, DEPLOYMENT_NAME, INGRESS_NAME, build_app, ingress_capacity, model_name
 from serve.gradio_demo import badge_html, confidence_html, demo_examples
@@ -60,11 +60,12 @@ def test_checkpoint_layouts_serve_accepts(tmp_path: Path) -> None:
     Path(base, "config.json").write_text("{}")
     assert resolve(base) == Resolved(base, None)
 
-    out = tmp_path / "cadpo"  # a training output: merged model + adapter/ -> the merged model wins
+    out = tmp_path / "cadpo"  # merged model + adapter/ with no export pointer: which training is which?
     (out / "adapter").mkdir(parents=True)
     (out / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
     (out / "config.json").write_text("{}")
-    assert resolve(str(out)) == Resolved(str(out), None)
+    with pytest.raises(CheckpointError, match="holds both a full model"):
+        resolve(str(out))
     (out / "config.json").unlink()  # LoRA without merge: base + adapter
     assert resolve(str(out)) == Resolved(base, f"{out}/adapter")
     assert resolve(f"{out}/adapter", base=base) == Resolved(base, f"{out}/adapter")
