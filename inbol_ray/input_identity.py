@@ -40,10 +40,9 @@ def _file_identity(fs: pafs.FileSystem, info: pafs.FileInfo, uri: str, digest: b
     if isinstance(fs, pafs.LocalFileSystem):
         version: Any = info.mtime_ns
     else:
-        from inbol_ray import checkpoint_cache
+        from inbol_ray.checkpoint_cache import remote_etag
 
-        etag = getattr(checkpoint_cache, "remote_etag", lambda fs, path: None)(fs, info.path)
-        version = etag or (info.mtime_ns or 0)
+        version = remote_etag(fs, info.path) or (info.mtime_ns or 0)
     if not digest:
         return [info.size, version]
     key = (uri, info.size, version)

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    started = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir)
+    started = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir, cfg.checkpoint)
     for sig in (
         signal.SIGTERM,
         signal.SIGINT,

@@ -37,11 +37,11 @@ from inbol_ray.data import io as dio
 from inbol_ray.train import step_metrics as sm
 from inbol_ray.train.data import DPO_KINDS, EncodedTable, encode_table, make_batch
 from inbol_ray.train.loop_checkpoint import (
-    OPTIMIZER_FILE,
     STATE_FILE,
     gather_state,
     is_fsdp,
     load_optimizer,
+    read_optimizer,
     report_checkpoint,
     restored_checkpoint,
 )
@@ -204,7 +204,7 @@ def _train(spec: LoopSpec) -> None:
         if restored is not None:
             state = json.loads((restored / STATE_FILE).read_text())
             load_trainable_state(policy, read_trainable(restored))
-            saved_optim = torch.load(restored / OPTIMIZER_FILE, weights_only=False)
+            saved_optim = read_optimizer(restored)
             start_step, history = state["step"], state["history"]
             resumes = state["resumes"] + [start_step]
     if restored is not None and rank == 0:

@@ -79,6 +79,17 @@ def gather_state(scorer: nn.Module, policy: nn.Module, opt: torch.optim.Optimize
     return {n: full[f"model.{n}"].contiguous() for n in names if f"model.{n}" in full}, optim
 
 
+def read_optimizer(directory: Path) -> dict:
+    """The optimizer state saved in a checkpoint, loaded as tensors and plain values only.
+
+    `weights_only`: the file comes from storage (a bucket, a shared folder), and a full unpickle runs
+    whatever code whoever could write there put in it. What `write_checkpoint` saves (AdamW's or FSDP's
+    optimizer state dict: tensors, numbers, tuples, None) needs nothing more. On the CPU: each worker
+    moves it to its parameters' device when loading, instead of every rank landing on the saving GPU.
+    """
+    return torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+
+
 def load_optimizer(scorer: nn.Module, opt: torch.optim.Optimizer, saved: dict) -> None:
     if is_fsdp(scorer):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
