@@ -6,12 +6,14 @@ Every job is the same program with a different stage selection: load the config 
 earlier ones, then the overrides), list every input problem at once (missing data files, unparseable
 formats, stages whose inputs were never made or were made with another config) and exit 2 before Ray
 starts, else run the selected stages through `inbol_ray.pipeline.run_pipeline`, with the same manifests as
-the full pipeline. Ray is shut down only if the job started it.
+the full pipeline. Ray is shut down only if the job started it. A job is the run directory's only driver
+while it runs (`held`): a second job on the same run exits 2 naming the first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -101,10 +103,17 @@ def run_job(
     if isinstance(loaded, int):
         return loaded
     cfg, args = loaded
-    layout = RunLayout.of(cfg)
     try:
         only, until = choose(cfg, args)
         names = [s.name for s in select(stages(cfg), only, until)]
+    except StageError as exc:
+        return _fail(prog, str(exc), [])
+    return held(prog, cfg, lambda: _run_stages(prog, cfg, RunLayout.of(cfg), names))
+
+
+def _run_stages(prog: str, cfg: Config, layout: RunLayout, names: list[str]) -> int:
+    """Check the selected stages' inputs (preparing stages its rows under the run), then run them."""
+    try:
         problems, extras = _input_problems(cfg, layout, names)
     except StageError as exc:
         return _fail(prog, str(exc), [])
@@ -113,10 +122,24 @@ def run_job(
     from inbol_ray.runtime import ray_session
 
     t0 = time.time()
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, cfg.checkpoint):
         run_pipeline(cfg, layout, only=names, extras=extras)
     print(f"{prog}: {', '.join(names)} finished in {time.time() - t0:.0f}s; outputs under {layout.root}")
     return 0
+
+
+def held(prog: str, cfg: Config, work: Callable[[], int]) -> int:
+    """Run `work` as the run directory's only driver (`inbol_ray.run_lease`, renewed every third of
+    `ray.driver_lease_s`); exit 2 naming the holder when another driver has the run. Taken before the
+    input checks, which already write under the run (prepare stages its parsed rows there)."""
+    from inbol_ray.run_lease import LeaseHeld, hold_lease
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(hold_lease(RunLayout.of(cfg).root, prog, cfg.ray.driver_lease_s))
+        except LeaseHeld as exc:
+            return _fail(prog, str(exc), [])
+        return work()
 
 
 def fixed(*names: str) -> Callable[[Config, argparse.Namespace], Selection]:
@@ -129,7 +152,8 @@ def model_job(
 ) -> tuple[Config, argparse.Namespace] | int:
     """The shared front of the jobs that score one more model on a run's sets (`jobs.evaluate_checkpoint`,
     `jobs.evaluate_endpoint`): every job's command line (`_parse`) plus the model's name and data sets, then
-    the job's own arguments. Returns (config, arguments), or an exit code after a config error."""
+    the job's own arguments. Returns (config, arguments), or an exit code after a config error; the job
+    then does its work under `held`, as the run's only driver."""
 
     def arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--name", required=True, help="the model's name in the run's tables")

@@ -11,14 +11,16 @@ path or `scheme://...`), joined with `/`, so the same layout works on a laptop a
       samples/                     sample: K graded responses per training item (shards + manifests)
       tables/<name>/               construct: idk_it, sft_baseline, cadpo_pairs; reference: cadpo_pairs_ref
       models/init, models/base     embedded default: the built tiny checkpoint and its trained base
-      models/<method>/             a trained method: merged HF dir and/or adapter/, metrics.jsonl
+      models/<method>/             a trained method: export.json naming its current export-<token>/ (merged
+                                   HF dir and/or adapter/, swapped in whole), metrics.jsonl, train_result.json
       models/<method>/ray/         Ray Train's run storage (checkpoints for resume)
       eval/predictions/<method>/   evaluate: one shard per (method, data set); likewise other models'
       eval/models.json             other models scored on the run's sets (checkpoints, endpoints)
-      eval/endpoint/<name>/        an endpoint model's answers as they arrived (resume without re-asking)
+      eval/endpoint/<name>/<key>/  an endpoint model's answers as they arrived, keyed by endpoint, model, prompt, decoding
       eval/base_confidence/        the base model's K samples on the test items (report figures)
       predictions.parquet, metrics.parquet, report.md, figures/
       manifests/<stage>.json       what each finished stage was made from
+      .lease.json                  the driver working on the run (one at a time: inbol_ray.run_lease)
 """
 
 from __future__ import annotations

@@ -9,14 +9,16 @@ own chat template and processor, by the engine `sampling.engine` names (vLLM, or
 cannot run it). The model's answers land under `eval/predictions/<name>/`, the model in the run's registry
 (`eval/models.json`), and the run's predictions, metrics and report are rewritten with it beside the
 methods, so `jobs.compare RUN RUN --methods cadpo:NAME` compares it with any method. Rerunning reuses its
-answers while the checkpoint and the items are unchanged.
+answers while the checkpoint (its location and `checkpoint.stamp`), the items, prompts, decoding and
+engine are unchanged: they are the generation plan's hash (`generation.stage.depends_on`), so the same
+`--name` pointed at another checkpoint, or at a retrained one, asks everything again.
 """
 
 from __future__ import annotations
 
 import sys
 
-from inbol_ray.cli import finish_model_job, model_job
+from inbol_ray.cli import finish_model_job, held, model_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(parsed, int):
         return parsed
     cfg, args = parsed
+    return held("evaluate_checkpoint", cfg, lambda: _evaluate(cfg, args))
+
+
+def _evaluate(cfg, args) -> int:
     from inbol_ray.data import io as dio
     from inbol_ray.eval.evaluate import evaluate_checkpoint
     from inbol_ray.run_layout import RunLayout
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate_checkpoint: no items in {layout.root} (run jobs.prepare first)", file=sys.stderr)
         return 2
     try:
-        with ray_session(cfg.ray):
+        with ray_session(cfg.ray, cfg.checkpoint):
             evaluate_checkpoint(cfg, layout, args.name, dio.absolute(args.checkpoint), datasets=args.datasets)
     except (ValueError, FileNotFoundError) as exc:
         print(f"evaluate_checkpoint: {exc}", file=sys.stderr)

@@ -6,16 +6,18 @@
 
 Same prompts and grading as the run's own methods (`inbol_ray/eval/endpoint.py`); the model's rows land
 in the run's `predictions` and `metrics` under `--name`, so `jobs.compare RUN RUN --methods cadpo:NAME`
-compares it with any method. Answers are stored as they arrive: rerunning after an interruption or after
-failures asks only what is still unanswered. Exit 1 when some items still have no answer (listed in the
-`evaluate_<name>` quarantine); no Ray is needed.
+compares it with any method. Answers are stored as they arrive, in a journal of their own for each
+(endpoint, model, prompt, decoding): rerunning after an interruption or after failures asks only what is
+still unanswered, and a run against another model or endpoint, or with other prompts or decoding, under
+the same `--name` asks everything again (`inbol_ray/eval/endpoint_journal.py`). Exit 1 when some items
+still have no answer (listed in the `evaluate_<name>` quarantine); no Ray is needed.
 """
 
 from __future__ import annotations
 
 import sys
 
-from inbol_ray.cli import finish_model_job, model_job
+from inbol_ray.cli import finish_model_job, held, model_job
 
 
 def endpoint_arguments(parser) -> None:
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(parsed, int):
         return parsed
     cfg, args = parsed
+    return held("evaluate_endpoint", cfg, lambda: _evaluate(cfg, args))
+
+
+def _evaluate(cfg, args) -> int:
     from inbol_ray.eval.endpoint import EndpointSpec, evaluate_endpoint
     from inbol_ray.eval.evaluate import eval_selection
     from inbol_ray.run_layout import RunLayout

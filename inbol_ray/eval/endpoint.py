@@ -11,19 +11,19 @@ comparable with every method of the run. (Our own endpoint tokenises chats with 
 
 Endpoints fail: `concurrency` requests at most in flight, `timeout_s` per request, 429 / 5xx / timeouts /
 dropped connections retried with exponential backoff (a `Retry-After` header wins), up to `max_attempts`.
-Every answer is stored the moment it arrives (`Journal`: one small JSON file per item under
-`<run>/eval/endpoint/<name>/answers`), so an interrupted or partly failed evaluation resumes asking only
-what has no answer yet; items still failing after their attempts are listed with the reason, written to
-the stage's quarantine, and asked again on the next run. The graded answers go to
-`eval/predictions/<name>/` and the model into the run's registry (`eval.models`), so the run's
+Every answer is stored the moment it arrives (`endpoint_journal.Journal`: one small JSON file per item
+under `<run>/eval/endpoint/<name>/<fingerprint>/`, the fingerprint of the endpoint, its model, the prompt
+section and the decoding), so an interrupted or partly failed evaluation resumes asking only what has no
+answer yet, and the same name pointed at another model, endpoint, prompt or decoding asks everything again
+instead of passing off the old answers as its own. Items still failing after their attempts are listed
+with the reason, written to the stage's quarantine, and asked again on the next run. The graded answers
+go to `eval/predictions/<name>/` and the model into the run's registry (`eval.models`), so the run's
 `predictions` and `metrics` hold it beside the run's methods, for the report and `jobs.compare`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import os
 import random
 from collections.abc import Callable
@@ -39,6 +39,7 @@ from inbol_ray.config import Config
 from inbol_ray.data import io as dio
 from inbol_ray.data.images import has_image, load_image_bytes
 from inbol_ray.eval import models
+from inbol_ray.eval.endpoint_journal import Journal, endpoint_key, request_digest
 from inbol_ray.eval.evaluate import log_scores, run_methods, write_predictions
 from inbol_ray.generation.grade import grade_predictions
 from inbol_ray.model.generation import clean_response
@@ -71,38 +72,19 @@ class EndpointError(RuntimeError):
     """An item the endpoint did not answer after its attempts (or refused with a non-retryable status)."""
 
 
+def request_settings(cfg: Config, model: str) -> dict[str, Any]:
+    """Every field of a chat request but its messages: the same for every item, and part of the journal's
+    key, so whatever is added here keys the journal too."""
+    return {"model": model, "temperature": 0, "max_tokens": cfg.eval.max_new_tokens, "render": False}
+
+
 def chat_body(row: dict[str, Any], cfg: Config, model: str) -> dict[str, Any]:
     """The chat request for one `items` row: rendered text, the image as a data URL when there is one."""
     text = render_prompt(row[S.QUESTION], row.get(S.CHOICES), cfg.prompt)
     return {
-        "model": model,
         "messages": [chat_user_message(text, load_image_bytes(row) if has_image(row) else None)],
-        "temperature": 0,
-        "max_tokens": cfg.eval.max_new_tokens,
-        "render": False,
+        **request_settings(cfg, model),
     }
-
-
-class Journal:
-    """Answers stored one file per item as they arrive (atomic writes: a crash never leaves half a file)."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-
-    def _file(self, item_id: str) -> str:
-        return dio.join(self.folder, hashlib.sha1(item_id.encode()).hexdigest()[:20] + ".json")
-
-    def answered(self) -> dict[str, str]:
-        if not dio.exists(self.folder):
-            return {}
-        out = {}
-        for uri in dio.list_files(self.folder, suffix=".json"):
-            record = json.loads(dio.read_bytes(uri).decode())
-            out[record["id"]] = record["response"]
-        return out
-
-    def record(self, item_id: str, response: str) -> None:
-        dio.write_bytes(self._file(item_id), json.dumps({"id": item_id, "response": response}).encode())
 
 
 async def _ask(client: Any, spec: EndpointSpec, body: dict[str, Any]) -> str:
@@ -151,7 +133,8 @@ async def ask_all(
     Returns what happened and every answer (earlier runs' and this one's)."""
     import httpx
 
-    done = journal.answered()
+    requests = {i: request_digest(b) for i, b in bodies.items()}
+    done = journal.answered(requests)
     todo = {i: b for i, b in bodies.items() if i not in done}
     run = EndpointRun(asked=len(todo), reused=len(bodies) - len(todo))
     limit = asyncio.Semaphore(spec.concurrency)
@@ -163,7 +146,7 @@ async def ask_all(
             except EndpointError as exc:
                 run.failed[item_id] = str(exc)
                 return
-            await asyncio.to_thread(journal.record, item_id, response)
+            await asyncio.to_thread(journal.record, item_id, requests[item_id], response)
             done[item_id] = response
 
     async with httpx.AsyncClient() as client:
@@ -187,11 +170,16 @@ def evaluate_endpoint(
         raise ValueError(f"no evaluation items in {layout.items}")
     rows = items.to_pylist()
     bodies = {row[S.ID]: chat_body(row, cfg, spec.model) for row in rows}
-    journal = Journal(layout.path("eval", "endpoint", spec.name, "answers"))
+    key = endpoint_key(spec.base_url, request_settings(cfg, spec.model), cfg.prompt)
+    journal = Journal(layout.path("eval", "endpoint", spec.name), key)
     run, answers = asyncio.run(ask_all(spec, bodies, journal))
     log(
-        f"  {spec.name}: {run.asked} asked, {run.reused} answered before, {len(run.failed)} without an answer"
+        f"  {spec.name}: {run.asked} asked, {run.reused} answered before, {len(run.failed)} without an answer "
+        f"(journal {journal.fingerprint})"
     )
+    if others := journal.others():
+        log(f"  {spec.name}: {len(others)} other journal(s) under this name (another endpoint, model, prompt "
+            f"or decoding, or from before journals were keyed) left unread: {', '.join(others)}")  # fmt: skip
     quarantine = [
         {S.SOURCE: spec.base_url, S.ROW_KEY: i, S.REASON: why} for i, why in sorted(run.failed.items())
     ]

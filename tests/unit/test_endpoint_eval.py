@@ -15,6 +15,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from inbol_ray import schema as S
@@ -42,7 +43,11 @@ def item_key(body: dict) -> str:
 
 
 class FlakyServer:
-    def __init__(self) -> None:
+    """`faults=False`: a plain server, for counting what a run asks. A model other than `m` answers with its
+    own name, so graded answers show which model gave them."""
+
+    def __init__(self, faults: bool = True) -> None:
+        self.faults = faults
         self.down: set[str] = set()  # item keys answered with 503 whatever the attempt
         self.attempts: Counter[str] = Counter()
         self.answered: Counter[str] = Counter()
@@ -62,14 +67,14 @@ class FlakyServer:
                 kind = int(hashlib.md5(text.encode()).hexdigest(), 16) % 5
                 if text in server.down:
                     return self._send(503, {"error": {"message": "down"}})
-                if n == 1 and kind == 0:
+                first = n == 1 and server.faults
+                if first and kind == 0:
                     return self._send(500, {"error": {"message": "boom"}})
-                if n == 1 and kind == 1:
+                if first and kind == 1:
                     return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
-                reply = {
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer_for(text)}}]
-                }
-                if n == 1 and kind == 2:
+                content = answer_for(text) if body["model"] == "m" else body["model"]
+                reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+                if first and kind == 2:
                     time.sleep(1.0)  # past the client's timeout: this answer is never read (not counted)
                     with contextlib.suppress(OSError):
                         self._send(200, reply)
@@ -162,3 +167,110 @@ def test_a_text_only_item_is_sent_without_an_image(tmp_path: Path) -> None:
     assert body["messages"][0]["content"] == [
         {"type": "text", "text": render_prompt(row[S.QUESTION], None, cfg.prompt)}
     ]
+
+
+# --- the journal is keyed by what produced the answers -------------------------------------------------
+
+
+@pytest.fixture()
+def quiet_server():
+    s = FlakyServer(faults=False)
+    yield s
+    s.close()
+
+
+def small_run(tmp_path: Path, *overrides: str):
+    """A run directory holding only evaluation items (a dozen ShapesWorld questions): (config, item ids)."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path}", *overrides])
+    shapes = dataclasses.replace(cfg.data.shapes, n_pretrain=0, n_train=0, n_val=0, n_id_test=6, n_ood_test=2,
+                                 n_unanswerable_test=4)  # fmt: skip
+    items = generate_items(shapes, cfg.model.image_size)
+    dio.write_table(items, str(tmp_path / "items" / "part-0.parquet"))
+    return cfg, sorted(items[S.ID].to_pylist())
+
+
+def evaluate(cfg, server: FlakyServer, model: str, url: str = ""):
+    """One evaluation under the name `x`: (graded answers by id, run, requests the server got meanwhile)."""
+    before = len(server.bodies)
+    spec = EndpointSpec("x", url or server.url, model, concurrency=4, backoff_s=0.01)
+    selection = Selection(splits=("id_test", "ood_test", "unanswerable_test"))
+    graded, run = evaluate_endpoint(cfg, RunLayout.of(cfg), spec, selection.mask, log=lambda _: None)
+    return dict(zip(graded[S.ID], graded[S.RESPONSE], strict=True)), run, len(server.bodies) - before
+
+
+def test_the_same_name_against_another_model_endpoint_prompt_or_decoding_asks_every_item_again(
+    tmp_path: Path, quiet_server: FlakyServer
+) -> None:
+    cfg, ids = small_run(tmp_path)
+    answers, run, asked = evaluate(cfg, quiet_server, "a")
+    assert asked == run.asked == len(ids) and answers == dict.fromkeys(ids, "a")
+
+    answers, run, asked = evaluate(cfg, quiet_server, "b")  # another model under the same name
+    assert asked == run.asked == len(ids) and run.reused == 0
+    assert answers == dict.fromkeys(ids, "b")  # b's answers, none of a's passed off as b's
+
+    answers, run, asked = evaluate(cfg, quiet_server, "a")  # back to a, unchanged: a's journal
+    assert asked == run.asked == 0 and run.reused == len(ids) and answers == dict.fromkeys(ids, "a")
+    answers, run, asked = evaluate(cfg, quiet_server, "a", quiet_server.url + "/")  # the same endpoint
+    assert asked == 0
+
+    port = quiet_server.httpd.server_address[1]
+    _, run, asked = evaluate(cfg, quiet_server, "a", f"http://localhost:{port}/v1")  # another base URL
+    assert asked == run.asked == len(ids)
+    decoding, _ = small_run(tmp_path, f"eval.max_new_tokens={cfg.eval.max_new_tokens + 4}")
+    _, run, asked = evaluate(decoding, quiet_server, "a")
+    assert asked == run.asked == len(ids)
+    assert {b["max_tokens"] for b in quiet_server.bodies[-asked:]} == {cfg.eval.max_new_tokens + 4}
+    prompt, _ = small_run(tmp_path, "prompt.short_answer=Answer in one word.")
+    _, run, asked = evaluate(prompt, quiet_server, "a")
+    assert asked == run.asked == len(ids)
+
+    journals = sorted(p.name for p in (tmp_path / "eval" / "endpoint" / "x").iterdir())
+    assert len(journals) == 5  # a, b, the other URL, the other decoding, the other prompt: side by side
+    key = json.loads((tmp_path / "eval" / "endpoint" / "x" / journals[0] / "key.json").read_text())
+    assert set(key) == {"backend", "base_url", "request", "prompt"} and "messages" not in key["request"]
+
+
+def test_an_item_changed_under_the_same_id_is_asked_again(tmp_path: Path, quiet_server: FlakyServer) -> None:
+    cfg, ids = small_run(tmp_path)
+    evaluate(cfg, quiet_server, "a")
+    items = dio.read_table(str(tmp_path / "items")).to_pylist()
+    items[0][S.QUESTION] += " Look closely."  # a re-prepared run: same id, another question
+    dio.write_table(pa.Table.from_pylist(items, dio.read_table(str(tmp_path / "items")).schema),
+                    str(tmp_path / "items" / "part-0.parquet"))  # fmt: skip
+    _, run, asked = evaluate(cfg, quiet_server, "a")
+    assert asked == run.asked == 1 and run.reused == len(ids) - 1
+    assert quiet_server.bodies[-1]["messages"][0]["content"][-1]["text"].count("Look closely.") == 1
+
+
+def test_answers_journaled_before_journals_were_keyed_are_not_read(
+    tmp_path: Path, quiet_server: FlakyServer
+) -> None:
+    cfg, ids = small_run(tmp_path)
+    legacy = tmp_path / "eval" / "endpoint" / "x" / "answers"  # the unkeyed layout: who answered these?
+    legacy.mkdir(parents=True)
+    for n, i in enumerate(ids):
+        (legacy / f"{n}.json").write_text(json.dumps({"id": i, "response": "stale"}))
+    lines: list[str] = []
+    spec = EndpointSpec("x", quiet_server.url, "a", concurrency=4)
+    selection = Selection(splits=("id_test", "ood_test", "unanswerable_test"))
+    graded, run = evaluate_endpoint(cfg, RunLayout.of(cfg), spec, selection.mask, log=lines.append)
+    assert run.asked == len(ids) and set(graded[S.RESPONSE]) == {"a"}
+    assert any("left unread: answers" in line for line in lines)
+
+
+def test_the_job_keys_its_journal_by_model(tmp_path: Path, quiet_server: FlakyServer) -> None:
+    from jobs import evaluate_endpoint as job
+
+    small_run(tmp_path)
+    sets = ["shapes_id_test", "shapes_unanswerable"]
+    n = sum(d in sets for d in dio.read_table(str(tmp_path / "items"))[S.DATASET].to_pylist())
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(tmp_path), "--name", "x",
+            "--base-url", quiet_server.url, "--datasets", ",".join(sets)]  # fmt: skip
+    for model, asked in (("a", n), ("b", n), ("b", 0)):
+        before = len(quiet_server.bodies)
+        assert job.main([*argv, "--model", model]) == 0
+        assert len(quiet_server.bodies) - before == asked, model
+    predictions = dio.read_table(str(tmp_path / "predictions.parquet")).to_pandas()
+    assert set(predictions[S.RESPONSE]) == {"b"}
+    assert not (tmp_path / ".lease.json").exists()  # the job held the run and let it go
