@@ -79,10 +79,13 @@ def request_settings(cfg: Config, model: str) -> dict[str, Any]:
 
 
 def chat_body(row: dict[str, Any], cfg: Config, model: str) -> dict[str, Any]:
-    """The chat request for one `items` row: rendered text, the image as a data URL when there is one."""
+    """The chat request for one `items` row: rendered text, the image as a data URL when there is one, after
+    `prompt.system` as a system message when the config has one (the line every method was sampled, trained
+    and evaluated after; our ingress adds it only when a client sends none, so it is never doubled)."""
     text = render_prompt(row[S.QUESTION], row.get(S.CHOICES), cfg.prompt)
+    system = [{"role": "system", "content": cfg.prompt.system}] if cfg.prompt.system else []
     return {
-        "messages": [chat_user_message(text, load_image_bytes(row) if has_image(row) else None)],
+        "messages": [*system, chat_user_message(text, load_image_bytes(row) if has_image(row) else None)],
         **request_settings(cfg, model),
     }
 

@@ -169,6 +169,16 @@ def test_a_text_only_item_is_sent_without_an_image(tmp_path: Path) -> None:
     ]
 
 
+def test_the_configs_system_line_opens_the_conversation() -> None:
+    """Methods are sampled, trained and evaluated after `prompt.system` (the LLaVA configs' vicuna_v1
+    line); an endpoint scored beside them gets the same line as a system message."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["prompt.system=A chat between a curious human."])
+    row = {S.ID: "t:1", S.QUESTION: "Capital of France?", S.CHOICES: None, S.IMAGE: None, S.IMAGE_PATH: None}
+    messages = chat_body(row, cfg, "m")["messages"]
+    assert messages[0] == {"role": "system", "content": "A chat between a curious human."}
+    assert [m["role"] for m in messages] == ["system", "user"]
+
+
 # --- the journal is keyed by what produced the answers -------------------------------------------------
 
 
