@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from inbol_ray import hub
 from inbol_ray.checkpoint_cache import CACHE_ENV, local_dir, stamp  # re-exported
 from inbol_ray.data import io as dio
 
@@ -69,6 +70,12 @@ def _listing(location: str) -> dict[str, int]:
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     root = path.rstrip("/") + "/"
     return {i.path[len(root) :]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def model_location(location: str) -> str:
+    """A model location as every process should see it: a Hub id as it is (each node resolves it through
+    its own hub cache), a local path made absolute, a URI unchanged."""
+    return location if hub.hub_ref(location) is not None else dio.absolute(location)
 
 
 def publish_export(out: str, write: Callable[[str], None], *, about: dict | None = None) -> str:
@@ -179,6 +186,7 @@ def resolve(location: str, base: str | None = None) -> Resolved:
     model and `adapter/` is refused: nothing says they come from one training (the layout before export
     pointers, where a retrained method could leave its old merged model beside a new adapter).
     """
+    location = hub.localize(location)  # a Hub id: its local snapshot (inbol_ray.hub)
     pointed = read_pointer(location) is not None
     location = follow_export(location)
     if _is_file(dio.join(location, "config.json")):
@@ -197,7 +205,7 @@ def resolve(location: str, base: str | None = None) -> Resolved:
     recorded = json.loads(dio.read_bytes(dio.join(adapter, ADAPTER_CONFIG)).decode()).get(
         "base_model_name_or_path"
     )
-    base_dir = base or recorded
+    base_dir = hub.localize(base or recorded or "")
     if not base_dir or not has_model(base_dir):
         raise FileNotFoundError(f"adapter {adapter}: base model {base_dir} not found; pass its path as base")
     return Resolved(dio.absolute(follow_export(base_dir)), adapter)
@@ -326,6 +334,7 @@ __all__ = [
     "load_for_training",
     "load_model",
     "load_processor",
+    "model_location",
     "publish_export",
     "read_pointer",
     "local_dir",

@@ -81,8 +81,14 @@ def stamp(location: str) -> list[FileId]:
 
     Hashed into evaluation shard manifests (generation/stage.py), so it must be deterministic and JSON
     friendly. A local folder keeps the tuples it always had (name, size, mtime_ns), so evaluation shards of
-    existing local runs stay reusable.
+    existing local runs stay reusable. A Hub id is its resolved commit (`[("hub:<id>", 0, "<commit>")]`): a
+    moved branch is another checkpoint, and the snapshot's files never change under a commit.
     """
+    from inbol_ray import hub
+
+    found = hub.identity(location)
+    if found is not None:
+        return [(f"hub:{found['hub']}", 0, found["commit"])]
     fs, path = dio.resolve(location)
     files = _identity(fs, path.rstrip("/"))
     if not files:
@@ -126,7 +132,11 @@ def tag_of(metadata: dict[str | bytes, str | bytes]) -> str | None:
 
 
 def local_dir(location: str) -> str:
-    """A local directory holding `location`'s model files: the path itself, or a cached copy of a remote one."""
+    """A local directory holding `location`'s model files: the path itself, a cached copy of a remote one,
+    or a Hub id's snapshot in the hub cache (`inbol_ray.hub`)."""
+    from inbol_ray import hub
+
+    location = hub.localize(location)
     if not dio.is_uri(location) or location.startswith("file://"):
         return dio.resolve(location)[1]
     fs, path = dio.resolve(location)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from inbol_ray import manifest
+from inbol_ray import hub, manifest
 from inbol_ray import methods as M
 from inbol_ray.config import Config
 from inbol_ray.input_identity import data_identity, model_identity
@@ -316,6 +316,8 @@ def run_pipeline(
     if problems:
         raise StageError("; ".join(problems))
     hashes = stage_hashes(cfg, all_stages)
+    # A base named by Hub id: the commit its revision resolved to, in every manifest of a stage reading it.
+    hub_model = None if cfg.model.build_tiny else hub.identity(cfg.model.path)
     ctx = Context(cfg=cfg, layout=layout, log=log, extras=extras or {})
     results: dict[str, dict[str, Any]] = {}
     t_start = time.time()
@@ -343,6 +345,7 @@ def run_pipeline(
             counts,
             inputs=_input_tokens(layout, stage),
             seconds=round(time.time() - t0, 1),
+            **({"model": hub_model} if hub_model and "model" in stage.sections else {}),
         )
         log(f"{heads[stage.name]}: done in {time.time() - t0:.0f}s (total {time.time() - t_start:.0f}s)")
         return counts

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from inbol_ray import methods as M
+from inbol_ray.checkpoint import model_location
 from inbol_ray.data import io as dio
 
 REFERENCE_SUFFIX = "_ref"
@@ -47,7 +48,7 @@ class RunLayout:
         """The layout of `cfg` (a `Config`), rooted at `run_dir` or `cfg.run_dir`."""
         return cls(
             root=dio.absolute(run_dir or cfg.run_dir),
-            model_path=dio.absolute(cfg.model.path) if cfg.model.path else "",
+            model_path=model_location(cfg.model.path) if cfg.model.path else "",
             build_tiny=cfg.model.build_tiny,
             dpo_init=cfg.train.dpo_init,
         )

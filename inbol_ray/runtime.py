@@ -1,5 +1,4 @@
-"""Process environment shared by jobs, tests and Serve: offline hubs, no telemetry, loopback-only Ray, the
-checkpoint cache."""
+"""Process environment shared by jobs, tests and Serve: no telemetry, loopback-only Ray, the checkpoint cache."""
 
 from __future__ import annotations
 
@@ -17,10 +16,9 @@ if TYPE_CHECKING:
 # its controller and workers, so it holds on a cluster too; a user's own value wins.
 RAY_TRAIN_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
+# No HF_HUB_OFFLINE here: a model named by Hub id resolves through huggingface_hub as in the user's own
+# scripts (inbol_ray/hub.py), and offline mode is the user's choice; local folders never reach the Hub.
 _QUIET = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "GRADIO_ANALYTICS_ENABLED": "False",
@@ -31,7 +29,7 @@ _QUIET = {
 
 
 def quiet_env() -> None:
-    """Set offline/telemetry (and Ray Train polling) variables unless the user already set them (their choice
+    """Set telemetry (and Ray Train polling) variables unless the user already set them (their choice
     wins)."""
     for key, value in _QUIET.items():
         os.environ.setdefault(key, value)

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(cfg, args) -> int:
+    from inbol_ray.checkpoint import model_location
     from inbol_ray.data import io as dio
     from inbol_ray.eval.evaluate import evaluate_checkpoint
     from inbol_ray.run_layout import RunLayout
@@ -46,7 +47,9 @@ def _evaluate(cfg, args) -> int:
         return 2
     try:
         with ray_session(cfg.ray, cfg.checkpoint):
-            evaluate_checkpoint(cfg, layout, args.name, dio.absolute(args.checkpoint), datasets=args.datasets)
+            evaluate_checkpoint(
+                cfg, layout, args.name, model_location(args.checkpoint), datasets=args.datasets
+            )
     except (ValueError, FileNotFoundError) as exc:
         print(f"evaluate_checkpoint: {exc}", file=sys.stderr)
         return 2

@@ -6,10 +6,13 @@ built once; tests that need a trained model build their own small one from `tiny
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +21,14 @@ import pytest
 from inbol_ray.runtime import quiet_env
 
 quiet_env()
+# The tests never reach the Hub (a Hub id resolves from a cache the test builds); jobs no longer set this
+# themselves (inbol_ray/hub.py), and Ray workers inherit it from this process.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# ... and a Hub id resolves from this session's own hub cache (`hub_tiny`), never the user's: set before Ray
+# starts, so its workers resolve ids in the same cache, as a cluster's nodes do in theirs.
+HUB_CACHE = Path(tempfile.mkdtemp(prefix="inbol-hub-cache-"))
+os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
+atexit.register(shutil.rmtree, HUB_CACHE, True)
 
 
 def _free_port() -> int:
@@ -161,6 +172,20 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_config) -> Pa
     out = tmp_path_factory.mktemp("tiny_ckpt") / "model"
     build_tiny_checkpoint(out, tiny_config.model)
     return out
+
+
+@pytest.fixture(scope="session")
+def hub_tiny(tiny_checkpoint: Path) -> str:
+    """The tiny checkpoint as the Hub model `org/tiny` in the session's hub cache, the layout
+    `huggingface_hub` writes when it downloads (`models--org--tiny/snapshots/<commit>`, `refs/main`);
+    returns the commit. Read offline, by the driver and by Ray's workers alike."""
+    commit = "c0ffee" + "0" * 34
+    folder = HUB_CACHE / "models--org--tiny"
+    if not (folder / "snapshots" / commit).exists():
+        shutil.copytree(tiny_checkpoint, folder / "snapshots" / commit)
+        (folder / "refs").mkdir(exist_ok=True)
+        (folder / "refs" / "main").write_text(commit)
+    return commit
 
 
 @pytest.fixture(scope="session")

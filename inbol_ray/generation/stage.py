@@ -196,7 +196,7 @@ def depends_on(cfg: Config, job: Job) -> dict[str, Any]:
             ROWS_PER_FORWARD,
             GREEDY_ROWS_PER_FORWARD,
         ],
-        "model": [dio.absolute(job.model_dir), checkpoint.stamp(job.model_dir)],
+        "model": [checkpoint.model_location(job.model_dir), checkpoint.stamp(job.model_dir)],
         "dtype": cfg.model.dtype,
         # `crop` is how every image was shaped before the setting existed: left out, so shards made then
         # are still reused; `pad` shows the model other pixels.
