@@ -19,6 +19,7 @@ from inbol_ray.config.sections import (
     RayConfig,
     SamplingConfig,
     ServeConfig,
+    TrackingConfig,
     TrainConfig,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "SamplingConfig",
     "ServeConfig",
     "ShapesConfig",
+    "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
     "load_config",

@@ -317,8 +317,42 @@ class ServeConfig:
     upscale_delay_s: float = 30.0
     """Serve autoscaling: how long load must stay above `target_ongoing_requests` before a replica is
     added (Serve's default; tests and the benchmark shorten it to see 1 -> 2 replicas in seconds)."""
+    api_key_env: str = "INBOL_SERVE_API_KEY"
+    """The environment variable holding the endpoint's key. When it is set, every route but `/healthz`
+    (the demo included) needs `Authorization: Bearer <key>`, what the `openai` client sends; binding a
+    non-loopback host without it refuses to start (`python -m serve --insecure` overrides, with a warning)."""
+    cors_origins: list[str] = field(default_factory=list)
+    """Web origins allowed to call the API from a browser (empty: none; `*` is refused, since a page open in
+    an operator's browser could otherwise read a loopback server's answers)."""
+    max_n: int = 16
+    """Most choices (`n`) one request may ask for: confidence mode needs K (`confidence_k`)."""
+    max_tokens: int = 256
+    """Most new tokens one choice may generate (`max_tokens` / `max_completion_tokens`)."""
+    max_body_bytes: int = 16_000_000
+    """Largest request body, counted as it streams in (with or without Content-Length)."""
+    max_messages: int = 32
+    """Most messages in one chat request."""
+    max_text_chars: int = 20_000
+    """Most characters of text in one request, over all its messages."""
+    max_image_pixels: int = 25_000_000
+    """Images with more pixels than this are refused before decoding (a served image is shrunk to the
+    model's 336 px side anyway)."""
+    max_queued_requests: int = 64
+    """Requests waiting for a replica beyond `max_ongoing_requests`; more are answered 503 with
+    Retry-After instead of queueing without bound."""
+    request_timeout_s: float = 120.0
+    """A request that has not finished after this is answered 504 (and its engine call abandoned)."""
+    engine_hang_s: float = 300.0
+    """`/readyz` and the replicas' health checks fail when an engine call has run longer than this: a wedged
+    engine is restarted instead of holding requests forever."""
 
     def __post_init__(self) -> None:
+        if "*" in self.cors_origins:
+            raise ConfigError("serve.cors_origins: '*' is refused; list the origins that may call the API")
+        for name in ("max_n", "max_tokens", "max_messages", "max_text_chars", "max_queued_requests"):
+            at_least(f"serve.{name}", getattr(self, name), 1)
+        if self.max_n < self.confidence_k:
+            raise ConfigError(f"serve.max_n ({self.max_n}) must be >= serve.confidence_k ({self.confidence_k})")
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ConfigError(
                 f"serve: need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}"
@@ -350,6 +384,30 @@ class RayConfig:
         at_least("ray.concurrent_stages", self.concurrent_stages, 1)
         if self.driver_lease_s < 10:
             raise ConfigError(f"ray.driver_lease_s must be >= 10, got {self.driver_lease_s}")
+
+
+@dataclass
+class TrackingConfig:
+    """An experiment tracker the run reports to (off by default): one parent run per pipeline run, a child
+    per stage and per trained method (`inbol_ray.tracking`). A tracker that fails never fails a stage: one
+    warning, and the run's own files stay the record."""
+
+    backend: Literal["none", "mlflow", "wandb"] = "none"
+    """Which tracker."""
+    uri: str = ""
+    """MLflow: the tracking URI (empty: $MLFLOW_TRACKING_URI, else MLflow's default); W&B: the base URL of a
+    self-hosted server (empty: $WANDB_BASE_URL / W&B's default; `WANDB_MODE=offline` writes files only)."""
+    project: str = "inbol-ray"
+    """MLflow experiment / W&B project."""
+    run_name: str = ""
+    """The parent run's name (empty: the run directory's name)."""
+    tags: list[str] = field(default_factory=list)
+    """Extra tags on every run, as `key=value` (team, sweep id, ...)."""
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tags if "=" not in t or not t.split("=", 1)[0]]
+        if bad:
+            raise ConfigError(f"tracking.tags: each tag is key=value, got {bad}")
 
 
 @dataclass
@@ -407,6 +465,8 @@ class Config:
     """Ray connection."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Local copies of remote checkpoints."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking (MLflow, W&B)."""
 
     def __post_init__(self) -> None:
         check_training_precision(self.model.dtype, self.train)
