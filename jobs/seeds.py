@@ -13,17 +13,10 @@ their paired differences per seed.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-SEED_KEYS = (
-    "data.shapes.seed",
-    "data.mismatch_seed",
-    "model.seed",
-    "base_train.seed",
-    "sampling.seed",
-    "construct.seed",
-    "train.seed",
-)
+from inbol_ray.eval.reference_band import SEED_KEYS  # one list: the band covers a config at any seed
 
 
 def _seed_list(text: str) -> list[int]:
@@ -61,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from inbol_ray.config import ConfigError, load_config
     from inbol_ray.data import io as dio
     from inbol_ray.eval.recipe import recipe_section
+    from inbol_ray.eval.reference_band import band_from_summary
     from inbol_ray.eval.report import dataset_splits, read_item_keys
-    from inbol_ray.eval.seeds import seeds_markdown, stack
+    from inbol_ray.eval.seeds import seeds_markdown, stack, summary
     from inbol_ray.run_layout import RunLayout
     from jobs import pipeline
 
@@ -98,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     text = seeds_markdown(stacked, recipe)
     dio.write_table(pa.Table.from_pandas(stacked, preserve_index=False), dio.join(root, "seeds.parquet"))
     dio.write_bytes(dio.join(root, "seeds.md"), (text + "\n").encode())
+    source = f"make seeds over {', '.join(str(s) for s in args.seeds)} with {', '.join(args.config)}"
+    band = band_from_summary(summary(stacked), args.seeds, source)
+    dio.write_bytes(dio.join(root, "band.json"), json.dumps(band, indent=1).encode())  # the report's band
     print(text)
     print(f"seeds: table written to {dio.join(root, 'seeds.md')}")
     return 0
