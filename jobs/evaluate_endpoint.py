@@ -2,7 +2,7 @@
 
     python -m jobs.evaluate_endpoint --config configs/tiny.yaml --run-dir runs/tiny \\
         --name served-cadpo --base-url http://127.0.0.1:8000/v1 --model cadpo [--datasets a,b] \\
-        [--api-key-env OPENAI_API_KEY] [--concurrency 8] [--timeout-s 60] [--max-attempts 6]
+        [--api-key-env VAR] [--concurrency 8] [--timeout-s 60] [--max-attempts 6]
 
 Same prompts and grading as the run's own methods (`inbol_ray/eval/endpoint.py`); the model's rows land
 in the run's `predictions` and `metrics` under `--name`, so `jobs.compare RUN RUN --methods cadpo:NAME`
@@ -11,6 +11,11 @@ compares it with any method. Answers are stored as they arrive, in a journal of 
 still unanswered, and a run against another model or endpoint, or with other prompts or decoding, under
 the same `--name` asks everything again (`inbol_ray/eval/endpoint_journal.py`). Exit 1 when some items
 still have no answer (listed in the `evaluate_<name>` quarantine); no Ray is needed.
+
+No key is sent unless `--api-key-env VAR` names the variable holding it (no default: a key in the
+environment for one service is not handed to whatever `--base-url` says). A named key goes over https, or
+over plain http to a loopback address (127.0.0.0/8, ::1, localhost) only; anything else, or a named
+variable that is not set, exits 2 before anything is asked.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from inbol_ray.cli import finish_model_job, held, model_job
 def endpoint_arguments(parser) -> None:
     parser.add_argument("--base-url", required=True, help="endpoint up to /v1, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--model", required=True, help="the endpoint's model field")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the key")
+    parser.add_argument("--api-key-env", default="",
+                        help="environment variable holding the key (none: no key is sent); https or loopback "
+                             "http only")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--timeout-s", type=float, default=60.0)
     parser.add_argument("--max-attempts", type=int, default=6)

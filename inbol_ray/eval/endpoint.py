@@ -11,6 +11,9 @@ comparable with every method of the run. (Our own endpoint tokenises chats with 
 
 Endpoints fail: `concurrency` requests at most in flight, `timeout_s` per request, 429 / 5xx / timeouts /
 dropped connections retried with exponential backoff (a `Retry-After` header wins), up to `max_attempts`.
+A key is sent only when `api_key_env` names its variable (none by default: a key meant for one service is
+never handed to whatever URL was typed), and never in clear text to another machine: with a key, the URL
+must be https, or http on a loopback address (`auth_headers`); anything else refuses to start.
 Every answer is stored the moment it arrives (`endpoint_journal.Journal`: one small JSON file per item
 under `<run>/eval/endpoint/<name>/<fingerprint>/`, the fingerprint of the endpoint, its model, the prompt
 section and the decoding), so an interrupted or partly failed evaluation resumes asking only what has no
@@ -24,11 +27,13 @@ go to `eval/predictions/<name>/` and the model into the run's registry (`eval.mo
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import pandas as pd
 import pyarrow as pa
@@ -59,8 +64,9 @@ class EndpointSpec:
     """Up to and including `/v1`, e.g. `http://127.0.0.1:8000/v1`."""
     model: str
     """The endpoint's `model` field."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the key (never the key itself: configs and logs stay clean)."""
+    api_key_env: str = ""
+    """Environment variable holding the key (never the key itself: configs and logs stay clean); empty: no
+    key is sent. Named explicitly, so no ambient key (`$OPENAI_API_KEY`) goes to an endpoint by default."""
     concurrency: int = 8
     timeout_s: float = 60.0
     max_attempts: int = 6
@@ -70,6 +76,41 @@ class EndpointSpec:
 
 class EndpointError(RuntimeError):
     """An item the endpoint did not answer after its attempts (or refused with a non-retryable status)."""
+
+
+class UnsafeKey(ValueError):
+    """A key that would travel where it should not (or a named key variable that is not set): the
+    evaluation refuses to start rather than send it."""
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback IP literal. Other names are not resolved: what a name points to can change
+    between this check and the request (DNS rebinding), a literal address cannot."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_headers(spec: EndpointSpec) -> dict[str, str]:
+    """The `Authorization` header for `spec`'s key, or none when `spec.api_key_env` is empty. Raises
+    `UnsafeKey` when the variable is unset or the key would go in clear text off this machine (plain http to
+    a host that is not loopback): https carries it anywhere, http only to 127.0.0.0/8, ::1 or localhost."""
+    if not spec.api_key_env:
+        return {}
+    key = os.environ.get(spec.api_key_env, "")
+    if not key:
+        raise UnsafeKey(f"${spec.api_key_env} is named as the endpoint's key but is not set")
+    url = urlsplit(spec.base_url)
+    scheme, host = url.scheme.lower(), url.hostname or ""
+    if not (scheme == "https" or (scheme == "http" and is_loopback(host))):
+        raise UnsafeKey(
+            f"refusing to send ${spec.api_key_env} to {spec.base_url}: a key goes over https, or over plain "
+            f"http to a loopback address only (use an https URL, or name no key variable if it needs none)"
+        )
+    return {"Authorization": f"Bearer {key}"}
 
 
 def request_settings(cfg: Config, model: str) -> dict[str, Any]:
@@ -90,13 +131,9 @@ def chat_body(row: dict[str, Any], cfg: Config, model: str) -> dict[str, Any]:
     }
 
 
-async def _ask(client: Any, spec: EndpointSpec, body: dict[str, Any]) -> str:
+async def _ask(client: Any, spec: EndpointSpec, body: dict[str, Any], headers: dict[str, str]) -> str:
     import httpx
 
-    headers = {}
-    key = os.environ.get(spec.api_key_env)
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
     last = ""
     for attempt in range(spec.max_attempts):
         wait = min(30.0, spec.backoff_s * 2**attempt) * (0.5 + random.random())
@@ -136,6 +173,7 @@ async def ask_all(
     Returns what happened and every answer (earlier runs' and this one's)."""
     import httpx
 
+    headers = auth_headers(spec)  # before anything is asked: an unsafe key stops the run, not each item
     requests = {i: request_digest(b) for i, b in bodies.items()}
     done = journal.answered(requests)
     todo = {i: b for i, b in bodies.items() if i not in done}
@@ -145,7 +183,7 @@ async def ask_all(
     async def one(client: httpx.AsyncClient, item_id: str, body: dict[str, Any]) -> None:
         async with limit:
             try:
-                response = await _ask(client, spec, body)
+                response = await _ask(client, spec, body, headers)
             except EndpointError as exc:
                 run.failed[item_id] = str(exc)
                 return
@@ -165,7 +203,8 @@ def evaluate_endpoint(
     log: Callable[[str], None] = print,
 ) -> tuple[pd.DataFrame, EndpointRun]:
     """Ask, grade and register one endpoint model over the items `selection_mask` keeps; returns its graded
-    predictions (answered items) and what happened."""
+    predictions (answered items) and what happened. `UnsafeKey` (a ValueError) before anything is written."""
+    auth_headers(spec)
     models.claim(layout, spec.name, "endpoint")
     items = dio.read_table(layout.items)
     items = items.filter(selection_mask(items))

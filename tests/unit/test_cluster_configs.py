@@ -10,7 +10,11 @@ Checked for every file under cluster/:
   training and the reference pass (`train.num_workers` workers), Serve (`serve.max_replicas` replicas);
 - autoscaling is on; Serve gets the config files and a method whose checkpoint the run layout names;
 - the install pins torch, ray, transformers and vllm as pyproject.toml does; storage and GPU types are named
-  in configs/cluster.yaml only.
+  in configs/cluster.yaml only;
+- who may reach the clusters: Ray token authentication on in both manifests; the dashboard listens where the
+  KubeRay operator reaches it and is fenced by cluster/networkpolicy.yaml, whose policies are evaluated here
+  as Kubernetes does (which sources reach which ports of the head and workers); the endpoint's key from a
+  Secret in every container that can host a Serve replica.
 """
 
 from __future__ import annotations
@@ -381,3 +385,370 @@ def test_runtime_env_is_loadable_by_ray() -> None:
     env = _yaml("runtime_env.yaml")
     RuntimeEnv(**env)
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+
+
+# --- who may reach the clusters ---------------------------------------------------------------------------
+
+CLUSTER_SPECS = {"rayjob.yaml": "rayClusterSpec", "rayservice.yaml": "rayClusterConfig"}
+TOKEN_AUTH_RAY = (2, 52, 0)
+"""The first Ray with token authentication (RAY_AUTH_MODE=token)."""
+TOKEN_AUTH_KUBERAY = "1.5.1"
+"""The first KubeRay whose CRDs have `authOptions` (RayCluster, RayJob, RayService); an older operator's CRD
+prunes the field without an error, and the cluster starts with no authentication."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+APP_NS = "inbol"
+"""The namespace the manifests are applied in (they name none; any name does here)."""
+OPERATOR_LABELS = {
+    "app.kubernetes.io/name": "kuberay-operator",  # Helm chart; the kustomize manifests say `kuberay`
+    "app.kubernetes.io/component": "kuberay-operator",
+}
+HEAD_PORTS = {"GCS": 6379, "dashboard": 8265, "Ray Client": 10001, "Serve": 8000}
+
+
+def _cluster_spec(name: str) -> dict:
+    return _yaml(name)["spec"][CLUSTER_SPECS[name]]
+
+
+# NetworkPolicy evaluation, as the networking.k8s.io/v1 API defines it: a pod selected by any Ingress policy
+# admits only what one of their rules allows; a rule allows its `ports` (all when none) from its `from` peers
+# (everyone when none); a peer with only `podSelector` means pods of the policy's own namespace, with only
+# `namespaceSelector` every pod of those namespaces, with both, pods matching both.
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    labels: dict[str, str]
+
+
+def ray_pods(name: str) -> dict[str, Pod]:
+    """The head and one pod per worker group of a manifest, labelled as KubeRay labels them (the template's
+    labels plus its own; `ray.io/cluster` is a generated name, so nothing can select by it)."""
+    cluster = _cluster_spec(name)
+    groups = {"head": ("head", cluster["headGroupSpec"])}
+    groups.update({wg["groupName"]: ("worker", wg) for wg in cluster["workerGroupSpecs"]})
+    pods = {}
+    for group, (node_type, spec) in groups.items():
+        labels = dict(spec["template"].get("metadata", {}).get("labels", {}))
+        labels.update(
+            {
+                "ray.io/node-type": node_type,
+                "ray.io/group": group,
+                "ray.io/is-ray-node": "yes",
+                "ray.io/cluster": f"{_yaml(name)['metadata']['name']}-x7k2p",
+                "app.kubernetes.io/name": "kuberay",
+                "app.kubernetes.io/created-by": "kuberay-operator",
+            }
+        )
+        pods[group] = Pod(APP_NS, labels)
+    return pods
+
+
+OPERATOR = Pod("kuberay-system", OPERATOR_LABELS)
+INGRESS = Pod("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
+SUBMITTER = Pod(APP_NS, {"batch.kubernetes.io/job-name": "inbol-pipeline", "job-name": "inbol-pipeline"})
+
+
+def strangers(name: str) -> dict[str, Pod]:
+    """Sources that must reach no port of `name`'s pods (the ingress and submitter are checked apart)."""
+    other = next(n for n in CLUSTER_SPECS if n != name)
+    return {
+        "a pod of the app's namespace": Pod(APP_NS, {"app": "notebook"}),
+        "another namespace": Pod("default", {"app": "web"}),
+        "an operator-labelled pod of the app's namespace": Pod(APP_NS, OPERATOR_LABELS),
+        **{f"{other}'s {group}": pod for group, pod in ray_pods(other).items()},
+    }
+
+
+def network_policies() -> list[dict]:
+    return [d for d in yaml.safe_load_all((CLUSTER / "networkpolicy.yaml").read_text()) if d]
+
+
+def _selects(selector: dict | None, labels: dict[str, str]) -> bool:
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, values = e["key"], e.get("values", [])
+        ok = {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def _peer_admits(peer: dict, source: Pod) -> bool:
+    if "ipBlock" in peer:
+        return True  # an address range may hold any pod: assume it does
+    if "namespaceSelector" in peer:
+        in_namespace = _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": source.namespace})
+    else:
+        in_namespace = source.namespace == APP_NS
+    return in_namespace and _selects(peer.get("podSelector"), source.labels)
+
+
+def _port_admits(ports: list[dict] | None, port: int) -> bool:
+    if not ports:
+        return True
+    for p in ports:
+        number = p.get("port")
+        if p.get("protocol", "TCP") == "TCP" and (
+            number is None or isinstance(number, str) or number <= port <= p.get("endPort", number)
+        ):  # no port: all of them; a named port: assume it is this one
+            return True
+    return False
+
+
+def admitted(policies: list[dict], target: Pod, source: Pod, port: int) -> bool:
+    """Whether `source` may open TCP `port` on `target` under `policies` (all in APP_NS)."""
+    selecting = [
+        p["spec"]
+        for p in policies
+        if target.namespace == APP_NS
+        and _selects(p["spec"]["podSelector"], target.labels)
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+    ]
+    if not selecting:
+        return True
+    return any(
+        _port_admits(rule.get("ports"), port)
+        and (not rule.get("from") or any(_peer_admits(peer, source) for peer in rule["from"]))
+        for spec in selecting
+        for rule in spec.get("ingress", [])
+    )
+
+
+_LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["key", "operator"],
+                "properties": {
+                    "key": {"type": "string"},
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+_PEERS = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "properties": {
+            "podSelector": _LABEL_SELECTOR,
+            "namespaceSelector": _LABEL_SELECTOR,
+            "ipBlock": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["cidr"],
+                "properties": {
+                    "cidr": {"type": "string"},
+                    "except": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+_PORTS = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "port": {"type": ["integer", "string"]},
+            "endPort": {"type": "integer"},
+            "protocol": {"enum": ["TCP", "UDP", "SCTP"]},
+        },
+    },
+}
+NETWORK_POLICY = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "networking.k8s.io/v1"},
+        "kind": {"const": "NetworkPolicy"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["podSelector"],
+            "properties": {
+                "podSelector": _LABEL_SELECTOR,
+                "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+                "ingress": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"from": _PEERS, "ports": _PORTS},
+                    },
+                },
+                "egress": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"to": _PEERS, "ports": _PORTS},
+                    },
+                },
+            },
+        },
+    },
+}
+"""The fields of a networking.k8s.io/v1 NetworkPolicy (stable since Kubernetes 1.7, `endPort` since 1.25),
+unknown ones refused as `kubectl apply`'s strict field validation refuses them."""
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTER_SPECS))
+def test_ray_token_authentication_is_on(name: str) -> None:
+    cluster = _cluster_spec(name)
+    assert cluster.get("authOptions", {}).get("mode") == "token", f"{name}: authOptions.mode must be token"
+    assert tuple(int(x) for x in cluster["rayVersion"].split(".")[:3]) >= TOKEN_AUTH_RAY
+    kind = "rayjobs" if name == "rayjob.yaml" else "rayservices"
+    stored = _crd_schema(kind)["properties"]["spec"]["properties"][CLUSTER_SPECS[name]]["properties"]
+    assert "authOptions" in stored, (
+        "the stored CRD schema predates authOptions: refresh tests/fixtures/kuberay"
+    )
+    assert f">= {TOKEN_AUTH_KUBERAY}" in (CLUSTER / name).read_text(), (
+        f"{name}: say which operator keeps authOptions (KubeRay >= {TOKEN_AUTH_KUBERAY})"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTER_SPECS))
+def test_the_dashboard_is_reachable_by_the_operator_and_fenced_from_everyone_else(name: str) -> None:
+    """The KubeRay operator talks to the dashboard through the head Service (RayService: deploys
+    serveConfigV2 and reads Serve's status; RayJob: polls the job), so a loopback `dashboard-host` leaves
+    the service undeployed and the job unwatched. What keeps others out is the token and the NetworkPolicy:
+    the dashboard port admits the operator, the job's submitter and the cluster's own pods, no one else."""
+    params = _cluster_spec(name)["headGroupSpec"]["rayStartParams"]
+    host = params.get("dashboard-host", "0.0.0.0")  # unset: KubeRay's default
+    assert host not in LOOPBACK, f"{name}: a loopback dashboard is out of the operator's reach"
+    assert _cluster_spec(name)["authOptions"]["mode"] == "token"
+    policies = network_policies()
+    head = ray_pods(name)["head"]
+    allowed = {"operator": OPERATOR, "submitter": SUBMITTER, **ray_pods(name)}
+    for who, source in {**allowed, **strangers(name)}.items():
+        reaches = admitted(policies, head, source, HEAD_PORTS["dashboard"])
+        expected = who in allowed and (who != "submitter" or name == "rayjob.yaml")
+        assert reaches == expected, f"{name}: dashboard {'open' if reaches else 'closed'} to {who}"
+
+
+def test_the_endpoint_key_comes_from_a_secret_in_every_container_that_can_host_serve() -> None:
+    """The ingress replica asks for no CPU, so Serve may place it on the head or any worker: each Ray
+    container gets the key, from a Secret (never written in the manifest), and does not start without it."""
+    svc = _yaml("rayservice.yaml")
+    (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    variable = load_config([_repo_path(c) for c in app["args"]["config"]]).serve.api_key_env
+    cluster = svc["spec"]["rayClusterConfig"]
+    refs = set()
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        ray_container = group["template"]["spec"]["containers"][0]  # KubeRay runs Ray in the first one
+        env = {e["name"]: e for e in ray_container.get("env", [])}
+        assert variable in env, f"{ray_container['name']}: no {variable}, a replica placed here answers 401s"
+        assert "value" not in env[variable], f"{variable} written into the manifest"
+        ref = env[variable]["valueFrom"]["secretKeyRef"]
+        assert not ref.get("optional"), "an optional key lets a pod start without one"
+        refs.add((ref["name"], ref["key"]))
+    ((secret, key),) = refs
+    assert (
+        f"kubectl create secret generic {secret} --from-literal={key}="
+        in (CLUSTER / "rayservice.yaml").read_text()
+    )
+    assert variable not in svc["spec"]["serveConfigV2"], "the key's variable belongs to the pods, not the app"
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTER_SPECS))
+def test_the_head_admits_its_cluster_the_operator_and_the_ingress_only(name: str) -> None:
+    policies = network_policies()
+    pods = ray_pods(name)
+    head = pods["head"]
+    assert any(_selects(p["spec"]["podSelector"], head.labels) for p in policies), f"{name}: head unselected"
+    for group, pod in pods.items():  # the cluster works: every pod reaches the head on Ray's ports
+        for port in [*HEAD_PORTS.values(), 20_000]:  # 20000: a worker port (Ray picks them at random)
+            assert admitted(policies, head, pod, port), f"{name}: {group} cannot reach the head on {port}"
+    for who, source in strangers(name).items():
+        for what, port in HEAD_PORTS.items():
+            assert not admitted(policies, head, source, port), (
+                f"{name}: {who} reaches the head's {what} ({port})"
+            )
+    serves = name == "rayservice.yaml"
+    for what, port in HEAD_PORTS.items():
+        ingress = admitted(policies, head, INGRESS, port)
+        assert ingress == (serves and what == "Serve"), (
+            f"{name}: the ingress reaches the head's {what}: {ingress}"
+        )
+        operator_ports = {"dashboard", "Serve"} if serves else {"dashboard"}  # Serve: its proxy health check
+        assert admitted(policies, head, OPERATOR, port) == (what in operator_ports), (name, "operator", what)
+        assert admitted(policies, head, SUBMITTER, port) == (not serves and what == "dashboard"), (name, what)
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTER_SPECS))
+def test_workers_admit_their_cluster_and_for_serve_the_ingress_only(name: str) -> None:
+    policies = network_policies()
+    pods = ray_pods(name)
+    for group, worker in pods.items():
+        if group == "head":
+            continue
+        assert any(_selects(p["spec"]["podSelector"], worker.labels) for p in policies), f"{group} unselected"
+        for other, pod in pods.items():
+            assert admitted(policies, worker, pod, 20_000), f"{name}: {other} cannot reach {group}"
+        for who, source in {**strangers(name), "operator": OPERATOR}.items():
+            assert not any(admitted(policies, worker, source, p) for p in [*HEAD_PORTS.values(), 20_000]), (
+                f"{name}: {who} reaches worker group {group}"
+            )
+        serves = name == "rayservice.yaml"  # Serve's proxies run beside its replicas, here too
+        assert admitted(policies, worker, INGRESS, 8000) == serves
+        assert not admitted(policies, worker, INGRESS, 6379)
+
+
+def test_the_policy_check_catches_open_policies() -> None:
+    """The evaluator itself: a rule with no `from` admits everyone; a namespace and a pod selector written
+    as two peers (`- namespaceSelector` / `- podSelector`) admit either, so an operator-labelled pod in the
+    app's namespace gets in; an unselected pod admits all."""
+    head = ray_pods("rayservice.yaml")["head"]
+    select = {"matchLabels": {"inbol-ray/cluster": "inbol-serve", "ray.io/node-type": "head"}}
+    wide = {
+        "spec": {"podSelector": select, "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": 8265}]}]}
+    }
+    assert admitted([wide], head, strangers("rayservice.yaml")["another namespace"], 8265)
+    assert not admitted([wide], head, OPERATOR, 6379)
+    operator_ns = {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}
+    operator_pods = {"matchLabels": OPERATOR_LABELS}
+    split = {
+        "podSelector": select,
+        "ingress": [{"from": [{"namespaceSelector": operator_ns}, {"podSelector": operator_pods}]}],
+    }
+    joined = {
+        "podSelector": select,
+        "ingress": [{"from": [{"namespaceSelector": operator_ns, "podSelector": operator_pods}]}],
+    }
+    impostor = strangers("rayservice.yaml")["an operator-labelled pod of the app's namespace"]
+    assert admitted([{"spec": split}], head, impostor, 8265)
+    assert not admitted([{"spec": joined}], head, impostor, 8265)
+    assert admitted([{"spec": joined}], head, OPERATOR, 8265)
+    assert admitted([], head, impostor, 6379)
+    first = network_policies()[0]
+    with pytest.raises(jsonschema.ValidationError):  # a misspelt field, which the API server would refuse
+        jsonschema.validate({**first, "spec": {**first["spec"], "podselector": {}}}, NETWORK_POLICY)
+
+
+def test_network_policies_are_well_formed() -> None:
+    policies = network_policies()
+    assert len(policies) >= 2 and len({p["metadata"]["name"] for p in policies}) == len(policies)
+    for policy in policies:
+        jsonschema.validate(policy, NETWORK_POLICY)

@@ -22,7 +22,7 @@ from inbol_ray import schema as S
 from inbol_ray.config import load_config
 from inbol_ray.data import io as dio
 from inbol_ray.data.shapes import generate_items
-from inbol_ray.eval.endpoint import EndpointSpec, chat_body, evaluate_endpoint
+from inbol_ray.eval.endpoint import EndpointSpec, UnsafeKey, auth_headers, chat_body, evaluate_endpoint
 from inbol_ray.generation.shards import Selection
 from inbol_ray.model.prompt import render_prompt
 from inbol_ray.run_layout import RunLayout
@@ -52,6 +52,7 @@ class FlakyServer:
         self.attempts: Counter[str] = Counter()
         self.answered: Counter[str] = Counter()
         self.bodies: list[dict] = []
+        self.headers: list[dict[str, str]] = []  # each request's headers, lower-cased names
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,6 +63,7 @@ class FlakyServer:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 text = item_key(body)
                 server.bodies.append(body)
+                server.headers.append({k.lower(): v for k, v in self.headers.items()})
                 server.attempts[text] += 1
                 n = server.attempts[text]
                 kind = int(hashlib.md5(text.encode()).hexdigest(), 16) % 5
@@ -284,3 +286,94 @@ def test_the_job_keys_its_journal_by_model(tmp_path: Path, quiet_server: FlakySe
     predictions = dio.read_table(str(tmp_path / "predictions.parquet")).to_pandas()
     assert set(predictions[S.RESPONSE]) == {"b"}
     assert not (tmp_path / ".lease.json").exists()  # the job held the run and let it go
+
+
+# --- the key goes only where it was meant to, and never in clear text off the machine ---------------------
+
+
+def _job_argv(tmp_path: Path, base_url: str, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(tmp_path), "--name", "x",
+            "--base-url", base_url, "--model", "a", "--datasets", "shapes_id_test", *extra]  # fmt: skip
+
+
+def test_no_key_is_sent_unless_its_variable_is_named(
+    tmp_path: Path, quiet_server: FlakyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ambient `$OPENAI_API_KEY` (meant for some hosted API) never reaches an endpoint by default; the
+    variable named with --api-key-env does, as a Bearer token."""
+    from jobs import evaluate_endpoint as job
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-ambient")
+    monkeypatch.setenv("INBOL_TEST_ENDPOINT_KEY", "k-named")
+    small_run(tmp_path / "plain")
+    assert job.main(_job_argv(tmp_path / "plain", quiet_server.url)) == 0
+    unnamed = list(quiet_server.headers)
+    assert unnamed and all("authorization" not in h for h in unnamed)
+
+    small_run(tmp_path / "named")  # a run of its own: the journal would otherwise reuse the answers
+    named_argv = _job_argv(tmp_path / "named", quiet_server.url, "--api-key-env", "INBOL_TEST_ENDPOINT_KEY")
+    assert job.main(named_argv) == 0
+    named = quiet_server.headers[len(unnamed) :]
+    assert named and all(h["authorization"] == "Bearer k-named" for h in named)
+
+
+def test_a_key_over_plain_http_to_another_host_refuses_to_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jobs import evaluate_endpoint as job
+
+    small_run(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.setenv("INBOL_TEST_ENDPOINT_KEY", "k-secret")
+    argv = _job_argv(tmp_path, "http://example.com/v1", "--api-key-env", "INBOL_TEST_ENDPOINT_KEY")
+    assert job.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "http://example.com/v1" in err and "INBOL_TEST_ENDPOINT_KEY" in err and "k-secret" not in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing asked or written
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com/v1",
+        "HTTP://EXAMPLE.COM/v1",
+        "http://10.0.0.5:8000/v1",  # the cluster's network is not this machine
+        "http://127.0.0.1@example.com/v1",  # userinfo, not the host
+        "http://localhost.example.com/v1",
+        "http://127.0.0.1.nip.io/v1",  # a name that resolves to loopback is still a name
+        "ftp://127.0.0.1/v1",
+        "127.0.0.1:8000/v1",
+    ],
+)
+def test_a_named_key_is_refused_for_urls_that_would_carry_it_in_clear_text(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INBOL_TEST_ENDPOINT_KEY", "k")
+    with pytest.raises(UnsafeKey, match="INBOL_TEST_ENDPOINT_KEY"):
+        auth_headers(EndpointSpec("x", url, "m", api_key_env="INBOL_TEST_ENDPOINT_KEY"))
+    assert auth_headers(EndpointSpec("x", url, "m")) == {}  # no key named: nothing to protect
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.example.com/v1",
+        "HTTPS://api.example.com/v1",
+        "http://127.0.0.1:8000/v1",
+        "http://127.9.9.9/v1",
+        "http://[::1]:8000/v1",
+        "http://LocalHost:8000/v1",
+    ],
+)
+def test_a_named_key_goes_over_https_or_loopback_http(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INBOL_TEST_ENDPOINT_KEY", "k")
+    spec = EndpointSpec("x", url, "m", api_key_env="INBOL_TEST_ENDPOINT_KEY")
+    assert auth_headers(spec) == {"Authorization": "Bearer k"}
+
+
+def test_a_named_key_variable_that_is_not_set_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Named but empty is a typo or a missing secret: every request would be a 401, so stop first."""
+    monkeypatch.delenv("INBOL_TEST_ENDPOINT_KEY", raising=False)
+    spec = EndpointSpec("x", "https://api.example.com/v1", "m", api_key_env="INBOL_TEST_ENDPOINT_KEY")
+    with pytest.raises(UnsafeKey, match=r"\$INBOL_TEST_ENDPOINT_KEY .*not set"):
+        auth_headers(spec)
