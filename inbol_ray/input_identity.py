@@ -52,9 +52,15 @@ def _file_identity(fs: pafs.FileSystem, info: pafs.FileInfo, uri: str, digest: b
 
 
 def identity(location: str, digest: bool = False) -> Any:
-    """A file's identity, a folder's as `{relative name: identity}` of its files, or "missing"."""
+    """A file's identity, a folder's as `{relative name: identity}` of its files, or "missing"; a Hub data
+    set (`hf://datasets/org/name[@rev]`) is the commit its revision resolves to."""
     if not location:
         return None
+    from inbol_ray.data.loaders.hf import hub_identity
+
+    found = hub_identity(location)
+    if found is not None:
+        return found
     fs, path = dio.resolve(location)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:

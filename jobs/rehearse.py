@@ -1,6 +1,7 @@
 """Rehearse the real-scale run on CPU: the LLaVA-1.5-7B config, on ShapesWorld written in the real formats.
 
-    python -m jobs.rehearse [--run-dir runs/rehearsal] [--embedded-run-dir DIR] [section.key=value ...]
+    python -m jobs.rehearse [--run-dir runs/rehearsal] [--embedded-run-dir DIR] [--variant NAME]
+                            [--until STAGE] [section.key=value ...]
 
 Three steps, each an ordinary entry point of the project:
 1. The embedded default (`configs/tiny.yaml`) up to its base model, under `<run-dir>/embedded` (or
@@ -14,6 +15,9 @@ Three steps, each an ordinary entry point of the project:
    job under `<run-dir>/run`. Every data set name, loader, prompt, stage and code path is the 7B run's.
 
 Overrides (`section.key=value`) go to step 3; `--embedded NAME=VALUE` ones to step 1 (tests shrink both).
+`--variant hf` layers `configs/rehearsal-hf.yaml` last: the evaluation sets read from the Hugging Face
+`datasets` releases' Parquet files the export also writes (format `hf`). `--until STAGE` stops step 3
+after that stage (`prepare` checks a variant's data without training).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_CONFIG = ROOT / "configs" / "tiny.yaml"
 REAL_CONFIGS = [ROOT / "configs" / "llava-1.5-7b.yaml", ROOT / "configs" / "rehearsal.yaml"]
+VARIANTS = {"hf": ROOT / "configs" / "rehearsal-hf.yaml"}
+"""Layers a variant adds on top of REAL_CONFIGS (`--variant`)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override for step 1 (repeatable)",
     )
+    parser.add_argument(
+        "--variant", choices=sorted(VARIANTS), help="layer configs/rehearsal-<NAME>.yaml last"
+    )
+    parser.add_argument("--until", default="", help="stop step 3 after this stage (e.g. prepare)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of step 3")
     return parser
 
@@ -57,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs import pipeline
 
     args = _parser().parse_args(argv)
+    configs = [*REAL_CONFIGS, *([VARIANTS[args.variant]] if args.variant else [])]
     run_dir = dio.absolute(args.run_dir)
     embedded_dir = dio.absolute(args.embedded_run_dir or dio.join(run_dir, "embedded"))
     data_dir, real_dir = dio.join(run_dir, "data"), dio.join(run_dir, "run")
@@ -66,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         # The base learns the real config's conversation (its system line), as LLaVA-1.5 was trained in
         # the vicuna_v1 conversation its evaluation scripts ask in: a base that never saw the system line
         # would measure prompt drift, not the recipe.
-        real = load_config([str(p) for p in REAL_CONFIGS], args.overrides)
+        real = load_config([str(p) for p in configs], args.overrides)
         embedded_overrides = [f"prompt.system={json.dumps(real.prompt.system)}", *args.embedded]
         embedded = load_config(str(EMBEDDED_CONFIG), embedded_overrides)
     except ConfigError as exc:
@@ -82,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     # need not keep it.
     items = dio.read_table(layout.items).sort_by(ID)
     manifest = export_shapes(items, data_dir)
-    print(f"  {len(manifest['datasets'])} data sets, {sum(manifest['files'].values())} rows")
+    rows = sum(entry["rows"] for entry in manifest["datasets"].values())
+    print(f"  {len(manifest['datasets'])} data sets, {rows} rows; {len(manifest['hf'])} also as HF releases")
 
-    print(f"rehearse [3/3]: {' + '.join(p.name for p in REAL_CONFIGS)} under {real_dir}")
-    step3 = [arg for path in REAL_CONFIGS for arg in ("--config", str(path))]
-    step3 += ["--run-dir", real_dir, f"model.path={layout.base_model}", f"data.root={data_dir}"]
+    print(f"rehearse [3/3]: {' + '.join(p.name for p in configs)} under {real_dir}")
+    step3 = [arg for path in configs for arg in ("--config", str(path))]
+    step3 += ["--run-dir", real_dir, *(["--until", args.until] if args.until else [])]
+    step3 += [f"model.path={layout.base_model}", f"data.root={data_dir}"]
     return pipeline.main([*step3, *args.overrides])
 
 

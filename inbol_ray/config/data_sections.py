@@ -108,11 +108,15 @@ class DatasetSpec:
         "vizwiz",
         "unanswerable_jsonl",
         "items",
+        "hf",
     ] = "vqav2"
-    """Loader of the data set's published file format (inbol_ray.data.loaders)."""
+    """Loader of the data set's published file format (inbol_ray.data.loaders); `hf`: a Hugging Face
+    `datasets` release read through a built-in column map (`preset`)."""
     path: str = ""
     """Local path or pyarrow filesystem URI of the data set's main file or folder; relative paths are
-    under `data.root` when it is set."""
+    under `data.root` when it is set. Format `hf` also takes a Hub data set id, `org/name` or
+    `org/name@revision` (exactly one `/`: write `./org/name` for a local folder of that shape), kept as
+    `hf://datasets/org/name[@revision]` so `data.root` never prefixes it."""
     images: str = ""
     """Image folder (when the format keeps images apart from the annotations); relative: under `data.root`."""
     split: Literal["train", "val", "id_test", "ood_test", "unanswerable_test"] = "train"
@@ -133,17 +137,54 @@ class DatasetSpec:
     """Keep questions that have no image as text-only items (ScienceQA's text problems, MMMU's image-less
     questions, `items` rows without an image) instead of quarantining them as skipped. Off by default: the
     paper's ScienceQA is its image subset (ScienceQA-IMG). Evaluation splits only: training needs images."""
+    hf_split: str = ""
+    """Format `hf`: the release's own split to read (`validation`, `testdev`, `dev`, `test`, ...), not to be
+    confused with `split`, the role the set plays here. Empty: the preset's default (its scored split)."""
+    hf_config: str = ""
+    """Format `hf`: the release's config (subset) name, e.g. `en` for lmms-lab/MMBench or
+    `testdev_balanced_instructions` for lmms-lab/GQA. Empty: the preset's default."""
+    preset: str = ""
+    """Format `hf`: the built-in column map of the release (`lmms-lab/VQAv2`, `lmms-lab/GQA`, ...;
+    inbol_ray.data.loaders.hf_presets), which says how its columns become items and which of its splits
+    cannot be graded. Empty: the map named like the Hub id in `path`."""
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("data.datasets: every data set needs a name")
         if not self.path:
             raise ConfigError(f"data.datasets[{self.name}]: path is empty")
+        self._check_hf()
         if self.limit < 0 or self.sample_rows < 0:
             raise ConfigError(f"data.datasets[{self.name}]: limit and sample_rows must be >= 0")
         if self.text_only and self.split == "train":
             raise ConfigError(
                 f"data.datasets[{self.name}]: text_only is for evaluation splits (training items need an image)"
+            )
+
+    def _check_hf(self) -> None:
+        """`hf_split`, `hf_config` and `preset` belong to format `hf`; a Hub id becomes its `hf://` URI.
+
+        Why the URI: `data.root` prefixes every relative path (`DataConfig`), which would turn
+        `lmms-lab/VQAv2` into `/data/lmms-lab/VQAv2`; a URI is left alone, and `hf://datasets/...` is the
+        form `huggingface_hub`'s file system names a Hub data set by.
+        """
+        import re
+
+        given = [f for f in ("hf_split", "hf_config", "preset") if getattr(self, f)]
+        if self.format != "hf":
+            if given:
+                raise ConfigError(f"data.datasets[{self.name}]: {', '.join(given)} apply to format hf only")
+            return
+        if self.path.startswith("hf://") and not self.path.startswith("hf://datasets/"):
+            raise ConfigError(
+                f"data.datasets[{self.name}]: {self.path} is not a data set (hf://datasets/org/name[@revision])"
+            )
+        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?", self.path):
+            self.path = f"hf://datasets/{self.path}"
+        elif not self.preset and not self.path.startswith("hf://"):
+            raise ConfigError(
+                f"data.datasets[{self.name}]: a local release ({self.path}) needs `preset`, the column map "
+                f"to read it with (e.g. preset: lmms-lab/VQAv2)"
             )
 
 

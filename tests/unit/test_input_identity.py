@@ -92,3 +92,25 @@ def test_identity_of_files_and_folders(tmp_path: Path) -> None:
     assert identity(str(tmp_path / "d" / "a.json"), digest=True)[1] == (
         "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
     )
+
+
+def test_a_hub_data_set_is_its_commit(tmp_path: Path, monkeypatch) -> None:
+    """`format: hf` by Hub id: the commit its revision resolves to, offline from a real hub cache (no listing
+    of the repository over the network), and a moved branch reruns prepare."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = Path(os.environ["HF_HUB_CACHE"]) / "datasets--org--identity-vqa"  # the session's hub cache
+    for commit in ("1" * 40, "2" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "README.md").write_text("---\n---\n")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("1" * 40)
+    spec = DatasetSpec(name="vqa", format="hf", path="org/identity-vqa", preset="lmms-lab/VQAv2", hf_split="validation",
+                       split="id_test")  # fmt: skip
+    cfg = Config(run_dir=str(tmp_path / "run"), data=DataConfig(source="files", datasets=[spec]))
+    from inbol_ray.data.loaders import hf
+
+    hf._COMMITS.clear()
+    before = stage_hashes(cfg, stages(cfg))["prepare"]
+    (repo / "refs" / "main").write_text("2" * 40)
+    hf._COMMITS.clear()  # a new job resolves the branch again
+    assert stage_hashes(cfg, stages(cfg))["prepare"] != before

@@ -43,6 +43,12 @@ ShapesWorld's pictures (no COCO object in them), so the config's instances path 
 
 Answers: ShapesWorld has one gold answer per item; the VQA-style formats get ten agreeing annotators, so
 VQA accuracy equals exact match. Counts stay number words ("two"): VQA normalisation maps them to digits.
+
+Hugging Face releases: the evaluation sets that have a `datasets` release the project reads (`vqav2_val`,
+`aokvqa`, `gqa`, `mmmu`, `mmbench`) and ScienceQA's training set are also written in their release's
+Parquet schema, images embedded, under `hf/<org>/<name>/` (`hf_formats`; configs/rehearsal-hf.yaml reads
+them with format `hf`). The same rows, keys, options and image bytes as the published files: loaded
+either way a set's items are equal. The manifest's `hf` entry says where each went.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ from inbol_ray.data.export.evaluation_formats import (
     write_unanswerable_jsonl,
     write_vizwiz,
 )
+from inbol_ray.data.export.hf_formats import RELEASES, write_releases
 from inbol_ray.data.export.questions import Row, name_pool, rows_of
 from inbol_ray.data.export.training_formats import (
     OVEN_ENTITY,
@@ -200,13 +207,16 @@ def export_shapes(items: pa.Table, out_dir: str) -> dict[str, Any]:
     Returns (and writes to `<out_dir>/shapesworld_export.json`) a manifest: `files` {relative path: rows;
     image folders end in `/` and count images}, and per config data set name its `format`, `split`, `path`,
     `images`, `rows` and `ids` {native key -> ShapesWorld id}; a loader's item id is `<name>:<native key>`.
+    `hf` holds the same for the sets also written as Hugging Face releases (`hf_formats.write_releases`:
+    `preset`, `path`, `hf_config`, `hf_split`, `rows`, `ids`, `files`).
     """
     root = dio.absolute(out_dir)
     pylist = items.to_pylist()
     rows = rows_of([it for it in pylist if it["dataset"] not in NOT_EXPORTED])
     names = name_pool(pylist)
-    manifest: dict[str, Any] = {"out_dir": root, "files": {}, "datasets": {}}
-    for name, assigned in assign(rows).items():
+    manifest: dict[str, Any] = {"out_dir": root, "files": {}, "datasets": {}, "hf": {}}
+    by_set = assign(rows)
+    for name, assigned in by_set.items():
         written = WRITERS[name](assigned, root, names)
         fmt, split, path, images = LAYOUT[name]
         manifest["files"].update(written.files)
@@ -219,8 +229,11 @@ def export_shapes(items: pa.Table, out_dir: str) -> dict[str, Any]:
             "rows": len(assigned),
             "ids": written.ids,
         }
+    manifest["hf"] = write_releases(by_set, root, names)
+    for entry in manifest["hf"].values():
+        manifest["files"].update(entry["files"])
     dio.write_bytes(dio.join(root, MANIFEST), (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 
 
-__all__ = ["LAYOUT", "MANIFEST", "assign", "export_shapes"]
+__all__ = ["LAYOUT", "MANIFEST", "RELEASES", "assign", "export_shapes"]

@@ -20,6 +20,7 @@ later, in the prepare stage's Ray Data map (`inbol_ray.data.prepare`).
 | `vizwiz` | VizWiz annotations `val.json` / `train.json` | VizWiz image folder (`val/`) | vqa_soft | from `answerable`; split `unanswerable_test` keeps only unanswerable rows (note 3) |
 | `unanswerable_jsonl` | our JSONL (see `parse_unanswerable_jsonl`) | optional base for relative images (default: JSONL folder) | mc_letter with choices (BeyondVisQA, note 4), else exact | false |
 | `items` | Parquet file or folder already in the `items` schema | unused | as stored | as stored |
+| `hf` | a Hugging Face `datasets` release: Hub id `org/name[@rev]`, a folder in the Hub's layout, a `save_to_disk` folder or one Parquet file; `preset` names its column map, `hf_split` / `hf_config` what to read (note 5) | unused (embedded); GQA: optional folder of its images config | the preset's (as the set's own format) | true (VizWiz-VQA refused: no flag) |
 
 Notes on grading (each loader's docstring has the details and the reasons):
 1. OVEN: the response and the Wikipedia title `entity_text`, both VQA-normalised, must be equal. OVEN itself
@@ -35,6 +36,13 @@ Notes on grading (each loader's docstring has the details and the reasons):
    splits keep every row in `<name>`. `dataset_names` lists the names a spec writes.
 4. BeyondVisQA: choosing its refusal option ("Sorry, I can't help with it", at any letter) is a refusal,
    because the chosen option's text is one (`grading.is_refusal_response`).
+5. `hf` (`loaders.hf`, maps in `loaders.hf_presets`, each citing the release's card and lmms-eval task):
+   `lmms-lab/VQAv2`, `lmms-lab/GQA`, `lmms-lab/MMMU`, `lmms-lab/MMBench` (`_EN`), `HuggingFaceM4/A-OKVQA`
+   (`:direct_answers` for the DA task), `lmms-lab/ScienceQA-IMG` (`lmms-lab/ScienceQA`) give the same
+   items as the set's published format. Splits without answers (VQAv2 test/testdev, GQA test, MMMU and
+   MMBench test, A-OKVQA test) and lmms-lab/VizWiz-VQA (no `answerable` flag) are refused with the reason.
+   A Hub id is fetched by `huggingface_hub` into its cache (only the split's files), `HF_HUB_OFFLINE`
+   honoured; `preset` defaults to the id.
 
 Item ids are `<spec name>:<native key>` (question_id, pid, data_id, index, ...) so they stay unique when
 several data sets share one `items` table. Errors: a file not in its format raises `DataFormatError` naming
@@ -63,6 +71,7 @@ from inbol_ray.data.loaders.evaluation import (
     parse_vizwiz,
     vizwiz_answerable_set,
 )
+from inbol_ray.data.loaders.hf import hf_problems, parse_hf
 from inbol_ray.data.loaders.sampling import RowSample
 from inbol_ray.data.loaders.training import parse_oven, parse_scienceqa, parse_vqav2, vqav2_annotations_path
 
@@ -78,6 +87,7 @@ LOADERS: dict[str, Callable[[DatasetSpec, Parsed | None], Parsed]] = {
     "vizwiz": parse_vizwiz,
     "unanswerable_jsonl": parse_unanswerable_jsonl,
     "items": parse_items,
+    "hf": parse_hf,
 }
 
 # Formats whose images live in a separate folder that must be given.
@@ -116,6 +126,11 @@ def spec_problems(spec: DatasetSpec) -> list[str]:
     if spec.format not in LOADERS:
         return [f"{label}: unknown format; known: {', '.join(LOADERS)}"]
     problems = [f"{label}: 'name' is empty"] if not spec.name else []
+    if spec.format == "hf":  # a Hub id is not a file to stat: hf_problems checks what can be checked
+        problems += [f"{label}: {line}" for line in hf_problems(spec)]
+        if spec.images and not dio.exists(spec.images):
+            problems.append(f"{label}: images not found: {spec.images}")
+        return problems
     wanted = [("path", spec.path)]
     if spec.format == "vqav2" and spec.path:
         try:
