@@ -352,7 +352,9 @@ class ServeConfig:
         for name in ("max_n", "max_tokens", "max_messages", "max_text_chars", "max_queued_requests"):
             at_least(f"serve.{name}", getattr(self, name), 1)
         if self.max_n < self.confidence_k:
-            raise ConfigError(f"serve.max_n ({self.max_n}) must be >= serve.confidence_k ({self.confidence_k})")
+            raise ConfigError(
+                f"serve.max_n ({self.max_n}) must be >= serve.confidence_k ({self.confidence_k})"
+            )
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ConfigError(
                 f"serve: need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}"
