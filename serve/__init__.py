@@ -1,6 +1,8 @@
-"""Serving: the refusal-aware model on Ray Serve (autoscaled) with an HTTP API and a Gradio demo.
+"""Serving: a run's methods (or one checkpoint) behind one OpenAI-compatible endpoint and the comparison demo.
 
-`serve.model` holds the model deployment's class, `serve.app` the ingress and the `build_app` builder,
-`serve.api` the routes and request checks, `serve.gradio_demo` the UI; `python -m serve --checkpoint DIR`
-runs it all on 127.0.0.1.
+`serve.llm_app` builds the one app: the ingress (`serve.llm_ingress`: names, prompt, input rules, keys,
+caps, refusal flags, `/v1/answer`, `/demo`) in front of vLLM deployments (`serve.llm_server`) or, where
+vLLM is missing or lacks the architecture, transformers deployments (`serve.transformers_server`).
+`serve.chat_rules` and `serve.api` hold the rules and guards (pure, tested without Ray), `serve.auth` the
+key; `python -m serve` runs it on 127.0.0.1.
 """

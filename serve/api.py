@@ -1,19 +1,14 @@
-"""The HTTP surface of the Serve app: request parsing with clear 4xx errors, and the FastAPI routes.
+"""Request parsing with clear 4xx errors, OpenAI's error shape, and the guards in front of every route.
 
-Why apart from `serve/app.py`: nothing here imports Ray, so unit tests drive every route and every bad
-input through FastAPI's TestClient against the plain model class (or a fake) in milliseconds, and the
-Serve ingress only plugs a `DeploymentHandle` in as the `ModelClient`.
+Why apart from the ingress (`serve/llm_ingress.py`): nothing here imports Ray, so unit tests drive every
+bad input in milliseconds. What is here: `ApiError` and `error_body` (`{"error": {"message", "type",
+"param", "code"}}`, OpenAI's shape, so its clients show the message), `Limits` (from the `serve` section),
+`/v1/answer`'s parsing (`parse_answer_request`: 400 unreadable body, 413 too large, 422 a field that is
+missing, mistyped or unusable; a bad request never reaches the model), and `read_body`.
 
-Routes (all JSON):
-- `POST /v1/answer` `{image: base64 | data URL, question, mode?: "answer"|"confidence"}` ->
-  `{answer, refused, latency_ms}` plus `confidence` and `samples` in confidence mode;
-- `POST /v1/chat/completions`: an OpenAI-compatible subset (one image as an `image_url` data URL, the
-  last user message's text is the question, no streaming, n=1) -> a `chat.completion` object with an
-  extra top-level `refused`;
-- `GET /v1/models`, `GET /healthz` (liveness: the ingress answers), `GET /readyz` (the model answers).
-Errors: `{"error": {"message", "type", "param", "code"}}` (OpenAI's shape, so its clients show the
-message): 400 unreadable body, 413 too large, 422 a field that is missing, mistyped or unusable, 503 the
-model is not ready or overloaded. A bad request never reaches the model, so it cannot take a replica down.
+The guards the OpenAI ingress puts in front of every route are here too, as plain ASGI middleware (no
+Ray, so they test in-process): `BodyLimit` (413, counted as the body streams in) and `Admission` (503 with
+Retry-After past the in-flight bound, 504 past the request timeout); `serve/llm_ingress.guard` installs them.
 """
 
 from __future__ import annotations
@@ -24,17 +19,14 @@ import binascii
 import json
 import logging
 import re
-import time
-import uuid
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import Request
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inbol_ray.config import Config
+from inbol_ray.config import Config, ServeConfig
 from inbol_ray.data.images import validate_image
 
 log = logging.getLogger(__name__)
@@ -44,11 +36,10 @@ ANSWER_FIELDS = ("image", "question", "mode")
 CHARS_PER_TOKEN = 4
 """Question length cap = this x `sampling.max_model_len`: English averages ~4 characters per token, so a
 longer question cannot fit the model's context and is refused before it costs a tokenizer call."""
-BODY_SLACK_BYTES = 64 << 10
-"""JSON framing on top of the base64 image and the question (chat messages, field names)."""
 READY_TIMEOUT_S = 10.0
-"""`/readyz` fails when the model does not answer `info` within this (a stuck or starting replica)."""
+"""`/readyz` fails when a deployment does not answer its health check within this (stuck or starting)."""
 DEMO_PATH = "/demo"
+_SERVE = ServeConfig()
 
 
 class ApiError(Exception):
@@ -72,24 +63,32 @@ def error_body(
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may carry; all derived from the run config so one YAML sets them."""
+    """What one request may carry; all from the run config (`serve`, and `sampling.max_model_len` for a
+    question) so one YAML sets them. The defaults are `ServeConfig`'s: a test names only the limits it is
+    about."""
 
     max_image_bytes: int
     max_image_pixels: int
     max_question_chars: int
+    max_body_bytes: int = _SERVE.max_body_bytes
+    max_n: int = _SERVE.max_n
+    max_tokens: int = _SERVE.max_tokens
+    max_messages: int = _SERVE.max_messages
+    max_text_chars: int = _SERVE.max_text_chars
 
     @classmethod
     def from_config(cls, cfg: Config) -> Limits:
+        s = cfg.serve
         return cls(
-            max_image_bytes=cfg.serve.max_image_bytes,
-            max_image_pixels=cfg.data.max_image_pixels,
-            max_question_chars=CHARS_PER_TOKEN * cfg.sampling.max_model_len,
+            max_image_bytes=s.max_image_bytes,
+            max_image_pixels=s.max_image_pixels,
+            max_question_chars=min(CHARS_PER_TOKEN * cfg.sampling.max_model_len, s.max_text_chars),
+            max_body_bytes=s.max_body_bytes,
+            max_n=s.max_n,
+            max_tokens=s.max_tokens,
+            max_messages=s.max_messages,
+            max_text_chars=s.max_text_chars,
         )
-
-    @property
-    def max_body_bytes(self) -> int:
-        """Largest acceptable request body: a maximal image in base64, a maximal UTF-8 question, framing."""
-        return 4 * (self.max_image_bytes // 3 + 1) + 4 * self.max_question_chars + BODY_SLACK_BYTES
 
 
 @dataclass(frozen=True)
@@ -97,27 +96,6 @@ class AnswerRequest:
     image: bytes
     question: str
     mode: str
-
-
-@dataclass(frozen=True)
-class ChatRequest:
-    image: bytes
-    question: str
-    temperature: float
-    top_p: float
-    max_tokens: int | None
-
-
-class ModelClient(Protocol):
-    """What the routes need from the model: the plain `RefusalAwareModel` or a handle-backed client."""
-
-    async def answer(self, image: bytes, question: str, mode: str) -> dict[str, Any]: ...
-
-    async def complete(
-        self, image: bytes, question: str, temperature: float, top_p: float, max_new_tokens: int | None
-    ) -> dict[str, Any]: ...
-
-    async def info(self) -> dict[str, Any]: ...
 
 
 # --- parsing -----------------------------------------------------------------------------------------
@@ -178,7 +156,7 @@ def decode_image_field(value: str, limits: Limits, param: str = "image") -> byte
     """
     match = _DATA_URL.match(value)
     payload = value[match.end() :] if match else value
-    if value.startswith("data:") and not match:
+    if value[:5].lower() == "data:" and not match:
         raise ApiError(422, f"{param}: data URL must be base64-encoded (data:image/png;base64,...)", param)
     payload = "".join(payload.split())  # clients wrap long base64 lines
     if not payload:
@@ -213,97 +191,7 @@ def parse_answer_request(body: dict[str, Any], limits: Limits) -> AnswerRequest:
     return AnswerRequest(image=image, question=question, mode=mode)
 
 
-def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ApiError(422, f"field '{key}' must be a number in [{low}, {high}], got {value!r}", key)
-    return float(value)
-
-
-def _message_parts(message: Any, index: int) -> tuple[str, list[str], str]:
-    """(role, image URLs, text) of one chat message."""
-    param = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise ApiError(422, f"{param} must be an object, got {_type(message)}", param)
-    role = message.get("role")
-    if role not in ("system", "user", "assistant", "developer"):
-        raise ApiError(422, f"{param}.role must be system, user or assistant, got {role!r}", param)
-    content = message.get("content")
-    if isinstance(content, str):
-        return role, [], content
-    if not isinstance(content, list):
-        raise ApiError(422, f"{param}.content must be a string or an array of parts", param)
-    urls, texts = [], []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str):
-                raise ApiError(422, f"{param}.content[{j}].image_url.url must be a string", param)
-            urls.append(url)
-        else:
-            raise ApiError(422, f"{param}.content[{j}] must be a text or image_url part", param)
-    return role, urls, " ".join(texts)
-
-
-def parse_chat_request(body: dict[str, Any], limits: Limits) -> ChatRequest:
-    if body.get("stream"):
-        raise ApiError(422, "stream=true is not supported; the answer is a word or phrase", "stream")
-    if body.get("n", 1) != 1:
-        raise ApiError(422, "only n=1 is supported (use /v1/answer with mode=confidence for samples)", "n")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(422, "field 'messages' must be a non-empty array", "messages")
-    parsed = [_message_parts(m, i) for i, m in enumerate(messages)]
-    urls = [u for _, us, _ in parsed for u in us]
-    if len(urls) != 1:
-        raise ApiError(
-            422, f"send exactly one image_url (this model sees one image), got {len(urls)}", "messages"
-        )
-    if not urls[0].startswith("data:"):
-        raise ApiError(422, "image_url must be a data: URL; the server fetches nothing", "messages")
-    user_texts = [text for role, _, text in parsed if role == "user"]
-    if not user_texts:
-        raise ApiError(422, "no user message: the last user message's text is the question", "messages")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
-    ):
-        raise ApiError(
-            422, f"field 'max_tokens' must be a positive integer, got {max_tokens!r}", "max_tokens"
-        )
-    return ChatRequest(
-        image=decode_image_field(urls[0], limits, "messages"),
-        question=check_question(user_texts[-1], limits, "messages"),
-        temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 1e-6, 1.0),
-        max_tokens=max_tokens,
-    )
-
-
-def chat_completion(result: dict[str, Any], model_name: str) -> dict[str, Any]:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model_name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result["answer"]},
-                "finish_reason": "stop",
-            }
-        ],
-        "refused": result["refused"],
-    }
-
-
-# --- routes ------------------------------------------------------------------------------------------
+# --- bodies ------------------------------------------------------------------------------------------
 
 
 async def read_body(request: Request, limits: Limits) -> dict[str, Any]:
@@ -317,64 +205,133 @@ async def read_body(request: Request, limits: Limits) -> dict[str, Any]:
     return parse_json(raw)
 
 
-async def guarded(call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-    """Await a model call; a failure inside the model becomes a JSON 500 naming its type, not a traceback."""
-    try:
-        return await call
-    except ApiError:
-        raise
-    except Exception as exc:
-        log.exception("model call failed")
-        raise ApiError(500, f"model error ({type(exc).__name__}); the server keeps serving") from None
+# --- guards in front of every route (ASGI middleware) --------------------------------------------------
+
+RETRY_AFTER_S = 2
+"""What a 503 asks a client to wait: long enough for a queue of short answers to drain, short enough that a
+retrying client does not idle."""
 
 
-def build_http_app(client: ModelClient, limits: Limits, model_name: str) -> FastAPI:
-    """The FastAPI app of the API; the Serve ingress mounts the Gradio demo on it at `DEMO_PATH`."""
-    app = FastAPI(title="inbol-ray: refusal-aware VQA", docs_url="/docs", redoc_url=None)
+def route_path(scope: Scope) -> str:
+    """The request's path inside the app (without a `root_path` the server mounted it under)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return (path[len(root) :] or "/") if root and path.startswith(root) else path
 
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+async def send_body(
+    send: Send, status: int, body: bytes, content_type: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    start = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": start + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
 
-    @app.post("/v1/answer")
-    async def answer(request: Request) -> dict[str, Any]:
-        start = time.perf_counter()
-        req = parse_answer_request(await read_body(request, limits), limits)
-        result = await guarded(client.answer(req.image, req.question, req.mode))
-        return {**result, "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> dict[str, Any]:
-        req = parse_chat_request(await read_body(request, limits), limits)
-        result = await guarded(
-            client.complete(req.image, req.question, req.temperature, req.top_p, req.max_tokens)
-        )
-        return chat_completion(result, model_name)
+async def send_error(
+    send: Send,
+    status: int,
+    message: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    kind: str | None = None,
+) -> None:
+    """An error in OpenAI's shape, from a middleware (FastAPI's exception handlers sit inside them)."""
+    await send_body(send, status, json.dumps(error_body(status, message, kind=kind)).encode(), "application/json",
+                    headers)  # fmt: skip
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "inbol-ray"}]}
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+class BodyTooLarge(Exception):
+    """Raised into the app when the body it is reading passes the limit (its answer is replaced by a 413)."""
 
-    @app.get("/readyz")
-    async def readyz() -> JSONResponse:
+
+class BodyLimit:
+    """Refuse a request body over `max_bytes` with 413 as it streams in: from a declared Content-Length
+    before a byte is read, else counted chunk by chunk (a chunked body declares no length), so no body is
+    read past the limit. A middleware in front of everything because FastAPI reads and parses a body before
+    the route runs (a check in the route comes after the whole body is in memory); it covers the demo's
+    uploads too. Whatever the app answers to the cut-off body is replaced by the 413."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _message(self, size: int | str) -> str:
+        return f"request body too large: {size} bytes > max_body_bytes {self.max_bytes}"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await send_error(send, 413, self._message(declared))
+            return
+        seen, over, started = 0, False, False
+
+        async def counted() -> Message:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    over = True
+                    raise BodyTooLarge(self._message(f"more than {self.max_bytes}"))
+            return message
+
+        async def sent(message: Message) -> None:
+            nonlocal started
+            if over:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            info = await asyncio.wait_for(client.info(), READY_TIMEOUT_S)
-        except Exception as exc:  # not ready, for whatever reason: say why, with the right status
-            return JSONResponse(
-                {"status": "not ready", "error": f"{type(exc).__name__}: {exc}"}, status_code=503
-            )
-        return JSONResponse({"status": "ready", **info})
+            await self.app(scope, counted, sent)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await send_error(send, 413, self._message(f"more than {self.max_bytes}"))
+        elif over:  # the app had answered before reading its body: end that answer
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    @app.get("/", include_in_schema=False)
-    async def root() -> RedirectResponse:
-        return RedirectResponse(DEMO_PATH + "/")
 
-    return app
+class Admission:
+    """Bound what the model routes hold (`paths`, POST): at most `limit` requests in the ingress at once,
+    counted from arrival (a slow upload holds a place as much as a long generation); one more is answered 503
+    with Retry-After at once instead of waiting without bound behind the others. Each admitted request gets
+    `timeout_s`: past it the call is cancelled (the engine's request with it) and answered 504, or, when
+    its answer is already streaming, the stream is ended."""
+
+    def __init__(self, app: ASGIApp, *, paths: frozenset[str], limit: int, timeout_s: float) -> None:
+        self.app, self.paths, self.limit, self.timeout_s = app, paths, limit, timeout_s
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or route_path(scope) not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            message = f"server busy: {self.in_flight} requests in flight (limit {self.limit}); retry in {RETRY_AFTER_S} s"
+            await send_error(send, 503, message, [(b"retry-after", str(RETRY_AFTER_S).encode())])
+            return
+        self.in_flight += 1
+        started = False
+
+        async def sent(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        timer = asyncio.timeout(self.timeout_s)
+        try:
+            async with timer:
+                await self.app(scope, receive, sent)
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            if started:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                await send_error(
+                    send, 504, f"request timed out after {self.timeout_s:g} s (serve.request_timeout_s)"
+                )
+        finally:
+            self.in_flight -= 1

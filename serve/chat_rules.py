@@ -1,8 +1,26 @@
 """The refusal-aware rules of the OpenAI route, apart from the ingress so they test without Ray.
 
-Request side: at most one image, only as a `data:` URL, decodable and within the limits, padded to a square
-as LLaVA-1.5 sees it when `model.image_aspect` is pad; the last user turn rendered by the project's renderer
-(left alone when already rendered); BOS kept (`with_bos`).
+Request side, one set of rules for every message and part, applied to the JSON the client sent before
+anything reaches an engine (`check_chat_body`):
+- fields: OpenAI's sampling fields and ours (`CHAT_FIELDS`); `n`, `max_tokens` within `serve.max_n` /
+  `serve.max_tokens` (a request that sets none gets `serve.max_tokens`); `ignore_eos` and `min_tokens`
+  refused (they make a replica generate to the cap whatever the model says); every other engine knob vLLM's
+  protocol accepts (a chat template of the client's own, processor and media-loading settings, structured
+  outputs, beam search, logit bias, KV transfer...) refused by name;
+- messages: at most `serve.max_messages`, roles system/user/assistant, content a string or a list of parts,
+  at most `serve.max_text_chars` characters of text in all;
+- parts: exactly `{"type": "text", "text"}` or `{"type": "image_url", "image_url": {"url", "detail"?}}`,
+  in every role. vLLM's parser also takes untyped parts (`{"image_url": "http://..."}`), `input_image`,
+  `image_pil`, `image_embeds`, audio, video and file parts, and fetches http(s) URLs for the server: each
+  is a 422 naming the message and part;
+- images: at most one in the conversation (LLaVA-1.5 sees one), a `data:` URL (the server fetches
+  nothing), decodable and within `max_image_bytes` and `max_image_pixels` (the header's dimensions are
+  checked before the pixels are decoded), padded to a square as LLaVA-1.5 sees it when `model.image_aspect`
+  is pad (`prepare_chat_images`, run off the event loop by the ingress);
+- the last user turn rendered by the project's renderer (left alone when already rendered); BOS kept
+  (`with_bos`).
+The cleaned messages are rebuilt from the allowed keys only, so nothing the rules did not look at reaches
+the engine.
 Response side: `refused` on every choice (and on each streamed choice's last chunk), the confidence of K
 samples. `serve/llm_ingress.py` applies them.
 """
@@ -15,7 +33,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
+from pydantic import ValidationError
 
 from inbol_ray.boundary.agreement import answer_agreement
 from inbol_ray.boundary.construct import most_frequent
@@ -24,8 +42,170 @@ from inbol_ray.data.images import decode_image, to_model_image
 from inbol_ray.model.prompt import render_prompt
 from inbol_ray.refusal import is_refusal
 from serve.api import ApiError, Limits, decode_image_field
+from serve.ray_llm import ChatCompletionRequest
 
 # --- the request side -------------------------------------------------------------------------------------
+
+SAMPLING_FIELDS = frozenset({
+    "model", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+    "seed", "stop", "stream", "stream_options", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "logprobs", "top_logprobs", "user", "add_special_tokens",
+})  # fmt: skip
+OUR_FIELDS = frozenset({"confidence", "render"})
+CHAT_FIELDS = SAMPLING_FIELDS | OUR_FIELDS
+"""What a chat request may set. An allow-list: vLLM's request model accepts ~70 fields, and a new vLLM adds
+more; an engine knob nobody reviewed must not become reachable by upgrading."""
+REFUSED = {
+    "ignore_eos": "ignore_eos is refused: it makes a replica generate max_tokens whatever the model says",
+    "min_tokens": "min_tokens is refused: it makes a replica generate past the model's answer",
+}
+"""Sampling fields refused when set (their default, false / 0, is accepted and dropped)."""
+ROLES = ("system", "user", "assistant")
+DETAILS = ("auto", "low", "high")
+MAX_STOP = 4
+"""Stop strings per request (OpenAI's limit)."""
+
+
+def _count(body: dict[str, Any], key: str, high: int, setting: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ApiError(
+            422, f"field '{key}' must be an integer from 1 to {high} ({setting}), got {value!r}", key
+        )
+    return value
+
+
+def check_chat_body(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """The chat request as it may reach the engine, or an `ApiError` naming what is wrong (see the module
+    docstring). Cheap checks only: images are decoded by `prepare_chat_images`."""
+    for key, value in body.items():
+        if key in REFUSED:
+            if value not in (None, False, 0):
+                raise ApiError(422, REFUSED[key], key)
+        elif key not in CHAT_FIELDS:
+            raise ApiError(
+                422, f"field '{key}' is not accepted here; accepted: {', '.join(sorted(CHAT_FIELDS))}", key
+            )
+    out = {k: v for k, v in body.items() if k not in REFUSED}
+    n = _count(body, "n", limits.max_n, "serve.max_n") or 1
+    tokens = [
+        _count(body, k, limits.max_tokens, "serve.max_tokens")
+        for k in ("max_tokens", "max_completion_tokens")
+    ]
+    if tokens == [None, None]:
+        out["max_tokens"] = limits.max_tokens  # vLLM's default is the whole context left
+    for key in OUR_FIELDS:
+        if not isinstance(body.get(key, True), bool):
+            raise ApiError(422, f"field '{key}' must be true or false", key)
+    if body.get("confidence") and n < 2:
+        raise ApiError(422, "confidence needs n >= 2 samples (set n to K)", "n")
+    if body.get("confidence") and body.get("stream"):
+        raise ApiError(422, "confidence mode does not stream (it reads all K samples at once)", "stream")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is not None and (
+        not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) for s in stops)
+    ):
+        raise ApiError(422, f"field 'stop' must be a string or at most {MAX_STOP} strings", "stop")
+    out["messages"] = check_messages(body.get("messages"), limits, extra_chars=sum(map(len, stops or [])))
+    return out
+
+
+def check_messages(messages: Any, limits: Limits, extra_chars: int = 0) -> list[dict[str, Any]]:
+    """The messages rebuilt from their allowed keys, or an `ApiError` naming the message and part."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(422, "field 'messages' must be a non-empty array", "messages")
+    if len(messages) > limits.max_messages:
+        raise ApiError(
+            422,
+            f"{len(messages)} messages > max_messages {limits.max_messages} (serve.max_messages)",
+            "messages",
+        )
+    out = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
+    chars = extra_chars + sum(len(text) for m in out for text in _texts(m["content"]))
+    if chars > limits.max_text_chars:
+        raise ApiError(
+            413, f"{chars} characters of text (messages and stop strings) > max_text_chars "
+            f"{limits.max_text_chars} (serve.max_text_chars)",
+            "messages",
+        )  # fmt: skip
+    images = [url for m in out for url in _image_urls(m["content"])]
+    if len(images) > 1:
+        raise ApiError(
+            422, f"send at most one image_url (this model sees one image), got {len(images)}", "messages"
+        )
+    return out
+
+
+def _texts(content: str | list[dict[str, Any]]) -> list[str]:
+    return [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
+
+
+def _message(message: Any, param: str) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise ApiError(422, f"{param} must be an object with role and content", param)
+    unknown = sorted(set(message) - {"role", "content"})
+    if unknown:
+        raise ApiError(
+            422, f"{param}: field(s) {', '.join(unknown)} not accepted (only role and content)", param
+        )
+    role = message.get("role")
+    if role not in ROLES:
+        raise ApiError(422, f"{param}.role must be one of {', '.join(ROLES)}, got {role!r}", param)
+    content = message.get("content")
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    if not isinstance(content, list) or not content:
+        raise ApiError(422, f"{param}.content must be a string or a non-empty array of parts", param)
+    return {"role": role, "content": [_part(p, f"{param}.content[{j}]") for j, p in enumerate(content)]}
+
+
+def _part(part: Any, param: str) -> dict[str, Any]:
+    """One content part, exactly as the rules allow it."""
+    shapes = "{'type': 'text', 'text': ...} or {'type': 'image_url', 'image_url': {'url': 'data:...'}}"
+    if not isinstance(part, dict):
+        raise ApiError(422, f"{param} must be an object: {shapes}", param)
+    kind = part.get("type")
+    if kind is None:
+        raise ApiError(422, f"{param} has no 'type'; a part is {shapes}", param)
+    if kind not in ("text", "image_url"):
+        raise ApiError(422, f"{param}: part type {kind!r} is not accepted; a part is {shapes}", param)
+    unknown = sorted(set(part) - {"type", kind})
+    if unknown:
+        raise ApiError(422, f"{param}: field(s) {', '.join(unknown)} not accepted in a {kind} part", param)
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise ApiError(422, f"{param}.text must be a string", param)
+        return {"type": "text", "text": part["text"]}
+    field = part.get("image_url")
+    if not isinstance(field, dict) or not isinstance(field.get("url"), str) or set(field) - {"url", "detail"}:
+        raise ApiError(422, f"{param}.image_url must be {{'url': 'data:...', 'detail'?}}", param)
+    if field["url"][:5].lower() != "data:":
+        raise ApiError(422, f"{param}: image_url must be a data: URL; the server fetches nothing", param)
+    if field.get("detail", "auto") not in DETAILS:
+        raise ApiError(422, f"{param}.image_url.detail must be one of {', '.join(DETAILS)}", param)
+    return {"type": "image_url", "image_url": dict(field)}
+
+
+def chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    """The engine's request model of a checked body (`check_chat_body`); a mistyped field is a 400."""
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(x) for x in error.get("loc", ())) or "body"
+        raise ApiError(400, f"invalid request: {where}: {error.get('msg')}", where.split(".")[0]) from None
+
+
+def prepare_chat_images(
+    messages: list[dict[str, Any]], limits: Limits, background: tuple[int, int, int] | None
+) -> None:
+    """Decode-check the image (`check_chat_images`) and pad it (`pad_chat_images`): the CPU-heavy half of
+    the rules, in one call the ingress runs off its event loop."""
+    check_chat_images(messages, limits)
+    pad_chat_images(messages, limits, background)
 
 
 def _image_urls(content: Any) -> list[str]:
@@ -47,7 +227,7 @@ def check_chat_images(messages: Sequence[dict[str, Any]], limits: Limits) -> Non
             422, f"send at most one image_url (this model sees one image), got {len(urls)}", "messages"
         )
     for url in urls:
-        if not isinstance(url, str) or not url.startswith("data:"):
+        if not isinstance(url, str) or url[:5].lower() != "data:":
             raise ApiError(422, "image_url must be a data: URL; the server fetches nothing", "messages")
         decode_image_field(url, limits, "messages")
 

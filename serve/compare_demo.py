@@ -7,8 +7,11 @@ the picture cannot answer, the base guesses and the trained ones refuse.
 
 Examples come from the run's own test sets (its `items` table: in-domain, out-of-domain and
 unanswerable items with their gold answers), so what is shown is what was evaluated. Mounted on the
-OpenAI ingress' FastAPI app (`serve/llm_ingress.py`); every answer goes through the same `ask` as
-`POST /v1/answer`, with the same input checks.
+OpenAI ingress' FastAPI app (`serve/llm_ingress.py`), behind its guards (the key: a login cookie, see
+`serve/auth.py`; the body size); every answer goes through the same `ask` as `POST /v1/answer`, with the
+same input checks, the image checked off the event loop. Bounded like the API: uploads by `max_file_size`
+(`serve.max_image_bytes`), waiting events by the queue's `max_size` (`serve.max_queued_requests`; more are
+told the queue is full), each question by `serve.request_timeout_s`.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import asyncio
 import html
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import gradio as gr
 import pyarrow.compute as pc
@@ -30,12 +34,20 @@ from inbol_ray.config import Config
 from inbol_ray.data import io as dio
 from inbol_ray.data.images import load_image_bytes
 from inbol_ray.run_layout import RunLayout
-from serve.api import Limits
-from serve.gradio_demo import CSS, badge_html, demo_input, mount
+from serve.api import ApiError, Limits, check_image, check_question
 
 EXAMPLE_SPLITS = ("id_test", "ood_test", "unanswerable_test")
 EXAMPLES_PER_SET = 2
 
+CSS = """
+.badge {display:inline-block; padding:6px 14px; border-radius:999px; font-weight:700; font-size:15px;
+        letter-spacing:.04em}
+.badge.refused {background:#fde68a; color:#78350f; border:2px solid #d97706}
+.badge.answered {background:#bbf7d0; color:#14532d; border:2px solid #16a34a}
+.badge.idle {background:#e5e7eb; color:#374151; border:2px solid #9ca3af}
+.gradio-container img {image-rendering: pixelated}  /* ShapesWorld images are tiny: keep edges sharp */
+#demo-image img {width: 100%; height: 100%; object-fit: contain}  /* and show them large */
+"""
 COMPARE_CSS = (
     CSS
     + """
@@ -48,12 +60,43 @@ table.compare .bar div {height:100%; background:#2563eb}
 )
 
 
+THEME = gr.themes.Default(
+    primary_hue="blue",
+    font=["ui-sans-serif", "system-ui", "DejaVu Sans", "sans-serif"],
+    font_mono=["ui-monospace", "DejaVu Sans Mono", "monospace"],
+)
+"""Local fonts only: the default theme fetches Google Fonts, which an offline or loopback-only machine
+cannot reach (the page then renders in a fallback with odd glyph sizes)."""
+
+T = TypeVar("T")
+
+
 class Asker(Protocol):
     served: dict[str, Any]
 
     async def ask(
         self, image: bytes, question: str, mode: str = "answer", model: str | None = None
     ) -> dict[str, Any]: ...
+
+    async def image_work(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+
+def badge_html(refused: bool | None) -> str:
+    if refused is None:
+        return '<span class="badge idle">NO ANSWER YET</span>'
+    if refused:
+        return '<span class="badge refused">REFUSED &mdash; the model says it cannot tell</span>'
+    return '<span class="badge answered">ANSWERED</span>'
+
+
+def demo_input(image_path: str | None, question: str | None, limits: Limits) -> tuple[bytes, str]:
+    """The picked image and the question, through the same checks as `POST /v1/answer` (shown in the page)."""
+    if not image_path:
+        raise gr.Error("Upload an image or pick an example first.")
+    try:
+        return check_image(Path(image_path).read_bytes(), limits), check_question(question or "", limits)
+    except ApiError as exc:
+        raise gr.Error(exc.message) from None
 
 
 @dataclass(frozen=True)
@@ -116,13 +159,15 @@ def build_compare_demo(asker: Asker, limits: Limits, cfg: Config, examples_dir: 
     k = cfg.serve.confidence_k
 
     async def ask_all(image_path: str | None, question: str, with_confidence: bool) -> tuple[str, str]:
-        data, text = demo_input(image_path, question, limits)
+        data, text = await asker.image_work(demo_input, image_path, question, limits)
         mode = "confidence" if with_confidence else "answer"
         start = time.perf_counter()
 
         async def one(name: str) -> dict[str, Any]:
             try:
-                return await asker.ask(data, text, mode, name)
+                return await asyncio.wait_for(asker.ask(data, text, mode, name), cfg.serve.request_timeout_s)
+            except TimeoutError:
+                return {"model": name, "error": f"no answer within {cfg.serve.request_timeout_s:g} s"}
             except Exception as exc:  # one model failing must not hide the others' answers
                 return {"model": name, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -163,10 +208,27 @@ def build_compare_demo(asker: Asker, limits: Limits, cfg: Config, examples_dir: 
         for trigger in (ask_btn.click, question.submit):
             trigger(ask_all, inputs=[image, question, with_conf], outputs=[table, latency],
                     concurrency_limit=concurrency, api_name=False)  # fmt: skip
+    # Bounded: a full queue tells the next user so instead of holding events without end. api_open=False:
+    # events run through the queue only (its bound and concurrency), never as direct REST calls.
+    demo.queue(max_size=cfg.serve.max_queued_requests, api_open=False)
     return demo
 
 
 def mount_compare_demo(app: FastAPI, asker: Asker, limits: Limits, cfg: Config, path: str) -> FastAPI:
-    """Mount the comparison demo on `app` at `path` (as `serve/gradio_demo.mount_demo` does)."""
+    """Mount the comparison demo on `app` at `path` (no server-side rendering: it needs a Node server)."""
     examples_dir = Path(tempfile.mkdtemp(prefix="inbol-compare-"))
-    return mount(app, build_compare_demo(asker, limits, cfg, examples_dir), path, COMPARE_CSS, examples_dir)
+    return gr.mount_gradio_app(
+        app,
+        build_compare_demo(asker, limits, cfg, examples_dir),
+        path=path,
+        css=COMPARE_CSS,
+        theme=THEME,
+        pwa=False,
+        root_path=path,  # under Serve the mounted app misses its prefix in file URLs (example images 404)
+        allowed_paths=[str(examples_dir)],
+        ssr_mode=False,
+        footer_links=["api"],
+        max_file_size=limits.max_image_bytes,  # uploads past it are refused while they stream in
+        run_history=False,  # nothing of a user's session kept, or offered to send elsewhere
+        mcp_server=False,  # the demo is a page, not a tool server for agents
+    )

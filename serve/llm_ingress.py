@@ -3,13 +3,19 @@
 Ray provides the protocol: request and response models, streaming, usage, `n`, stop, temperature/top_p/
 max_tokens, multi-LoRA routing by model id. This subclass adds, thinly:
 - model names: a run's methods by name (`cadpo`), routed to Ray's ids (`base:cadpo` for an adapter on the
-  base deployment, the method itself for a full checkpoint); `/v1/models` lists them;
+  base deployment, the method itself for a full checkpoint); `/v1/models` lists their names only (no
+  storage locations or deployment internals);
 - the project's prompt: the last user turn of a chat is rendered by `render_prompt` (the short-answer
   instruction, as sampled, trained and evaluated), unless the request says `"render": false`;
-- input rules: at most one image (LLaVA-1.5 sees one), only `data:` URLs (the server fetches nothing),
-  decodable and within the configured size; a bad request is refused before it reaches a replica;
+- input rules, one set for every message, part and route (`serve/chat_rules.py`): text and `data:` URL
+  image parts only, at most one image, decodable and within the configured size, `n` and `max_tokens`
+  capped; a bad request is refused before it reaches a replica. `/v1/completions` is closed (404): a raw
+  prompt would skip the project's prompt and image rules, and no client of the project sends one;
 - images shaped as every other stage shapes them (`model.image_aspect` pad: padded to a square here,
-  since vLLM's server would centre-crop them);
+  since vLLM's server would centre-crop them), decoded off the event loop, a few at a time;
+- guards in front of every route (`guard`): the key (`serve/auth.py`), CORS only for
+  `serve.cors_origins` (Ray's allow-every-origin CORS removed), the body size counted as it streams in,
+  a bound on the model requests held at once (503 + Retry-After) and a timeout on each (504);
 - `refused` on every choice (the project's detector; on the last streamed chunk of a choice), and, with
   `"confidence": true` and `n` = K >= 2, a `confidence` object: the majority answer, the share of the K
   samples agreeing with it, whether it is a refusal, and the samples;
@@ -25,49 +31,80 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
-from ray.llm._internal.serve.core.configs.openai_api_models import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ModelCard,
-    ModelList,
-    OpenAIHTTPException,
-)
-from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inbol_ray.boundary.agreement import answer_agreement
-from inbol_ray.config import Config
+from inbol_ray.config import Config, ServeConfig
 from inbol_ray.model.prompt import chat_user_message
 from inbol_ray.refusal import is_refusal
 from serve.api import (
     DEMO_PATH,
     READY_TIMEOUT_S,
+    Admission,
     ApiError,
+    BodyLimit,
     Limits,
     error_body,
     parse_answer_request,
     read_body,
 )
+from serve.auth import KeyAuth, api_key
 from serve.chat_rules import (
     annotate,
     annotate_stream,
-    check_chat_images,
+    chat_request,
+    check_chat_body,
     choice_text,
     last_user_text,
     pad_chat_images,
+    prepare_chat_images,
     render_last_user_turn,
     with_bos,
     with_system_line,
 )
-from serve.model import bind_replica_grpc_to_node_ip
+from serve.ray_llm import ChatCompletionRequest, ModelCard, OpenAIHTTPException, OpenAiIngress, init
+from serve.replica import bind_replica_grpc_to_node_ip
 
+T = TypeVar("T")
 OWNER = "inbol-ray"
+MODEL_ROUTES = frozenset({"/v1/chat/completions", "/v1/answer"})
+"""The routes that hold an engine: bounded and timed by `Admission`."""
+IMAGE_WORKERS = 4
+"""Images decoded at once, off the event loop: a 25-Mpixel image is ~75 MB of RGB, so a few at a time bound
+the ingress' memory, and the loop keeps answering health checks, the demo and token streams meanwhile."""
+
+
+def admission_limit(s: ServeConfig) -> int:
+    """Model requests the ingress holds at once: a replica's worth running (`max_ongoing_requests`) and
+    `max_queued_requests` waiting; one more is answered 503 rather than queued without bound."""
+    return s.max_ongoing_requests + s.max_queued_requests
+
+
+def guard(app: FastAPI, s: ServeConfig, limits: Limits, key: str | None) -> FastAPI:
+    """The guards in front of every route, outermost first: CORS (only `serve.cors_origins`, no
+    credentials: the key is a header a page must hold itself, never an ambient cookie), the key
+    (`KeyAuth`, when one is set), the body size (`BodyLimit`), the model routes' admission and timeout.
+
+    Ray's `init()` adds `CORSMiddleware(allow_origins=["*"], allow_credentials=True)`: any page open in an
+    operator's browser could call a loopback server and read its answers. It is taken out of
+    `user_middleware` here, before the app starts (Starlette builds its middleware stack on the first
+    request). A CORS middleware stays even with no origins: Gradio adds its own permissive CORS headers to the
+    demo unless the parent app configures CORS."""
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
+    app.add_middleware(Admission, paths=MODEL_ROUTES, limit=admission_limit(s), timeout_s=s.request_timeout_s)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if key:
+        app.add_middleware(KeyAuth, key=key, demo_path=DEMO_PATH)
+    app.add_middleware(CORSMiddleware, allow_origins=list(s.cors_origins), allow_credentials=False,
+                       allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])  # fmt: skip
+    return app
 
 
 @dataclass(frozen=True)
@@ -112,6 +149,15 @@ class RefusalAwareIngress(OpenAiIngress):
         self.limits = Limits.from_config(cfg)
         self.background = background
         """The pad colour of images (`model.image_aspect` pad, the base's processor); None: sent as is."""
+        self.key = api_key(cfg.serve.api_key_env)
+        """Read here, in the replica, from its environment: never a build argument or a config value."""
+        self.started = int(time.time())
+        self._image_slots = asyncio.Semaphore(IMAGE_WORKERS)
+
+    async def image_work(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` (image decoding, padding) in a thread, at most `IMAGE_WORKERS` at once."""
+        async with self._image_slots:
+            return await asyncio.to_thread(fn, *args)
 
     # --- models ---
     async def _get_model_id(self, model: str | None) -> str:
@@ -128,57 +174,44 @@ class RefusalAwareIngress(OpenAiIngress):
             )
         return found.route
 
-    def _card(self, m: ServedModel) -> ModelCard:
-        return ModelCard(
-            id=m.name,
-            object="model",
-            owned_by=OWNER,
-            permission=[],
-            metadata={
-                "route": m.route,
-                "adapter": m.adapter,
-                "deployment": m.deployment,
-                "checkpoint": m.checkpoint,
-            },
-        )
+    def _card(self, m: ServedModel) -> dict[str, Any]:
+        """A served name as OpenAI lists a model: no checkpoint location, route or deployment (a client
+        needs the name; where the weights live is the operator's business)."""
+        return {"id": m.name, "object": "model", "created": self.started, "owned_by": OWNER}
 
-    async def models(self) -> ModelList:
-        return ModelList(data=[self._card(m) for m in self.served.values()])
+    async def models(self) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [self._card(m) for m in self.served.values()]})
 
-    async def model(self, model_id: str) -> ModelCard | None:
-        found = self.served.get(model_id) or self.routes.get(model_id)
-        return None if found is None else self._card(found)
+    async def model_data(self, model: str) -> JSONResponse:
+        found = self.served.get(model) or self.routes.get(model)
+        if found is None:
+            raise ApiError(404, f"model '{model}' is not served; served: {', '.join(self.served)}", "model")
+        return JSONResponse(self._card(found))
 
     # --- OpenAI routes ---
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        extra = body.model_extra or {}
-        confidence = bool(extra.get("confidence"))
-        messages = list(body.messages)
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                messages[i] = message.model_dump()
-            elif not isinstance(message.get("content"), str | None):
-                messages[i] = {**message, "content": list(message["content"])}
-        check_chat_images(messages, self.limits)
-        pad_chat_images(messages, self.limits, self.background)
+    async def chat(self, request: Request) -> Response:
+        """The rules run on the JSON the client sent (`check_chat_body`), before a request model is built:
+        vLLM's model would accept, and reshape, parts the rules refuse."""
+        body = check_chat_body(await read_body(request, self.limits), self.limits)
+        confidence = bool(body.pop("confidence", False))
+        render = body.pop("render", True)
+        messages = body["messages"]
+        await self.image_work(prepare_chat_images, messages, self.limits, self.background)
         question = last_user_text(messages)
-        if extra.get("render", True):
+        if render:
             render_last_user_turn(messages, self.cfg)
             with_system_line(messages, self.cfg.prompt.system)
-        if confidence and (body.n or 1) < 2:
-            raise ApiError(422, "confidence needs n >= 2 samples (set n to K)", "n")
-        if confidence and body.stream:
-            raise ApiError(422, "confidence mode does not stream (it reads all K samples at once)", "stream")
-        body.messages = messages
-        with_bos(body)
-        body.model = await self._get_model_id(body.model)
-        response = await self._process_llm_request(body, call_method="chat", raw_request=request)
+        request_model = chat_request(body)
+        request_model.messages = messages
+        with_bos(request_model)
+        request_model.model = await self._get_model_id(request_model.model)
+        response = await self._process_llm_request(request_model, call_method="chat", raw_request=request)
         return self._annotated(response, question, confidence)
 
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        body.model = await self._get_model_id(body.model)
-        response = await self._process_llm_request(body, call_method="completions", raw_request=request)
-        return self._annotated(response, None, False)
+    async def completions(self, request: Request) -> Response:
+        """Closed: a raw prompt skips the project's prompt, BOS and image rules, no client of the project
+        sends one, and a backend without a completions protocol (transformers) could not serve it."""
+        raise ApiError(404, "/v1/completions is not served: use /v1/chat/completions", "prompt")
 
     @staticmethod
     def _annotated(response: Response, question: str | None, confidence: bool) -> Response:
@@ -199,7 +232,7 @@ class RefusalAwareIngress(OpenAiIngress):
         model = raw.pop("model", None)
         if model is not None and not isinstance(model, str):
             raise ApiError(422, "field 'model' must be a string", "model")
-        req = parse_answer_request(raw, self.limits)
+        req = await self.image_work(parse_answer_request, raw, self.limits)
         result = await self.ask(req.image, req.question, req.mode, model)
         return JSONResponse({**result, "latency_ms": round((time.perf_counter() - start) * 1000, 2)})
 
@@ -208,7 +241,7 @@ class RefusalAwareIngress(OpenAiIngress):
     ) -> dict[str, Any]:
         """One image + question through the chat route: the greedy answer, and K samples in confidence mode."""
         messages = [chat_user_message(question, image)]
-        pad_chat_images(messages, self.limits, self.background)  # once for the greedy and the K samples
+        await self.image_work(pad_chat_images, messages, self.limits, self.background)  # once for all calls
         name = model or ("cadpo" if "cadpo" in self.served else next(iter(self.served)))
         tokens = self.cfg.eval.max_new_tokens
         greedy = self._complete(name, messages, n=1, temperature=0.0, max_tokens=tokens)
@@ -266,7 +299,7 @@ class RefusalAwareIngress(OpenAiIngress):
     # --- the app ---
     def __serve_build_asgi_app__(self) -> FastAPI:
         """The FastAPI app at replica start: Ray's middleware, OpenAI routes bound to this replica, ours,
-        errors in OpenAI's shape, and the demo."""
+        errors in OpenAI's shape, the demo, and the guards in front of them all (`guard`)."""
         app = init()
 
         @app.exception_handler(ApiError)
@@ -283,8 +316,8 @@ class RefusalAwareIngress(OpenAiIngress):
         async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
             return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
 
-        app.get("/v1/models", response_model=ModelList)(self.models)
-        app.get("/v1/models/{model:path}", response_model=ModelCard)(self.model_data)
+        app.get("/v1/models")(self.models)
+        app.get("/v1/models/{model:path}")(self.model_data)
         app.post("/v1/chat/completions")(self.chat)
         app.post("/v1/completions")(self.completions)
         app.post("/v1/answer")(self.answer)
@@ -297,4 +330,5 @@ class RefusalAwareIngress(OpenAiIngress):
 
         from serve.compare_demo import mount_compare_demo
 
-        return mount_compare_demo(app, self, self.limits, self.cfg, path=DEMO_PATH)
+        mount_compare_demo(app, self, self.limits, self.cfg, path=DEMO_PATH)
+        return guard(app, self.cfg.serve, self.limits, self.key)

@@ -15,15 +15,17 @@ import asyncio
 import functools
 from typing import Any
 
-from ray.llm._internal.common.models import global_id_manager
-from ray.llm._internal.common.utils.lora_utils import get_lora_id
-from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig, LLMConfig
-from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
-from ray.serve.llm import LLMServer
-
 from inbol_ray import checkpoint as ckpt
 from inbol_ray.data import io as dio
-from serve.model import bind_replica_grpc_to_node_ip
+from serve.ray_llm import (
+    DiskMultiplexConfig,
+    LLMConfig,
+    LLMServer,
+    LoraModelLoader,
+    get_lora_id,
+    global_id_manager,
+)
+from serve.replica import bind_replica_grpc_to_node_ip
 
 
 def adapter_location(models_root: str, lora_id: str) -> str:

@@ -64,6 +64,11 @@ def engine_kwargs(model_dir: str, cfg: SamplingConfig, dtype: str, gpu: bool) ->
         "seed": cfg.seed,
         "disable_log_stats": True,
         "load_format": "safetensors",  # never unpickle a checkpoint's `.bin` weights (issue 31)
+        # Fetch no media (issue 32): behind the ingress's rules, a second guard against a request that makes
+        # the server fetch a URL. Not []: vLLM 0.32 treats an empty list as "allow every domain"
+        # (multimodal/media/connector.py); no parsed URL has a hostname with a space, so this allows none.
+        "allowed_media_domains": ["media fetching disabled"],
+        "allowed_local_media_path": "",  # no file:// reads
     }
     if gpu:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization

@@ -5,9 +5,10 @@ Each case starts the real command in a fresh process with its own Ray (as a user
 side by side), waits until it answers, records every process under it (Ray's GCS, raylet, workers, Serve's
 controller, proxy and replicas), sends the signal, and checks the command exits 0 and every one of those
 processes is gone.
-Both run the one-checkpoint transformers app (it starts in seconds, where the vLLM app takes a minute on 2
-cores): what a signal does (`serve/__main__.py`: raise in the main thread, shut Serve down, then the Ray the
-command started) does not depend on the app, and the vLLM replicas are Ray workers like any other.
+Both serve one checkpoint on the transformers engine (its replica loads in seconds, where a vLLM replica
+takes a minute on 2 cores): what a signal does (`serve/__main__.py`: raise in the main thread, shut Serve
+down, then the Ray the command started) does not depend on the engine, and vLLM replicas are Ray workers like
+any other.
 """
 
 from __future__ import annotations

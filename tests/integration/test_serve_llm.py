@@ -9,17 +9,34 @@ as `cluster/rayservice.yaml` serves a run: `run_dir=s3://...` is all the app is 
 load the base, the adapters and the full checkpoint from their `s3://` locations (a node-local cached
 copy). One module-scoped app serves all of them (two vLLM deployments: the base with its adapters, and
 `sft`). The local copy of the run is what the endpoint-evaluation test writes its tables into.
+
+The app runs with a key (`serve.api_key_env` names a variable only this module sets), so every test is a
+keyed client, and the hostile-request tests attack it as a stranger would: without the key, with parts
+that would make the engine fetch a URL (a loopback server records that nothing did), over the caps, with
+a body that never ends, a 40-Mpixel image, a cross-origin preflight and more requests than it may hold.
+The ingress replica reads the key from its environment at start: the session's Ray is usually up before
+this module (other modules start it) and its workers keep the environment Ray started with, so the key
+reaches the ingress through its deployment's runtime_env (`with_env`), as an operator's Secret reaches it
+through the pod's environment.
 """
 
 from __future__ import annotations
 
 import base64
+import http.server
+import io
 import json
+import secrets
+import select
 import shutil
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -34,6 +51,12 @@ MODELS = ["base", "sft", "idk_it", "cadpo"]
 BUCKET = "inbol-llm-test"
 TIMEOUT_S = 120
 MAX_TOKENS = 8
+KEY_ENV = "INBOL_TEST_LLM_SERVE_KEY"
+KEY = secrets.token_urlsafe(24)
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ONGOING, QUEUED = 16, 24
+"""serve.max_ongoing_requests (the default) and serve.max_queued_requests: the ingress holds 40 model
+requests at once, room for the 32 clients' test and few enough to fill for the queue-full test."""
 
 
 def _randomised(policy, seed: int) -> None:
@@ -80,6 +103,16 @@ def build_run(root: Path, tiny_checkpoint: Path, cfg: Config, served_from: str =
     return root
 
 
+def with_env(app: Any, env: dict[str, str]) -> Any:
+    """The app with `env` in its ingress replica's environment (the deployment's runtime_env)."""
+    ingress = app._bound_deployment
+    actor = dict(ingress.ray_actor_options or {})
+    runtime_env = dict(actor.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+    actor["runtime_env"] = runtime_env
+    return ingress.options(ray_actor_options=actor).bind(*ingress.init_args, **ingress.init_kwargs)
+
+
 @pytest.fixture(scope="module")
 def served(
     ray_local, s3_endpoint: str, tiny_checkpoint: Path, tiny_config: Config, tmp_path_factory, free_port
@@ -98,27 +131,57 @@ def served(
     upload_dir(str(run), bucket_run)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        overrides = [
-            "sampling.cpus_per_actor=0.5",  # two deployments beside the session's other actors on 2 CPUs
-            f"eval.max_new_tokens={MAX_TOKENS}",
-            "serve.confidence_k=4",
-        ]
-        app = build_llm_app({"config": str(ROOT / "configs" / "tiny.yaml"), "overrides": overrides,
-                             "run_dir": bucket_run, "models": MODELS})  # fmt: skip
-        start = time.perf_counter()
-        serve.run(app, name="inbol-llm", route_prefix="/")
-        print(f"\nllm app up in {time.perf_counter() - start:.0f} s")
-        yield {"url": f"http://127.0.0.1:{port}", "run": run, "bucket_run": bucket_run}
-    finally:
-        serve.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KEY_ENV, KEY)  # this process' clients (the endpoint evaluation) send it from here
+        try:
+            overrides = [
+                "sampling.cpus_per_actor=0.5",  # two deployments beside the session's other actors on 2 CPUs
+                f"eval.max_new_tokens={MAX_TOKENS}",
+                "serve.confidence_k=4",
+                f"serve.api_key_env={KEY_ENV}",
+                f"serve.max_ongoing_requests={ONGOING}",
+                f"serve.max_queued_requests={QUEUED}",
+            ]
+            app = build_llm_app({"config": str(ROOT / "configs" / "tiny.yaml"), "overrides": overrides,
+                                 "run_dir": bucket_run, "models": MODELS})  # fmt: skip
+            start = time.perf_counter()
+            serve.run(with_env(app, {KEY_ENV: KEY}), name="inbol-llm", route_prefix="/")
+            print(f"\nllm app up in {time.perf_counter() - start:.0f} s")
+            yield {"url": f"http://127.0.0.1:{port}", "run": run, "bucket_run": bucket_run}
+        finally:
+            serve.shutdown()
 
 
 @pytest.fixture(scope="module")
 def client(served: dict):
     from openai import OpenAI
 
-    return OpenAI(base_url=served["url"] + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+    return OpenAI(base_url=served["url"] + "/v1", api_key=KEY, timeout=TIMEOUT_S, max_retries=0)
+
+
+@pytest.fixture()
+def fetch_trap() -> Iterator[dict]:
+    """A loopback HTTP server that records every request: the URL a hostile part asks the server to fetch."""
+    hits: list[str] = []
+
+    class Record(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Record)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield {"url": f"http://127.0.0.1:{server.server_port}/x.png", "hits": hits}
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +202,15 @@ def messages(item, text: str | None = None) -> list[dict]:
 def test_every_method_is_listed_and_ready(served: dict, client) -> None:
     listed = client.models.list().data
     assert [m.id for m in listed] == MODELS
-    routes = {m.id: m.model_extra["metadata"]["route"] for m in listed}
-    assert routes == {"base": "base", "sft": "sft", "idk_it": "base:idk_it", "cadpo": "base:cadpo"}
-    where = {m.id: m.model_extra["metadata"]["checkpoint"] for m in listed}  # served from the bucket
-    assert where["cadpo"] == f"{served['bucket_run']}/models/cadpo/adapter", where
-    assert all(w.startswith(f"{served['bucket_run']}/models/{m}") for m, w in where.items()), where
-    ready = requests.get(served["url"] + "/readyz", timeout=TIMEOUT_S)
+    assert all(
+        set(m.model_dump(exclude_none=True)) == {"id", "object", "created", "owned_by"} for m in listed
+    )
+    raw = requests.get(served["url"] + "/v1/models", headers=AUTH, timeout=TIMEOUT_S).text
+    one = requests.get(served["url"] + "/v1/models/cadpo", headers=AUTH, timeout=TIMEOUT_S).json()
+    assert one == {"id": "cadpo", "object": "model", "created": one["created"], "owned_by": "inbol-ray"}
+    for secret in (BUCKET, "s3://", "adapter", "base:cadpo", str(served["run"])):  # names, not storage
+        assert secret not in raw, secret
+    ready = requests.get(served["url"] + "/readyz", headers=AUTH, timeout=TIMEOUT_S)
     assert ready.status_code == 200 and ready.json()["models"] == dict.fromkeys(MODELS, "ready")
 
 
@@ -213,73 +279,243 @@ def test_n_samples_and_the_confidence_mode(client, items) -> None:
     assert " " not in stop.choices[0].message.content
 
 
-def test_hostile_requests_get_4xx_in_openais_error_shape(served: dict, client, items) -> None:
+def test_no_key_or_a_wrong_key_is_401_and_healthz_is_open(served: dict, items) -> None:
+    import openai
+
+    for key in ("wrong-key", KEY[:-1]):
+        stranger = openai.OpenAI(
+            base_url=served["url"] + "/v1", api_key=key, timeout=TIMEOUT_S, max_retries=0
+        )
+        with pytest.raises(openai.AuthenticationError):
+            stranger.chat.completions.create(model="cadpo", messages=messages(items[0]), max_tokens=1)
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
+    for method, path in (("post", "/v1/chat/completions"), ("post", "/v1/answer"), ("get", "/v1/models"),
+                         ("get", "/readyz"), ("get", "/demo/config"), ("post", "/v1/completions")):  # fmt: skip
+        r = requests.request(method, served["url"] + path, json={}, timeout=TIMEOUT_S)
+        assert r.status_code == 401 and r.json()["error"]["code"] == 401, (path, r.text)
+    assert requests.get(served["url"] + "/healthz", timeout=TIMEOUT_S).json() == {"status": "ok"}
+
+
+def post(served: dict, path: str, **kwargs: Any) -> requests.Response:
+    return requests.post(served["url"] + path, headers={**AUTH, **kwargs.pop("headers", {})}, timeout=TIMEOUT_S,
+                         **kwargs)  # fmt: skip
+
+
+def big_png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (width, height)).save(buf, format="PNG")  # 40 Mpixel in a few KB
+    return buf.getvalue()
+
+
+def test_hostile_requests_get_4xx_and_nothing_reaches_the_engine(
+    served: dict, client, items, fetch_trap
+) -> None:
+    """Each request is refused at the ingress in OpenAI's error shape; none makes the server fetch the
+    trap's URL (vLLM's parser would, for every image shape below but the data: URL), and the server keeps
+    answering."""
     import openai
 
     with pytest.raises(openai.NotFoundError, match="not served"):
         client.chat.completions.create(model="gpt-4", messages=messages(items[0]))
-    url = served["url"] + "/v1/chat/completions"
+    trap = fetch_trap["url"]
     good = messages(items[0])
-    two_images = [{"role": "user", "content": [*good[0]["content"], good[0]["content"][0]]}]
-    remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://10.0.0.1/x.png"}},
-                                           {"type": "text", "text": "what?"}]}]  # fmt: skip
-    not_image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
-                  + base64.b64encode(b"not a png").decode()}}, {"type": "text", "text": "what?"}]}]  # fmt: skip
+    image, question = good[0]["content"]
+
+    def user(*parts: dict) -> list[dict]:
+        return [{"role": "user", "content": list(parts)}]
+
+    huge = "data:image/png;base64," + base64.b64encode(big_png(8000, 5000)).decode()
+    not_image = "data:image/png;base64," + base64.b64encode(b"not a png").decode()
     bad = [
-        ({"model": "cadpo", "messages": two_images}, 422),
-        ({"model": "cadpo", "messages": remote}, 422),
-        ({"model": "cadpo", "messages": not_image}, 422),
-        ({"model": "cadpo", "messages": [{"role": "assistant", "content": "hi"}]}, 422),
-        ({"model": "cadpo", "messages": good, "n": 1, "confidence": True}, 422),
-        ({"model": "cadpo", "messages": good, "n": 2, "confidence": True, "stream": True}, 422),
-        ({"model": "cadpo"}, 400),
-        ({"model": "cadpo", "messages": good, "max_tokens": -3}, 400),
-        ({"model": "cadpo", "messages": "hello"}, 400),
+        (user({"image_url": trap}, question), 422, "messages[0].content[0]"),  # untyped: vLLM fetches it
+        (user({"type": "input_image", "image_url": trap}, question), 422, "messages[0].content[0]"),
+        (user({"type": "input_image", "image_url": {"url": trap}}, question), 422, "messages[0].content[0]"),
+        (user({"type": "image_url", "image_url": {"url": trap}}, question), 422, "messages[0].content[0]"),
+        (user({"type": "image_url", "image_url": trap}, question), 422, "messages[0].content[0]"),
+        (user({"type": "video_url", "video_url": {"url": trap}}, question), 422, "messages[0].content[0]"),
+        (user({"type": "audio_url", "audio_url": {"url": trap}}, question), 422, "messages[0].content[0]"),
+        ([{"role": "system", "content": [{"image_url": trap}]}, *good], 422, "messages[0].content[0]"),
+        ([*good, {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": trap}}]}], 422,
+         "messages[1].content[0]"),
+        (user(image, image, question), 422, "messages"),  # two images
+        (user({"type": "image_url", "image_url": {"url": huge}}, question), 413, "messages"),  # 40 Mpixel
+        (user({"type": "image_url", "image_url": {"url": not_image}}, question), 422, "messages"),
+        ([{"role": "assistant", "content": "hi"}], 422, "messages"),
+        ("hello", 422, "messages"),
+    ]  # fmt: skip
+    for content, status, param in bad:
+        r = post(served, "/v1/chat/completions", json={"model": "cadpo", "messages": content})
+        assert (r.status_code, r.json()["error"]["param"]) == (status, param), (param, r.text)
+    over = [
+        ({"n": 10000}, "n"),
+        ({"max_tokens": 10**6}, "max_tokens"),
+        ({"max_completion_tokens": 10**6}, "max_completion_tokens"),
+        ({"ignore_eos": True}, "ignore_eos"),
+        ({"min_tokens": 100}, "min_tokens"),
+        ({"chat_template": "{{ 7 * 7 }}"}, "chat_template"),
+        ({"n": 1, "confidence": True}, "n"),
+        ({"n": 2, "confidence": True, "stream": True}, "stream"),
     ]
-    for body, status in bad:
-        r = requests.post(url, json=body, timeout=TIMEOUT_S)
-        assert r.status_code == status, (body.get("messages") and "messages", r.text)
-        error = r.json()["error"]
-        assert error["message"] and "type" in error and "code" in error, r.text
+    for extra, param in over:
+        r = post(served, "/v1/chat/completions", json={"model": "cadpo", "messages": good, **extra})
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+    for prompt in ([1, 2, 3], ["a", "b"], "a string"):  # /v1/completions is closed, whatever its prompt
+        r = post(served, "/v1/completions", json={"model": "cadpo", "prompt": prompt, "max_tokens": 10**6})
+        assert r.status_code == 404 and "chat/completions" in r.json()["error"]["message"]
+    r = post(
+        served, "/v1/answer", json={"image": base64.b64encode(big_png(8000, 5000)).decode(), "question": "q"}
+    )
+    assert r.status_code == 413 and "max_image_pixels" in r.json()["error"]["message"]
+    for body, status in (
+        ({"model": "cadpo"}, 422),
+        ({"model": "cadpo", "messages": good, "temperature": "hot"}, 400),
+    ):
+        r = post(served, "/v1/chat/completions", json=body)
+        assert r.status_code == status and r.json()["error"]["message"], r.text
     for path in ("/v1/models/nope", "/no/such/route"):
-        r = requests.get(served["url"] + path, timeout=TIMEOUT_S)
+        r = requests.get(served["url"] + path, headers=AUTH, timeout=TIMEOUT_S)
         assert r.status_code == 404 and r.json()["error"]["message"]
-    r = requests.post(url, data=b"{not json", headers={"content-type": "application/json"}, timeout=TIMEOUT_S)
+    r = post(served, "/v1/chat/completions", data=b"{not json", headers={"content-type": "application/json"})
     assert 400 <= r.status_code < 500 and r.json()["error"]["message"]
+    assert fetch_trap["hits"] == []  # nothing fetched the trap
     assert client.chat.completions.create(model="cadpo", messages=good, max_tokens=2).choices  # still serving
+
+
+def chunked_post(url: str, path: str, total: int, chunk: int = 1 << 16) -> tuple[int, bytes, int]:
+    """POST `total` bytes with chunked transfer encoding (no Content-Length), never sending the final
+    chunk, so only a server that refuses before the end answers at all. Stops sending once an answer
+    arrives. Returns the status, the raw answer and the bytes sent."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT_S)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+    sock.sendall(head.encode())
+    sent, piece = 0, f"{chunk:x}\r\n".encode() + b"x" * chunk + b"\r\n"
+    try:
+        while sent < total and not select.select([sock], [], [], 0)[0]:
+            sock.sendall(piece)
+            sent += chunk
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered and closed while the body was still coming: read its answer
+    answer = b""
+    try:
+        while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 4:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+        sock.settimeout(2)
+        while data := sock.recv(65536):
+            answer += data
+    except (TimeoutError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+    return int(answer.split(b" ", 2)[1]), answer, sent
+
+
+def test_a_20mb_chunked_body_is_refused_before_its_end(served: dict, client, items) -> None:
+    status, answer, sent = chunked_post(served["url"], "/v1/chat/completions", 20_000_000)
+    assert status == 413 and b"max_body_bytes" in answer, answer[:300]
+    print(f"\n20 MB chunked body: 413 after {sent / 1e6:.1f} MB sent, no final chunk")
+    assert client.chat.completions.create(model="cadpo", messages=messages(items[0]), max_tokens=1).choices
+
+
+def test_a_cross_origin_preflight_gets_no_allow_origin(served: dict) -> None:
+    """CORS is off: Ray's ingress would answer any origin, with credentials."""
+    headers = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+    for path in ("/v1/chat/completions", "/v1/models", "/demo/gradio_api/queue/join"):
+        r = requests.options(served["url"] + path, headers=headers, timeout=TIMEOUT_S)
+        assert "access-control-allow-origin" not in r.headers, (path, dict(r.headers))
+    r = requests.get(served["url"] + "/v1/models", headers={**AUTH, "Origin": "http://evil.example"},
+                     timeout=TIMEOUT_S)  # fmt: skip
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def hold(url: str, path: str) -> socket.socket:
+    """A model request that stays in the ingress: its headers sent, its body never finished."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT_S)
+    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {KEY}\r\n"
+                  "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{").encode())  # fmt: skip
+    return sock
+
+
+def test_a_full_ingress_answers_503_with_retry_after_then_recovers(served: dict, client, items) -> None:
+    """`max_ongoing_requests + max_queued_requests` model requests held (slow uploads hold a place like
+    long generations do); the next one is answered 503 with Retry-After at once, and the server serves
+    again when they go."""
+    limit = ONGOING + QUEUED
+    held = [hold(served["url"], "/v1/chat/completions") for _ in range(limit)]
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # a request the rules refuse at once if admitted (422), so probes cost nothing
+            r = post(served, "/v1/chat/completions", json={"messages": [], "n": 10**6})
+            if r.status_code == 503 or time.monotonic() > deadline:
+                break
+            assert r.status_code == 422, r.text
+            time.sleep(0.2)
+        assert r.status_code == 503 and r.headers["retry-after"].isdigit(), (r.status_code, r.headers)
+        assert r.json()["error"]["code"] == 503 and f"limit {limit}" in r.json()["error"]["message"]
+        assert requests.get(served["url"] + "/healthz", timeout=TIMEOUT_S).status_code == 200  # not counted
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            reply = client.chat.completions.create(model="cadpo", messages=messages(items[0]), max_tokens=1)
+            break
+        except Exception:  # 503 while the held requests are let go
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert reply.choices
 
 
 def test_answer_route_and_the_comparison_page(served: dict, items) -> None:
     image = base64.b64encode(items[3].image).decode()
-    r = requests.post(served["url"] + "/v1/answer", timeout=TIMEOUT_S,
-                      json={"image": image, "question": items[3].text, "mode": "confidence", "model": "idk_it"})  # fmt: skip
+    r = post(served, "/v1/answer", json={"image": image, "question": items[3].text, "mode": "confidence",
+                                         "model": "idk_it"})  # fmt: skip
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "idk_it" and len(body["samples"]) == 4 and 0 <= body["confidence"] <= 1
-    bad = requests.post(served["url"] + "/v1/answer", json={"image": image, "question": "q", "model": "nope"},
-                        timeout=TIMEOUT_S)  # fmt: skip
+    bad = post(served, "/v1/answer", json={"image": image, "question": "q", "model": "nope"})
     assert bad.status_code == 404 and "not served" in bad.json()["error"]["message"]
-    page = requests.get(served["url"] + "/demo/config", timeout=TIMEOUT_S)
+    page = requests.get(served["url"] + "/demo/config", headers=AUTH, timeout=TIMEOUT_S)
     assert page.status_code == 200 and "I don't know" in page.text
 
 
 def test_32_clients_get_no_errors(client, items, record_property) -> None:
+    """32 keyed clients x 8 requests (one token each, every model, every third streamed): all answered."""
+    clients, per_client = 32, 8
+    total = clients * per_client
+
     def one(i: int) -> tuple[str, float]:
         start = time.perf_counter()
         model = MODELS[i % len(MODELS)]
         stream = i % 3 == 0
         reply = client.chat.completions.create(model=model, messages=messages(items[i % len(items)]),
-                                               temperature=0, max_tokens=MAX_TOKENS, stream=stream)  # fmt: skip
+                                               temperature=0, max_tokens=1, stream=stream)  # fmt: skip
         text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream else (
             reply.choices[0].message.content)  # fmt: skip
         return text, time.perf_counter() - start
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(one, range(128)))  # an exception (any non-2xx) fails the test
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(total)))  # an exception (any non-2xx) fails the test
     wall = time.perf_counter() - start
-    assert len(results) == 128 and all(isinstance(t, str) for t, _ in results)
-    summary = {"requests": 128, "clients": 32, "wall_s": round(wall, 1), "req_per_s": round(128 / wall, 1)}
+    assert len(results) == total and all(isinstance(t, str) for t, _ in results)
+    summary = {
+        "requests": total,
+        "clients": clients,
+        "wall_s": round(wall, 1),
+        "req_per_s": round(total / wall, 1),
+    }
     record_property("llm_load", json.dumps(summary))
     print(f"\nllm serve load: {summary}")
 
@@ -289,7 +525,10 @@ def test_the_demo_compares_every_method_in_a_browser(served: dict, browser, tmp_
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, TIMEOUT_S)
-    browser.get(served["url"] + "/demo/")
+    browser.get(served["url"] + "/demo/")  # no key yet: the login form
+    key_field = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[name=key]"))[0]
+    key_field.send_keys(KEY)
+    key_field.submit()  # the key sets an HttpOnly cookie and redirects to the demo
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#question textarea"))
     examples = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".gradio-container table tbody tr"))
     assert len(examples) >= 6  # the run's test sets: in-domain, out-of-domain, unanswerable
@@ -347,7 +586,7 @@ def test_the_endpoint_backend_scores_the_served_model_as_evaluated_in_process(
     )
     write_predictions(layout, ["sft"])  # the evaluate stage's answers of `sft`, computed in this process
     argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *overrides, "--name", "served-sft",
-            "--base-url", served["url"] + "/v1", "--model", "sft"]  # fmt: skip
+            "--base-url", served["url"] + "/v1", "--model", "sft", "--api-key-env", KEY_ENV]  # fmt: skip
     assert evaluate_endpoint.main(argv) == 0
     predictions = dio.read_table(str(run / "predictions.parquet")).to_pandas()
     local = predictions[predictions["model"] == "sft"].set_index("id")["response"]

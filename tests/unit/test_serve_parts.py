@@ -1,10 +1,10 @@
-"""The Serve app's parts that need neither a request nor the fake model client: agreement scoring, engine
-choice, the checkpoint layouts the deployment loads, micro-batching, `build_app`'s argument checks, the
-shipped Serve config, and the Gradio demo's examples and badges.
+"""The serving app's parts that need no request: agreement scoring, which engine serves, what a checkpoint or
+a run is served as, micro-batching, the builder's argument checks, `python -m serve`'s arguments and the
+shipped Serve config.
 
 Each is pure or nearly so, so a wrong answer shows here in milliseconds rather than behind a running
-deployment; the routes and request checks are in test_serve_api.py, the real thing in
-tests/integration/test_serve.py.
+deployment; the engine is in test_transformers_engine.py, the ingress' rules in test_llm_serving.py and
+test_serve_api.py, the real thing in tests/integration/test_serve.py and test_serve_llm.py.
 """
 
 from __future__ import annotations
@@ -20,14 +20,23 @@ import yaml
 from inbol_ray.boundary.agreement import answer_agreement
 from inbol_ray.checkpoint import CheckpointError, Resolved, resolve
 from inbol_ray.config import Config
-from serve.app import BUILD_ARGS, DEPLOYMENT_NAME, INGRESS_NAME, build_app, ingress_capacity, model_name
-from serve.gradio_demo import badge_html, confidence_html, demo_examples
-from serve.model import MicroBatcher, bind_replica_grpc_to_node_ip, choose_engine
+from serve.__main__ import build_args, parse_args
+from serve.llm_app import (
+    BUILD_ARGS,
+    INGRESS_NAME,
+    build_llm_app,
+    checkpoint_models,
+    choose_engine,
+    ingress_capacity,
+    model_name,
+    plan_app,
+)
+from serve.replica import bind_replica_grpc_to_node_ip
+from serve.transformers_server import MicroBatcher
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-# --- model deployment pieces -------------------------------------------------------------------------
+LLAVA = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}
+QWEN = {"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"]}
 
 
 @pytest.mark.parametrize(
@@ -44,17 +53,42 @@ def test_answer_agreement(greedy: str, samples: list[str], expected: float) -> N
     assert answer_agreement(greedy, samples) == pytest.approx(expected)
 
 
+# --- which engine, what is served -------------------------------------------------------------------------
+
+
 def test_choose_engine() -> None:
-    assert choose_engine("auto", gpu=True, vllm_installed=True) == "vllm"
-    assert choose_engine("auto", gpu=True, vllm_installed=False) == "transformers"
-    assert choose_engine("auto", gpu=False, vllm_installed=True) == "transformers"
-    assert choose_engine("vllm", gpu=False, vllm_installed=True) == "vllm"
+    def never() -> frozenset[str]:
+        raise AssertionError("vLLM's architectures asked for a LLaVA checkpoint")
+
+    assert choose_engine("auto", True, LLAVA, never) == "vllm"
+    assert choose_engine("auto", False, LLAVA, never) == "transformers"
+    assert choose_engine("transformers", True, QWEN, never) == "transformers"
+    assert choose_engine("vllm", True, QWEN, lambda: frozenset(QWEN["architectures"])) == "vllm"
+    assert choose_engine("auto", True, QWEN, lambda: frozenset({"LlavaForConditionalGeneration"})) == (
+        "transformers"  # an architecture vLLM lacks goes to transformers, as evaluation does
+    )
+    with pytest.raises(ValueError, match="vLLM is not installed"):
+        choose_engine("vllm", False, LLAVA, never)
     with pytest.raises(ValueError, match="engine must be one of"):
-        choose_engine("onnx", gpu=False, vllm_installed=False)
+        choose_engine("onnx", True, LLAVA, never)
+
+
+def _model(folder: Path, config: dict | None = None) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config or LLAVA))
+    return folder
+
+
+def _adapter(folder: Path, base: Path) -> Path:
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": str(base)})
+    )
+    return folder
 
 
 def test_checkpoint_layouts_serve_accepts(tmp_path: Path) -> None:
-    """What the model deployment loads: `inbol_ray.checkpoint.resolve` on every layout it is given."""
+    """What a deployment loads: `inbol_ray.checkpoint.resolve` on every layout it is given."""
     base = str(tmp_path / "base")
     os.makedirs(base)
     Path(base, "config.json").write_text("{}")
@@ -77,9 +111,116 @@ def test_checkpoint_layouts_serve_accepts(tmp_path: Path) -> None:
         resolve(str(tmp_path / "empty"))
 
 
-def test_model_name_is_the_last_path_component() -> None:
+def test_a_checkpoint_is_served_under_its_folders_name(tmp_path: Path) -> None:
     assert model_name("/runs/tiny/models/cadpo") == "cadpo"
     assert model_name("s3://bucket/runs/x/models/idk_it/") == "idk_it"
+    assert model_name("/runs/x/models/idk_it/adapter") == "idk_it"  # a bare adapter folder: its method
+    base = _model(tmp_path / "base")
+    served, deployments, _ = checkpoint_models(str(base), None)
+    assert [(m.name, m.route, m.deployment, m.adapter) for m in served] == [("base", "base", "base", False)]
+    assert deployments == {"base": str(base)}
+    adapter = _adapter(tmp_path / "models" / "cadpo", base)
+    for location in (str(adapter), f"{adapter}/adapter"):
+        served, deployments, root = checkpoint_models(location, None)
+        assert [(m.name, m.route, m.deployment) for m in served] == [("cadpo", "base:cadpo", "base")]
+        assert deployments == {"base": str(base)} and root == str(tmp_path / "models")  # where vLLM finds it
+
+
+def test_the_transformers_plan_gives_every_name_a_deployment(tmp_path: Path) -> None:
+    """vLLM holds a run's adapters on one deployment of the base; transformers merges each with the base
+    in a deployment of its own, and the ingress routes every name to its own."""
+    models = tmp_path / "models"
+    base = _model(models / "base")
+    _adapter(models / "cadpo", base)
+    _model(models / "sft")
+    overrides = [f"run_dir={tmp_path}", "model.build_tiny=true"]
+    vllm = plan_app({"overrides": overrides, "models": ["sft", "cadpo"], "engine": "vllm"})
+    assert vllm.engine == "vllm" and set(vllm.deployments) == {"base", "sft"}
+    plan = plan_app({"overrides": overrides, "models": ["sft", "cadpo"], "engine": "transformers"})
+    assert plan.engine == "transformers"
+    assert [(m.name, m.route, m.deployment) for m in plan.served] == [
+        (n, n, n) for n in ("base", "sft", "cadpo")
+    ]
+    assert plan.deployments == {
+        "base": str(base),
+        "sft": str(models / "sft"),
+        "cadpo": str(models / "cadpo" / "adapter"),
+    }
+    assert plan.bases == {"base": None, "sft": None, "cadpo": str(base)}
+    assert plan.model_dir == str(base) and plan.cfg.run_dir == str(tmp_path)
+
+
+def test_the_builder_checks_its_args(tmp_path: Path) -> None:
+    ckpt = _model(tmp_path / "model")
+    with pytest.raises(ValueError, match="unknown build_llm_app args"):
+        plan_app({"checkpoint": str(ckpt), "checkpiont": "x"})
+    with pytest.raises(ValueError, match="not both"):
+        plan_app({"checkpoint": str(ckpt), "run_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="pass it with checkpoint"):
+        plan_app({"base": str(ckpt), "run_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="engine must be one of"):
+        plan_app({"checkpoint": str(ckpt), "engine": "onnx"})
+    with pytest.raises(FileNotFoundError):
+        plan_app({"checkpoint": str(tmp_path / "missing")})
+    plan = plan_app(
+        {"checkpoint": str(ckpt), "engine": "transformers", "overrides": ["serve.max_replicas=3"]}
+    )
+    assert [m.name for m in plan.served] == ["model"] and plan.bases == {"model": None}
+    assert plan.cfg.serve.max_replicas == 3
+    app = build_llm_app(
+        {"checkpoint": str(ckpt), "engine": "transformers", "overrides": ["model.image_aspect=crop"]}
+    )
+    assert type(app).__name__ == "Application"
+    s = (
+        Config().serve
+    )  # the ingress admits more than its admission limit: the limit's 503 is what clients meet
+    assert ingress_capacity(s) == s.max_ongoing_requests + s.max_queued_requests + 32
+
+
+def test_python_m_serve_arguments() -> None:
+    one = parse_args(
+        ["--checkpoint", "runs/x/models/cadpo", "--engine", "transformers", "--insecure", "a.b=1"]
+    )
+    assert one.insecure and build_args(one) == {"config": None, "overrides": ["a.b=1"], "engine": "transformers",
+                                                "checkpoint": "runs/x/models/cadpo", "base": None}  # fmt: skip
+    run = parse_args(["--run-dir", "runs/x", "--models", "base, cadpo"])
+    assert not run.insecure and build_args(run)["models"] == ["base", "cadpo"]
+    assert set(build_args(run)) <= set(BUILD_ARGS) and set(build_args(one)) <= set(BUILD_ARGS)
+    for bad in (["--checkpoint", "x", "--models", "cadpo"], ["--base", "b"], ["--engine", "onnx"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_python_m_serve_refuses_a_public_host_without_a_key_before_starting_anything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from serve.__main__ import main
+
+    monkeypatch.delenv(Config().serve.api_key_env, raising=False)
+    # checked first: were Ray started before, connecting to this unroutable address would fail otherwise
+    with pytest.raises(SystemExit, match=Config().serve.api_key_env):
+        main(["--host", "0.0.0.0", "--checkpoint", "/nowhere", "ray.address=ray://192.0.2.1:10001"])
+
+
+def test_shipped_serve_config_is_valid_for_serve_deploy() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((ROOT / "serve" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    assert schema.http_options.host == "127.0.0.1"
+    (app,) = schema.applications
+    assert app.import_path == "serve.llm_app:build_llm_app"
+    assert set(app.args) <= set(BUILD_ARGS)
+    assert (ROOT / app.args["config"]).is_file()
+    assert {d.name for d in app.deployments} == {INGRESS_NAME}
+
+
+def test_trust_remote_code_is_never_enabled() -> None:
+    for path in (ROOT / "serve").glob("*.py"):
+        assert "trust_remote_code=True" not in path.read_text(), path
+
+
+# --- replica pieces -----------------------------------------------------------------------------------------
 
 
 def test_micro_batcher_batches_concurrent_calls_in_order() -> None:
@@ -119,65 +260,3 @@ def test_grpc_rebinding_is_a_no_op_outside_a_replica() -> None:
     before = replica.add_port_to_grpc_server
     bind_replica_grpc_to_node_ip()
     assert replica.add_port_to_grpc_server is before
-
-
-def test_build_app_validates_its_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ckpt = tmp_path / "model"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="unknown build_app args"):
-        build_app({"checkpoint": str(ckpt), "checkpiont": "x"})
-    monkeypatch.delenv("INBOL_CHECKPOINT", raising=False)
-    with pytest.raises(ValueError, match="INBOL_CHECKPOINT"):
-        build_app({})
-    with pytest.raises(ValueError, match="engine must be one of"):
-        build_app({"checkpoint": str(ckpt), "engine": "onnx"})
-    with pytest.raises(FileNotFoundError):
-        build_app({"checkpoint": str(tmp_path / "missing")})
-    monkeypatch.setenv("INBOL_CHECKPOINT", str(ckpt))  # the RayService manifest's way
-    app = build_app({"overrides": ["serve.max_replicas=3"]})
-    assert type(app).__name__ == "Application"
-    assert (
-        ingress_capacity(Config().serve)
-        == 2 * Config().serve.max_replicas * Config().serve.max_ongoing_requests
-    )
-
-
-def test_shipped_serve_config_is_valid_for_serve_deploy() -> None:
-    from ray.serve.schema import ServeDeploySchema
-
-    raw = yaml.safe_load((ROOT / "serve" / "serve_config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(raw)
-    assert schema.http_options.host == "127.0.0.1"
-    (app,) = schema.applications
-    assert app.import_path == "serve.app:build_app"
-    assert set(app.args) <= set(BUILD_ARGS)
-    assert (ROOT / app.args["config"]).is_file()
-    assert {d.name for d in app.deployments} == {DEPLOYMENT_NAME, INGRESS_NAME}
-
-
-def test_trust_remote_code_is_never_enabled() -> None:
-    for path in (ROOT / "serve").glob("*.py"):
-        assert "trust_remote_code=True" not in path.read_text(), path
-
-
-# --- demo pieces -------------------------------------------------------------------------------------
-
-
-def test_demo_examples_hold_answerable_and_unanswerable_items(tmp_path: Path) -> None:
-    examples = demo_examples(Config(), tmp_path)
-    categories = [e.category for e in examples]
-    assert {"easy_perception", "hard_perception", "knowledge"} <= set(categories)
-    assert categories.count("unanswerable") >= 2
-    assert categories.index("unanswerable") > categories.index("knowledge")  # answerable ones first
-    for e in examples:
-        assert Path(e.image_path).read_bytes()[:4] == b"\x89PNG" and e.question.endswith("?")
-        assert e.expected.startswith("unanswerable" if e.category == "unanswerable" else "answer: ")
-
-
-def test_badge_and_confidence_html() -> None:
-    assert "REFUSED" in badge_html(True) and "ANSWERED" in badge_html(False)
-    assert "NO ANSWER YET" in badge_html(None)
-    html = confidence_html({"confidence": 0.3, "samples": ["a", "<b>"] + ["c"] * 8})
-    assert "30%" in html and "3 of 10" in html and "&lt;b&gt;" in html  # model text is escaped
-    assert "Estimate confidence" in confidence_html({"answer": "x", "refused": False})
