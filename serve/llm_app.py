@@ -94,7 +94,9 @@ def served_models(layout: RunLayout, names: Sequence[str]) -> tuple[list[ServedM
             deployments[name] = found.model_dir
             served.append(ServedModel(name, name, name, found.model_dir))
             continue
-        if dio.absolute(found.model_dir).rstrip("/") != dio.absolute(base_dir).rstrip("/"):
+        if dio.absolute(found.model_dir).rstrip("/") != dio.absolute(ckpt.resolve(base_dir).model_dir).rstrip(
+            "/"
+        ):
             raise ValueError(
                 f"model '{name}': its adapter is on {found.model_dir}, not on the run's base {base_dir}"
             )
@@ -105,7 +107,7 @@ def served_models(layout: RunLayout, names: Sequence[str]) -> tuple[list[ServedM
 def model_name(checkpoint: str) -> str:
     """The name a lone checkpoint is served under: its folder's (`runs/x/models/cadpo` -> cadpo; a bare
     adapter folder `.../cadpo/adapter` -> cadpo)."""
-    parts = checkpoint.rstrip("/").split("/")
+    parts = checkpoint.rstrip("/").split("@", 1)[0].split("/")  # a Hub id's revision is not part of its name
     return parts[-2] if parts[-1] == ckpt.ADAPTER_SUBDIR and len(parts) > 1 else parts[-1]
 
 
@@ -273,8 +275,8 @@ def plan_app(args: dict[str, Any]) -> AppPlan:
     if args.get("checkpoint"):
         if args.get("run_dir") or args.get("models"):
             raise ValueError("pass checkpoint (one model) or run_dir/models (a run's), not both")
-        base = dio.absolute(args["base"]) if args.get("base") else None
-        served, deployments, models_root = checkpoint_models(dio.absolute(args["checkpoint"]), base)
+        base = ckpt.model_location(args["base"]) if args.get("base") else None  # a Hub id stays an id
+        served, deployments, models_root = checkpoint_models(ckpt.model_location(args["checkpoint"]), base)
     else:
         if args.get("base"):
             raise ValueError("base is an adapter checkpoint's base: pass it with checkpoint")

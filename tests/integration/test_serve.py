@@ -5,7 +5,9 @@ and rules) in front of a `TransformersServer` deployment, on the session's local
 The served checkpoint is a LoRA adapter on the tiny checkpoint (random B, so it answers unlike its base),
 exported as training exports one and named `idk_it` by its folder: the transformers deployment merges it with
 its base in memory. One module-scoped app serves every test; a few test items in the run directory are the
-demo's examples. tests/integration/test_serve_llm.py drives the same ingress in front of vLLM.
+demo's examples. tests/integration/test_serve_llm.py drives the same ingress in front of vLLM. The app runs
+with a key (`serve.api_key_env` names a variable only this module sets; it reaches the ingress replica in
+its runtime_env, as `serve.llm_app` passes it): every client here sends it, as a user's would.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
+import secrets
 import shutil
 import statistics
 import time
@@ -32,6 +36,10 @@ MODEL = "idk_it"
 MAX_TOKENS = 6
 K = 4
 TIMEOUT_S = 120
+KEY_ENV = "INBOL_TEST_SERVE_KEY"
+KEY = secrets.token_urlsafe(24)
+HTTP = requests.Session()
+HTTP.headers["Authorization"] = f"Bearer {KEY}"
 
 
 def build_run(root: Path, tiny_checkpoint: Path, cfg: Config) -> Path:
@@ -73,9 +81,14 @@ def served(
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         overrides = [f"run_dir={run}", f"eval.max_new_tokens={MAX_TOKENS}", f"serve.confidence_k={K}",
-                     f"sampling.max_new_tokens={MAX_TOKENS}", "serve.max_replicas=1"]  # fmt: skip
-        app = build_llm_app({"config": str(ROOT / "configs" / "tiny.yaml"), "overrides": overrides,
-                             "checkpoint": str(run / "models" / MODEL), "engine": "transformers"})  # fmt: skip
+                     f"sampling.max_new_tokens={MAX_TOKENS}", "serve.max_replicas=1",
+                     f"serve.api_key_env={KEY_ENV}"]  # fmt: skip
+        os.environ[KEY_ENV] = KEY  # what an operator exports before `python -m serve`
+        try:
+            app = build_llm_app({"config": str(ROOT / "configs" / "tiny.yaml"), "overrides": overrides,
+                                 "checkpoint": str(run / "models" / MODEL), "engine": "transformers"})  # fmt: skip
+        finally:
+            del os.environ[KEY_ENV]
         start = time.perf_counter()
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"\ntransformers app up in {time.perf_counter() - start:.0f} s")
@@ -88,7 +101,7 @@ def served(
 def client(served: dict):
     from openai import OpenAI
 
-    return OpenAI(base_url=served["url"] + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+    return OpenAI(base_url=served["url"] + "/v1", api_key=KEY, timeout=TIMEOUT_S, max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +121,9 @@ def messages(item, text: str | None = None) -> list[dict]:
 
 def test_the_model_is_listed_and_ready(served: dict, client) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
-    assert requests.get(served["url"] + "/healthz", timeout=TIMEOUT_S).json() == {"status": "ok"}
-    ready = requests.get(served["url"] + "/readyz", timeout=TIMEOUT_S)
+    assert requests.get(served["url"] + "/healthz", timeout=TIMEOUT_S).json() == {"status": "ok"}  # no key
+    assert requests.get(served["url"] + "/readyz", timeout=TIMEOUT_S).status_code == 401
+    ready = HTTP.get(served["url"] + "/readyz", timeout=TIMEOUT_S)
     assert ready.status_code == 200 and ready.json()["models"] == {MODEL: "ready"}, ready.text
 
 
@@ -167,17 +181,17 @@ def test_n_choices_and_the_confidence_mode(client, items) -> None:
 
 def test_the_answer_route_and_the_demo_page(served: dict, items) -> None:
     image = base64.b64encode(items[3].image).decode()
-    r = requests.post(served["url"] + "/v1/answer", timeout=TIMEOUT_S,
+    r = HTTP.post(served["url"] + "/v1/answer", timeout=TIMEOUT_S,
                       json={"image": image, "question": items[3].text, "mode": "confidence"})  # fmt: skip
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == MODEL and len(body["samples"]) == K and 0 <= body["confidence"] <= 1
     assert isinstance(body["refused"], bool) and body["latency_ms"] > 0
-    root = requests.get(served["url"] + "/", timeout=TIMEOUT_S, allow_redirects=False)
+    root = HTTP.get(served["url"] + "/", timeout=TIMEOUT_S, allow_redirects=False)
     assert root.status_code == 307 and root.headers["location"] == "/demo/"
-    page = requests.get(served["url"] + "/demo/", timeout=TIMEOUT_S)
+    page = HTTP.get(served["url"] + "/demo/", timeout=TIMEOUT_S)
     assert page.status_code == 200 and "gradio" in page.text.lower()
-    config = requests.get(served["url"] + "/demo/config", timeout=TIMEOUT_S)
+    config = HTTP.get(served["url"] + "/demo/config", timeout=TIMEOUT_S)
     assert config.status_code == 200 and "I don't know" in config.text
 
 
@@ -190,9 +204,7 @@ def test_what_this_engine_cannot_answer_is_a_4xx_in_openais_shape(served: dict, 
         client.chat.completions.create(model=MODEL, messages=history, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         client.chat.completions.create(model=MODEL, messages=messages(items[0]), max_tokens=2, logprobs=True)
-    r = requests.post(
-        served["url"] + "/v1/completions", json={"model": MODEL, "prompt": "hi"}, timeout=TIMEOUT_S
-    )
+    r = HTTP.post(served["url"] + "/v1/completions", json={"model": MODEL, "prompt": "hi"}, timeout=TIMEOUT_S)
     assert r.status_code == 404 and r.json()["error"]["message"]
     assert client.chat.completions.create(model=MODEL, messages=messages(items[0]), max_tokens=2).choices
 
@@ -241,7 +253,7 @@ def test_bounded_load_has_no_5xx(served: dict, items, record_property) -> None:
         else:
             route, body = "/v1/chat/completions", chat[i % len(chat)]
         start = time.perf_counter()
-        r = requests.post(url + route, json=body, timeout=TIMEOUT_S)
+        r = requests.post(url + route, json=body, headers=dict(HTTP.headers), timeout=TIMEOUT_S)  # per thread
         return r.status_code, time.perf_counter() - start
 
     start = time.perf_counter()
@@ -263,7 +275,10 @@ def test_the_demo_answers_in_a_browser(served: dict, browser) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, TIMEOUT_S)
-    browser.get(served["url"] + "/demo/")
+    browser.get(served["url"] + "/demo/")  # no key yet: the login form
+    key_field = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[name=key]"))[0]
+    key_field.send_keys(KEY)
+    key_field.submit()  # an HttpOnly cookie for the demo, then the demo itself
     examples = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".gradio-container table tbody tr"))
     assert len(examples) >= 4  # the run's test sets: in-domain and unanswerable
     examples[-1].click()

@@ -98,3 +98,12 @@ def test_a_moved_branch_is_a_changed_input(cache: Path, tmp_path: Path) -> None:
     after = stage_hashes(cfg, stages(cfg))
     assert after["prepare"] == before["prepare"]
     assert after["sample"] != before["sample"] and after["evaluate"] != before["evaluate"]
+
+
+def test_python_m_serve_checkpoint_takes_a_hub_id(cache: Path) -> None:
+    """`python -m serve --checkpoint org/tiny@v2`: the app's plan serves the cached snapshot as `tiny`."""
+    from serve.llm_app import plan_app
+
+    plan = plan_app({"checkpoint": "org/tiny@v2", "engine": "transformers"})
+    assert [m.name for m in plan.served] == ["tiny"]
+    assert plan.deployments == {"tiny": str(cache / "snapshots" / COMMITS[1])}
