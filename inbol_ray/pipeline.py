@@ -22,6 +22,7 @@ from inbol_ray import methods as M
 from inbol_ray.config import Config
 from inbol_ray.input_identity import data_identity, model_identity
 from inbol_ray.run_layout import RunLayout
+from inbol_ray.tracking import Tracking, open_tracking
 
 
 class StageError(ValueError):
@@ -35,6 +36,8 @@ class Context:
     log: Callable[[str], None] = print
     extras: dict[str, Any] = field(default_factory=dict)
     """What a job prepared before Ray started (e.g. parsed data sources), by stage."""
+    tracking: Tracking = field(default_factory=Tracking)
+    """The run's experiment tracker (`inbol_ray.tracking`; off unless `tracking.backend` says)."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,8 @@ def _train(method: str) -> Callable[[Context], dict[str, Any]]:
     def run(ctx: Context) -> dict[str, Any]:
         from inbol_ray.train.trainer import run_training
 
-        result = run_training(ctx.cfg, method, ctx.layout, log=ctx.log)  # it logs its summary line
+        # it logs its summary line
+        result = run_training(ctx.cfg, method, ctx.layout, log=ctx.log, tracking=ctx.tracking)
         return {"steps": result.steps, "seconds": round(result.seconds, 1), **result.final_metrics}
 
     return run
@@ -318,7 +322,8 @@ def run_pipeline(
     hashes = stage_hashes(cfg, all_stages)
     # A base named by Hub id: the commit its revision resolved to, in every manifest of a stage reading it.
     hub_model = None if cfg.model.build_tiny else hub.identity(cfg.model.path)
-    ctx = Context(cfg=cfg, layout=layout, log=log, extras=extras or {})
+    tracking = open_tracking(cfg, layout, hashes, log)  # one parent run; a child per stage
+    ctx = Context(cfg=cfg, layout=layout, log=log, extras=extras or {}, tracking=tracking)
     results: dict[str, dict[str, Any]] = {}
     t_start = time.time()
     heads = {stage.name: f"[{i}/{len(chosen)}] {stage.name}" for i, stage in enumerate(chosen, 1)}
@@ -329,6 +334,7 @@ def run_pipeline(
         if not rerun_input and fresh(layout, stage, hashes[stage.name]):
             log(f"{heads[stage.name]}: up to date, skipped")
             results[stage.name] = manifest.read_manifest(uri)["counts"]
+            tracking.skipped(stage.name, hashes[stage.name], results[stage.name])
         else:
             todo.append(stage)
 
@@ -336,22 +342,29 @@ def run_pipeline(
         log(f"{heads[stage.name]}: running")
         t0 = time.time()
         uri = layout.manifest(stage.name)
-        manifest.clear_manifest(uri)
-        counts = stage.run(ctx)
-        manifest.write_manifest(
-            uri,
-            stage.name,
-            hashes[stage.name],
-            counts,
-            inputs=_input_tokens(layout, stage),
-            seconds=round(time.time() - t0, 1),
-            **({"model": hub_model} if hub_model and "model" in stage.sections else {}),
-        )
+        with tracking.stage(stage.name, hashes[stage.name]) as tracked:
+            manifest.clear_manifest(uri)
+            counts = stage.run(ctx)
+            manifest.write_manifest(
+                uri,
+                stage.name,
+                hashes[stage.name],
+                counts,
+                inputs=_input_tokens(layout, stage),
+                seconds=round(time.time() - t0, 1),
+                **({"model": hub_model} if hub_model and "model" in stage.sections else {}),
+            )
+            tracked.done(counts)
         log(f"{heads[stage.name]}: done in {time.time() - t0:.0f}s (total {time.time() - t_start:.0f}s)")
         return counts
 
     # Local-mode trainings run torch in this process (global threads and seeds): one stage at a time.
     concurrent = cfg.ray.concurrent_stages if cfg.train.num_workers > 0 else 1
-    for stage, counts in _in_dependency_order(todo, run_one, concurrent):
-        results[stage.name] = counts
+    try:
+        for stage, counts in _in_dependency_order(todo, run_one, concurrent):
+            results[stage.name] = counts
+    except BaseException:
+        tracking.close(results, ok=False)
+        raise
+    tracking.close(results, ok=True)  # evaluation metrics, report, figures and manifests onto the parent
     return results

@@ -7,13 +7,16 @@ built once; tests that need a trained model build their own small one from `tiny
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -106,6 +109,75 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str):
         ray.shutdown()
 
 
+class MlflowServer:
+    """A real MLflow tracking server (`mlflow server`, SQLite store, artifacts proxied to a folder) on a
+    loopback port, in its own process group so that `stop` ends it and the workers it spawns, and nothing
+    else. Job execution is off: the tests need tracking only, and its runner costs start-up time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = folder / "server.log"
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                   "--artifacts-destination", str(folder / "artifacts")]  # fmt: skip
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            )
+        deadline = time.monotonic() + 180  # ~10 s on an idle machine; minutes on a loaded 2-core one
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start (see {self.log})")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """End the server's process group (the one this object started: its pid is the group id)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """The session's MLflow tracking server: `smoke_pipeline` reports to it (tests/integration/test_tracking.py
+    reads it back)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def own_mlflow_server(tmp_path: Path):
+    """An MLflow tracking server of the test's own, one it may stop mid-run (stopped at the end if not)."""
+    folder = tmp_path / "mlflow"
+    folder.mkdir()
+    server = MlflowServer(folder)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 SMOKE = [
     "data.shapes.n_pretrain=200",
     "data.shapes.n_train=64",
@@ -133,11 +205,15 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]
 
 
 @pytest.fixture(scope="session")
-def smoke_pipeline(ray_local, smoke_run: tuple[Path, list[str]]) -> tuple[Path, list[str], str]:
+def smoke_pipeline(
+    ray_local, smoke_run: tuple[Path, list[str]], mlflow_server: MlflowServer
+) -> tuple[Path, list[str], str]:
     """The embedded default's pipeline with the DPO ablation layer, run once at smoke size in `smoke_run`'s
     directory: (run dir, overrides, what the job printed). The pipeline test checks it; the object-storage
     test compares its own run (other actor counts and batch sizes, on S3) against it, so one fresh run
-    serves both checks."""
+    serves both checks; it reports to the session's MLflow server, which the tracking test reads back
+    (tracking is in no stage's hash: reruns without it find every stage up to date). The overrides
+    returned are without tracking."""
     import contextlib
     import io
 
@@ -148,7 +224,7 @@ def smoke_pipeline(ray_local, smoke_run: tuple[Path, list[str]]) -> tuple[Path, 
     # With the ablation layer: every stage, dpo1-3 included (tiny.yaml alone is a subset of the same stages,
     # tests/unit/test_pipeline_runner.py).
     argv = ["--config", str(configs / "tiny.yaml"), "--config", str(configs / "ablation.yaml"),
-            "--run-dir", str(run_dir), *smoke]  # fmt: skip
+            "--run-dir", str(run_dir), *smoke, "tracking.backend=mlflow", f"tracking.uri={mlflow_server.uri}"]  # fmt: skip
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = pipeline_job.main(argv)

@@ -34,6 +34,7 @@ from torch import nn
 from inbol_ray.checkpoint import load_processor
 from inbol_ray.config import TrainConfig
 from inbol_ray.data import io as dio
+from inbol_ray.tracking import RunTarget, StepLogger
 from inbol_ray.train import step_metrics as sm
 from inbol_ray.train.data import DPO_KINDS, EncodedTable, encode_table, make_batch
 from inbol_ray.train.loop_checkpoint import (
@@ -84,6 +85,8 @@ class LoopSpec:
     """Fault injection for tests: the last worker raises once after finishing this step (0 = never)."""
     fault_marker: str = ""
     """Location created when the fault fires, so the restarted worker group does not fail again."""
+    tracking: RunTarget | None = None
+    """The experiment tracker's run for this training (`inbol_ray.tracking`): rank 0 logs every step there."""
 
 
 # --- schedule -------------------------------------------------------------------------------------
@@ -174,13 +177,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _quiet_report_log()
     threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads(spec.train.cpus_per_worker))
+    tracker = StepLogger(spec.tracking, ray.train.get_context().get_world_rank())
+    ok = False
     try:
-        _train(spec)
+        _train(spec, tracker)
+        ok = True
     finally:
+        tracker.close(ok)
         torch.set_num_threads(threads)  # local mode runs in the caller's process
 
 
-def _train(spec: LoopSpec) -> None:
+def _train(spec: LoopSpec, tracker: StepLogger) -> None:
     cfg = spec.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -247,6 +254,9 @@ def _train(spec: LoopSpec) -> None:
                 loss, part = objective(token_logps, packed, values, cfg, spec.method, norm)
             loss.backward()
             sm.add_sums(sums, part)
+            if need_ref:  # what TRL's DPO logs, per pair type: log-probs and implicit rewards
+                lp = per_response(token_logps.detach(), packed)
+                sm.add_sums(sums, sm.preference_sums(lp, values.ref_logps, values.groups, cfg.beta))
             sums["tokens"] += packed.num_tokens
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         if is_fsdp(scorer):
@@ -262,6 +272,7 @@ def _train(spec: LoopSpec) -> None:
             "step": step + 1,
             "epoch": epoch,
             **step_means(totals),
+            **(sm.preference_means(totals) if need_ref else {}),
             "grad_norm": float(grad_norm),
             "lr": lr,
             "tokens_per_s": totals["tokens"] / seconds,
@@ -273,6 +284,7 @@ def _train(spec: LoopSpec) -> None:
         }
         history.append(row)
         if rank == 0:
+            tracker.log(row)
             if tb is not None:
                 tb.write(row)
             if (step + 1) % every == 0 or step + 1 == total:

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from inbol_ray.data import io as dio
+from inbol_ray.train.data import DPO_KINDS
+from inbol_ray.train.losses import _PAIR_BUCKETS, PAIRS
 
 
 def all_reduce_sums(sums: dict[str, float], keys: Sequence[str]) -> dict[str, float]:
@@ -39,6 +41,58 @@ def all_reduce_sums(sums: dict[str, float], keys: Sequence[str]) -> dict[str, fl
 def add_sums(total: dict[str, float], part: dict[str, float]) -> None:
     for key, value in part.items():
         total[key] = total.get(key, 0.0) + value
+
+
+PREFERENCE_STATS = ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected")
+"""Per pair type, beside the objective's `<pair>/margin` and `<pair>/accuracy`: the policy's sequence
+log-probs of the chosen and rejected responses and their implicit rewards beta * (log pi - log ref), the
+numbers TRL's DPO trainer reports (`logps/chosen`, `rewards/margins`, ...). A falling `logps/chosen` with a
+rising margin is the known DPO failure of pushing both responses down; the loss alone hides it."""
+
+
+@torch.no_grad()
+def preference_sums(
+    logps: torch.Tensor, ref_logps: torch.Tensor, groups: torch.Tensor, beta: float
+) -> dict[str, float]:
+    """Sums of `PREFERENCE_STATS` per pair over the rows whose bucket uses the pair (as `dpo_stats` counts
+    them, `<pair>/n`): sums, so they add over micro-batches and workers like every logged value.
+    `logps`, `ref_logps`: [B, 3] per-response log-probs in `DPO_KINDS` order; `groups`: bucket codes."""
+    logps, ref_logps = logps.double(), ref_logps.to(logps.device).double()
+    groups = groups.to(logps.device)
+    out: dict[str, float] = {}
+    for pair, (chosen, rejected) in PAIRS.items():
+        rows = torch.isin(groups, torch.tensor(_PAIR_BUCKETS[pair], device=groups.device))
+        for side, kind in (("chosen", chosen), ("rejected", rejected)):
+            i = DPO_KINDS.index(kind)
+            lp, ref = logps[rows, i], ref_logps[rows, i]
+            out[f"{pair}/logps/{side}_sum"] = float(lp.sum())
+            out[f"{pair}/rewards/{side}_sum"] = float(beta * (lp - ref).sum())
+    return out
+
+
+def preference_means(totals: dict[str, float]) -> dict[str, float]:
+    """The step's per-pair means of `preference_sums`, and TRL's pooled names over every (row, pair) the
+    step trained (a mixed row counts once per pair it uses): `rewards/{chosen,rejected,margins,accuracies}`,
+    `logps/{chosen,rejected}`. NaN where no row used the pair."""
+
+    def mean(total: float, n: float) -> float:
+        return total / n if n else float("nan")
+
+    out: dict[str, float] = {}
+    pooled = dict.fromkeys([*PREFERENCE_STATS, "margin", "accuracy", "n"], 0.0)
+    for pair in PAIRS:
+        n = totals.get(f"{pair}/n", 0.0)
+        pooled["n"] += n
+        for stat in PREFERENCE_STATS:
+            out[f"{pair}/{stat}"] = mean(totals[f"{pair}/{stat}_sum"], n)
+            pooled[stat] += totals[f"{pair}/{stat}_sum"]
+        for stat in ("margin", "accuracy"):
+            pooled[stat] += totals.get(f"{pair}/{stat}_sum", 0.0)
+    n = pooled["n"]
+    out.update({stat: mean(pooled[stat], n) for stat in PREFERENCE_STATS})
+    out["rewards/margins"] = mean(pooled["margin"], n)
+    out["rewards/accuracies"] = mean(pooled["accuracy"], n)
+    return out
 
 
 def _json_safe(value: Any) -> Any:

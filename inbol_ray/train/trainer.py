@@ -42,6 +42,7 @@ from inbol_ray.data import io as dio
 from inbol_ray.manifest import fingerprint
 from inbol_ray.run_layout import RunLayout
 from inbol_ray.runtime import RAY_TRAIN_POLL
+from inbol_ray.tracking import Tracking
 from inbol_ray.train.loop import LoopSpec, train_loop_per_worker
 from inbol_ray.train.loop_checkpoint import STATE_FILE, latest_local
 from inbol_ray.train.objectives import objective_for
@@ -180,12 +181,14 @@ def run_training(
     *,
     log: Callable[[str], None] = print,
     fail_after_step: int = 0,
+    tracking: Tracking | None = None,
 ) -> TrainResult:
     """Train `method` on its table of `layout`, from its start model; write `layout.model(method)`.
 
     cfg.train.num_workers = 0 runs the loop in this process (Ray Train local mode, for debugging), otherwise
     on that many Ray Train workers (DDP, or FSDP with train.strategy=fsdp). Ray must be initialised.
-    `fail_after_step` is a test hook: one worker raises once after that step.
+    `fail_after_step` is a test hook: one worker raises once after that step. `tracking` (the pipeline's):
+    a child run for this training, its steps logged by the loop's rank 0, its files added at the end.
     """
     import ray
 
@@ -199,6 +202,8 @@ def run_training(
     _check_table(table_uri, method)
     train = dataclasses.replace(cfg.train, method=method, lr=method_lr(cfg.train, method))
     name = run_name(train, cfg.model, table_uri, start_model, cfg.prompt.system)
+    tracking = tracking or Tracking()  # none: off
+    tracked = tracking.start_method(method, _tracked_params(train, name, table_uri, start_model))
     spec = LoopSpec(
         train=train,
         method=method,
@@ -211,6 +216,7 @@ def run_training(
         tensorboard_dir=dio.join(out, "tensorboard") if train.tensorboard else "",
         fail_after_step=fail_after_step,
         fault_marker=dio.join(storage, name, "fault_injected") if fail_after_step else "",
+        tracking=tracked,
     )
     mode = (
         "local mode (in the driver)"
@@ -253,7 +259,17 @@ def run_training(
         json.dumps(dataclasses.asdict(res), indent=1, default=str).encode(),
     )
     log(f"[train {method}] " + res.summary_line())
+    files = {"metrics.jsonl": metrics_uri, "train_result.json": dio.join(out, "train_result.json")}
+    tracking.end_method(method, files)
     return res
+
+
+def _tracked_params(train: TrainConfig, ray_run: str, table_uri: str, start_model: str) -> dict[str, Any]:
+    """A training run's parameters: the train section as this method trains (its own lr), and what the
+    Ray Train run name fingerprints, so a tracked run can be matched to its checkpoints."""
+    from inbol_ray.tracking.params import flatten
+
+    return {**flatten({"train": train}), "ray_run": ray_run, "table": table_uri, "start_model": start_model}
 
 
 def _export(
