@@ -1,13 +1,16 @@
 """One command line for every job: layered configs, a run dir, dotted overrides, checks before Ray starts.
 
-    python -m jobs.<job> --config RECIPE.yaml [--config SITE.yaml ...] [--run-dir DIR_OR_URI] [key=value ...]
+    python -m jobs.<job> --config RECIPE.yaml [--config SITE.yaml ...] [--run-dir DIR_OR_URI] [--verbose]
+                         [key=value ...]
 
 Every job is the same program with a different stage selection: load the config (later files override
 earlier ones, then the overrides), list every input problem at once (missing data files, unparseable
 formats, stages whose inputs were never made or were made with another config) and exit 2 before Ray
 starts, else run the selected stages through `inbol_ray.pipeline.run_pipeline`, with the same manifests as
 the full pipeline. Ray is shut down only if the job started it. A job is the run directory's only driver
-while it runs (`held`): a second job on the same run exits 2 naming the first.
+while it runs (`held`): a second job on the same run exits 2 naming the first. The console shows stage
+lines, summaries, progress bars, warnings and errors; every line, and Ray's own output, is in the run's
+`logs/` folder (`inbol_ray.console`); `--verbose` shows everything on the console too.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from inbol_ray.config import Config, ConfigError, load_config
 from inbol_ray.pipeline import StageError, run_pipeline, select, stages, stale_inputs
 from inbol_ray.run_layout import RunLayout
+
+if TYPE_CHECKING:
+    from inbol_ray.console import Console
 
 Selection = tuple[list[str], str]
 """(only these stages, or all when empty; run up to and including this stage, or to the end when "")."""
@@ -73,6 +79,12 @@ def _parse(
         "--config", action="append", required=True, help="YAML config; repeat to layer files (later wins)"
     )
     parser.add_argument("--run-dir", default="", help="override run_dir (local path or URI, e.g. s3://b/run)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every line on the console: Ray's own INFO output and the rows under each summary "
+        "(otherwise in the run's logs/ folder)",
+    )
     if add_arguments:
         add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (applied last)")
@@ -108,24 +120,41 @@ def run_job(
         names = [s.name for s in select(stages(cfg), only, until)]
     except StageError as exc:
         return _fail(prog, str(exc), [])
-    return held(prog, cfg, lambda: _run_stages(prog, cfg, RunLayout.of(cfg), names))
+    return held(prog, cfg, lambda: _run_stages(prog, cfg, RunLayout.of(cfg), names, args.verbose))
 
 
-def _run_stages(prog: str, cfg: Config, layout: RunLayout, names: list[str]) -> int:
-    """Check the selected stages' inputs (preparing stages its rows under the run), then run them."""
+def _run_stages(prog: str, cfg: Config, layout: RunLayout, names: list[str], verbose: bool = False) -> int:
+    """Check the selected stages' inputs (preparing stages its rows under the run), then run them, with
+    the job's console (`inbol_ray.console`) and Ray's output in the run's `logs/`."""
     try:
         problems, extras = _input_problems(cfg, layout, names)
     except StageError as exc:
         return _fail(prog, str(exc), [])
     if problems:
         return _fail(prog, f"{len(problems)} input problem(s), nothing started:", problems)
-    from inbol_ray.runtime import ray_session
-
     t0 = time.time()
-    with ray_session(cfg.ray, cfg.checkpoint):
-        run_pipeline(cfg, layout, only=names, extras=extras)
-    print(f"{prog}: {', '.join(names)} finished in {time.time() - t0:.0f}s; outputs under {layout.root}")
+    with job_session(prog, cfg, layout, verbose) as out:
+        run_pipeline(cfg, layout, only=names, extras=extras, log=out.log)
+        out.line(
+            f"{prog}: {', '.join(names)} finished in {time.time() - t0:.0f}s; outputs under {layout.root}"
+        )
     return 0
+
+
+@contextlib.contextmanager
+def job_session(prog: str, cfg: Config, layout: RunLayout, verbose: bool = False) -> Iterator[Console]:
+    """A job's Ray session with its console (`inbol_ray.console`: stage lines, summaries, progress bars,
+    warnings; every line to `logs/<prog>.log`) and Ray's own output in `logs/ray.log`
+    (`runtime.ray_output_to`); `verbose` shows all of it on the console as well."""
+    from inbol_ray import console
+    from inbol_ray.runtime import ray_output_to, ray_session
+
+    with (
+        console.session(layout.root, prog, verbose=verbose) as out,
+        ray_session(cfg.ray, cfg.checkpoint),
+        ray_output_to(out.ray_log_path, verbose=verbose, tty=out.tty),
+    ):
+        yield out
 
 
 def held(prog: str, cfg: Config, work: Callable[[], int]) -> int:
@@ -172,4 +201,4 @@ def finish_model_job(cfg: Config, layout: RunLayout) -> None:
     """After another model joined the run's predictions: rewrite the report with it beside the methods."""
     from inbol_ray.eval.report import write_report
 
-    write_report(cfg, layout)
+    print(f"report: {write_report(cfg, layout)}")

@@ -7,7 +7,8 @@ Layout (DESIGN.md 1.3, the paper's section 4):
    boundary: no answer is right, so refusing is the only good response); then the validation table
    (split `val`: what settings are chosen on, kept apart from the test tables);
 4. the training recipe of every trained method (objective, beta, sft_weight, the rate it used, schedule,
-   epochs, LoRA or full fine-tuning, start model), so a table is never read apart from how it was made;
+   epochs, LoRA or full fine-tuning, start model), so a table is never read apart from how it was made,
+   and its training curves (loss; reward margin and accuracy per pair type for DPO: `training_curves`);
 5. the intrinsic boundary: refusal rate and accuracy among answered by the base model's confidence bin,
    as PNG figures (relative links) and the exact numbers beside them.
 Methods are listed, ordered and described by the method table (`inbol_ray.methods`); every location is
@@ -41,6 +42,7 @@ from inbol_ray.eval.figures import (
 )
 from inbol_ray.eval.markdown import markdown_table
 from inbol_ray.eval.recipe import recipe_section
+from inbol_ray.eval.training_curves import training_section, write_training_figures
 from inbol_ray.metrics import ANSWERED_ACC, BIN_HI, BIN_LO, REFUSAL_RATE
 from inbol_ray.run_layout import RunLayout
 
@@ -218,10 +220,12 @@ def render_report(
     recipe: Sequence[str] = (),
     others: Mapping[str, str] | None = None,
     data: Sequence[str] = (),
+    training: Sequence[str] = (),
 ) -> str:
     """The Markdown text (pure: no I/O). `splits`: data set -> split; `figures`: relative PNG links;
     `data`: the denominators section's lines (`denominators.data_section`), after the result tables;
     `recipe`: the training-recipe section's lines (`recipe_section`), placed after the result tables;
+    `training`: the training-curves section's lines (`training_curves.training_section`), after the recipe;
     `others`: models that are not methods (name -> where they came from), listed after the methods.
 
     Rows follow `methods` (the caller orders them, see `method_order`); evaluated methods not in
@@ -257,6 +261,7 @@ def render_report(
         out += [sets_line(metrics, other), ""]
     out += list(data)
     out += list(recipe)
+    out += list(training)
     out += ["## Intrinsic boundary", ""]
     if boundary is None or boundary.empty:
         out += [note or "No base-model confidence for the test items: figures skipped.", ""]
@@ -294,7 +299,8 @@ def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) 
 
     `cfg` (a `Config`): `eval.methods` are the rows (in the method table's order), `eval.conf_bins` the
     confidence bins of the figures, `train` (and `model.dtype`) the recipe printed for every method the
-    pipeline trains for them (`methods.training_order`). The figures need the base model's confidence at
+    pipeline trains for them (`methods.training_order`), with each one's training curves from its
+    `metrics.jsonl` (`training_curves`). The boundary figures need the base model's confidence at
     `layout.base_confidence`; without it the report says so and skips them. Returns the report's URI.
     """
     from inbol_ray.eval.base_confidence import read_confidence
@@ -320,7 +326,9 @@ def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) 
     else:
         note = f"No base-model confidence table at `{conf_uri}`: figures skipped."
         log(f"report: {note}")
-    recipe = recipe_section(cfg, M.training_order(cfg.eval.methods, cfg.train.dpo_init))
+    trained = M.training_order(cfg.eval.methods, cfg.train.dpo_init)
+    recipe = recipe_section(cfg, trained)
+    curves = {m: relative(layout, uri) for m, uri in write_training_figures(layout, trained).items()}
     data = _data_section(layout, keys, splits, metrics)
     text = render_report(
         metrics,
@@ -333,10 +341,9 @@ def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) 
         recipe=recipe,
         others=others,
         data=data,
+        training=training_section(curves, trained),
     )
-    uri = dio.write_bytes(layout.report, text.encode())
-    log(f"report: {uri}")
-    return uri
+    return dio.write_bytes(layout.report, text.encode())  # its callers say where it is
 
 
 def _data_section(

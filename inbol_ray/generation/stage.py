@@ -37,7 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from inbol_ray import checkpoint
+from inbol_ray import checkpoint, progress
 from inbol_ray.config import Config, SamplingConfig
 from inbol_ray.data import io as dio
 from inbol_ray.generation.actor import JOB, Decoding, GenerateActor
@@ -336,17 +336,28 @@ def run_generations(
                 },
             )
         )
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if first_batch is None:  # start-up (planning, actor start, model load) ends here
-                first_batch = (time.perf_counter() - t0, batch.num_rows)
-            for j in sorted(set(batch[JOB].to_pylist())):
-                parts[j].collector.add(batch.filter(pc.equal(batch[JOB], j)))
+        todo = sum(p.plan.expected[s] for p in parts for s in p.pending)
+        with progress.bar(_pass_label(jobs), todo, unit="items") as bar:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                if first_batch is None:  # start-up (planning, actor start, model load) ends here
+                    first_batch = (time.perf_counter() - t0, batch.num_rows)
+                for j in sorted(set(batch[JOB].to_pylist())):
+                    parts[j].collector.add(batch.filter(pc.equal(batch[JOB], j)))
+                bar.advance(batch.num_rows)
     seconds = time.perf_counter() - t0
     results = [_finish(part, ids, selected, cfg.sampling.engine, seconds, first_batch) for part in parts]
     if len(results) > 1:
         total = sum(r.new_outputs for r in results)
         results = [replace(r, pass_jobs=len(results), pass_outputs=total) for r in results]
     return results
+
+
+def _pass_label(jobs: list[Job]) -> str:
+    """The progress bar's name: the job's stage, or for a shared pass its kind and model count
+    (`evaluate_base`, `evaluate_sft`, ... -> `evaluate (2 models)`)."""
+    if len(jobs) == 1:
+        return jobs[0].stage
+    return f"{jobs[0].stage.split('_')[0]} ({len(jobs)} models)"
 
 
 def _finish(

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
+from inbol_ray import progress
 from inbol_ray import schema as S
 from inbol_ray.checkpoint import load_model, save_model, upload_dir
 from inbol_ray.config import BaseTrainConfig, PromptConfig
@@ -327,11 +328,13 @@ def train_base(
     """
     run = BaseTraining(init_dir, items, cfg, prompt, image_aspect)
     t0, ema = time.time(), None
-    for step, idx in run.batches():
-        loss = run.step(step, idx)
-        ema = loss if ema is None else 0.95 * ema + 0.05 * loss
-        if (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
-            log(f"  base training step {step + 1}/{cfg.steps} loss {ema:.3f} ({time.time() - t0:.0f}s)")
+    with progress.bar("base training", cfg.steps, unit="steps") as bar:
+        for step, idx in run.batches():
+            loss = run.step(step, idx)
+            ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+            bar.update(step + 1, loss=round(ema, 3))
+    final = "–" if ema is None else f"{ema:.3f}"  # per-tenth losses: the run's logs/ (inbol_ray.console)
+    log(f"  base training: {cfg.steps} steps, loss {final} ({time.time() - t0:.0f}s)")
     return run.save(out_dir)
 
 

@@ -31,6 +31,7 @@ import ray.train
 import torch
 from torch import nn
 
+from inbol_ray import console, progress
 from inbol_ray.checkpoint import load_processor
 from inbol_ray.config import TrainConfig
 from inbol_ray.data import io as dio
@@ -85,6 +86,8 @@ class LoopSpec:
     """Fault injection for tests: the last worker raises once after finishing this step (0 = never)."""
     fault_marker: str = ""
     """Location created when the fault fires, so the restarted worker group does not fail again."""
+    progress_file: str = ""
+    """Where rank 0 publishes its step count for the driver's progress bar (`inbol_ray.progress`)."""
     tracking: RunTarget | None = None
     """The experiment tracker's run for this training (`inbol_ray.tracking`): rank 0 logs every step there."""
 
@@ -232,6 +235,7 @@ def _train(spec: LoopSpec, tracker: StepLogger) -> None:
     trainable = [p for p in scorer.parameters() if p.requires_grad]
     sum_keys: list[str] | None = None
     every = sm.log_every(total)
+    publisher = progress.Publisher(spec.progress_file) if spec.progress_file and rank == 0 else None
     for step in range(start_step, total):
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)
@@ -284,11 +288,13 @@ def _train(spec: LoopSpec, tracker: StepLogger) -> None:
         }
         history.append(row)
         if rank == 0:
+            if publisher is not None:
+                publisher.publish(step + 1, total, loss=round(row["loss"], 4))
             tracker.log(row)
             if tb is not None:
                 tb.write(row)
             if (step + 1) % every == 0 or step + 1 == total:
-                _say(sm.progress_line(spec.method, row, total))
+                console.note(sm.progress_line(spec.method, row, total))
         last = step + 1 == total
         if last or (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0):
             trainable_tensors, optim = gather_state(scorer, policy, opt)

@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from inbol_ray import methods as M
+from inbol_ray import progress
 from inbol_ray import schema as S
 from inbol_ray.checkpoint import ADAPTER_SUBDIR
 from inbol_ray.config import Config, ModelConfig, TrainConfig
@@ -216,6 +217,7 @@ def run_training(
         tensorboard_dir=dio.join(out, "tensorboard") if train.tensorboard else "",
         fail_after_step=fail_after_step,
         fault_marker=dio.join(storage, name, "fault_injected") if fail_after_step else "",
+        progress_file=progress.file_for(layout.root, f"train_{method}"),
         tracking=tracked,
     )
     mode = (
@@ -224,7 +226,8 @@ def run_training(
         else (f"{train.num_workers} Ray Train workers, {train.strategy}, {'GPU' if train.use_gpu else 'CPU'}")
     )
     log(f"[train {method}] {mode}; table {table_uri}; from {start_model}; run {dio.join(storage, name)}")
-    result = _trainer(spec, storage, name).fit()
+    with progress.follow(spec.progress_file, f"train {method}"):
+        result = _trainer(spec, storage, name).fit()
     checkpoint, checkpoint_uri = result.checkpoint, ""
     if checkpoint is None:  # local mode rerun of a finished run: nothing was reported this time
         from ray.train import Checkpoint

@@ -64,7 +64,9 @@ def test_engine_kwargs_cpu_and_gpu() -> None:
     assert cpu["enable_prefix_caching"] and cpu["limit_mm_per_prompt"] == {"image": 1}
     assert (cpu["max_model_len"], cpu["tensor_parallel_size"], cpu["seed"]) == (512, 2, 3)
     assert cpu["load_format"] == "safetensors"  # vLLM never unpickles `.bin` weights
-    assert cpu["allowed_media_domains"] == ["media fetching disabled"] and cpu["allowed_local_media_path"] == ""
+    assert (
+        cpu["allowed_media_domains"] == ["media fetching disabled"] and cpu["allowed_local_media_path"] == ""
+    )
     gpu = engine_kwargs("/m", cfg, "bfloat16", gpu=True)
     assert gpu["gpu_memory_utilization"] == cfg.gpu_memory_utilization and gpu["dtype"] == "bfloat16"
     assert "enforce_eager" not in gpu and "kv_cache_memory_bytes" not in gpu
