@@ -42,6 +42,7 @@ from inbol_ray.eval.figures import (
 )
 from inbol_ray.eval.markdown import markdown_table
 from inbol_ray.eval.recipe import recipe_section
+from inbol_ray.eval.reference_band import band_section
 from inbol_ray.eval.training_curves import training_section, write_training_figures
 from inbol_ray.metrics import ANSWERED_ACC, BIN_HI, BIN_LO, REFUSAL_RATE
 from inbol_ray.run_layout import RunLayout
@@ -221,12 +222,14 @@ def render_report(
     others: Mapping[str, str] | None = None,
     data: Sequence[str] = (),
     training: Sequence[str] = (),
+    band: Sequence[str] = (),
 ) -> str:
     """The Markdown text (pure: no I/O). `splits`: data set -> split; `figures`: relative PNG links;
     `data`: the denominators section's lines (`denominators.data_section`), after the result tables;
     `recipe`: the training-recipe section's lines (`recipe_section`), placed after the result tables;
     `training`: the training-curves section's lines (`training_curves.training_section`), after the recipe;
-    `others`: models that are not methods (name -> where they came from), listed after the methods.
+    `others`: models that are not methods (name -> where they came from), listed after the methods;
+    `band`: where this run falls against the seed band (`reference_band.band_section`), after the tables.
 
     Rows follow `methods` (the caller orders them, see `method_order`); evaluated methods not in
     `methods` come last.
@@ -259,6 +262,7 @@ def render_report(
     if other:
         out += ["## Other sets", "", split_table(metrics, other, order, TRUST_COLUMNS, False), ""]
         out += [sets_line(metrics, other), ""]
+    out += list(band)
     out += list(data)
     out += list(recipe)
     out += list(training)
@@ -342,6 +346,7 @@ def write_report(cfg, layout: RunLayout, *, log: Callable[[str], None] = print) 
         others=others,
         data=data,
         training=training_section(curves, trained),
+        band=band_section(cfg, metrics, splits),
     )
     return dio.write_bytes(layout.report, text.encode())  # its callers say where it is
 

@@ -72,6 +72,9 @@ def test_pipeline_end_to_end_and_rerun(
         assert (Path(follow_export(str(run_dir / "models" / method))) / "config.json").exists(), method
     report = (run_dir / "report.md").read_text()
     assert all(f"| {m} " in report for m in METHODS)
+    assert (
+        "## Against the reference band" in report and "does not apply" in report
+    )  # smoke size, not tiny.yaml
     headings = {line.lstrip("# ").strip() for line in report.splitlines()}
     assert {"In-domain", "Out-of-domain", "Validation (where settings are chosen)"} <= headings
 
