@@ -59,6 +59,11 @@ class Snapshot:
     """The 40-hex commit the revision resolved to."""
 
 
+def offline() -> bool:
+    """Whether the user set `HF_HUB_OFFLINE` (huggingface_hub's own truthy spellings)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 _RESOLVED: dict[str, Snapshot] = {}
 """Per process: a job resolves a branch once, so all its stages see one commit even if the branch moves
 meanwhile; the next job resolves it again."""
@@ -78,7 +83,6 @@ def snapshot(ref: HubRef) -> Snapshot:
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import snapshot_download
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         path = snapshot_download(ref.repo, revision=ref.revision, allow_patterns=ALLOW)
     except hf_errors.GatedRepoError:
@@ -90,7 +94,9 @@ def snapshot(ref: HubRef) -> Snapshot:
     except hf_errors.RevisionNotFoundError:
         raise HubError(f"{ref}: revision {ref.revision!r} not found") from None
     except hf_errors.LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else "the Hub is unreachable"
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the hub cache" if offline() else "the Hub is unreachable"
+        )
         raise HubError(
             f"{ref}: {why} ({_cache_dir()}); download it where the Hub is reachable "
             f"(`huggingface-cli download {ref.repo}`) or point at a local folder"

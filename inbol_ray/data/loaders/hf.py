@@ -43,6 +43,7 @@ from inbol_ray.config import DatasetSpec
 from inbol_ray.data import io as dio
 from inbol_ray.data.loaders.common import DataFormatError, Parsed, check_columns, make_bad, make_item
 from inbol_ray.data.loaders.hf_presets import PRESETS, Preset, RowContext
+from inbol_ray.hub import HubRef, offline
 
 HUB_PREFIX = "hf://datasets/"
 _HUB = re.compile(r"^hf://datasets/(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?/?$")
@@ -63,15 +64,6 @@ class HubDatasetError(DataFormatError):
 # --- where the release is -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class HubRef:
-    repo: str
-    revision: str | None = None
-
-    def __str__(self) -> str:
-        return self.repo + (f"@{self.revision}" if self.revision else "")
-
-
 def hub_ref(path: str) -> HubRef | None:
     """The Hub data set a spec's `path` names (`hf://datasets/org/name[@rev]`, as `DatasetSpec` keeps an
     `org/name[@rev]` id), or None for a local folder or another URI."""
@@ -81,10 +73,6 @@ def hub_ref(path: str) -> HubRef | None:
             raise HubDatasetError(f"{path}: not a Hub data set id (hf://datasets/org/name[@revision])")
         return None
     return HubRef(match["repo"], match["rev"])
-
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 _COMMITS: dict[str, str] = {}
