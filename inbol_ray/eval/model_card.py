@@ -23,11 +23,11 @@ from inbol_ray import schema as S
 from inbol_ray.data import io as dio
 from inbol_ray.eval.recipe import recipe_section
 from inbol_ray.eval.report import (
-    SECTIONS,
     dataset_splits,
     method_order,
     read_item_keys,
     sets_line,
+    split_sections,
     split_table,
 )
 from inbol_ray.model.prompt import format_prompt, render_prompt
@@ -142,12 +142,7 @@ def results_section(metrics: pd.DataFrame, splits: Mapping[str, str], method: st
         "is the best per column.",
         "",
     ]
-    evaluated = sorted(metrics[S.DATASET].unique())
-    for section in SECTIONS:
-        datasets = [d for d in evaluated if splits.get(d) == section.split]
-        if not datasets:
-            continue
-        average = section.average and len(datasets) > 1
+    for section, datasets, average in split_sections(metrics, splits):
         out += [
             f"### {section.title}",
             "",

@@ -209,6 +209,16 @@ SECTIONS = (
 """The paper's tables, in order: which split feeds each and which metric columns it shows."""
 
 
+def split_sections(metrics: pd.DataFrame, splits: Mapping[str, str]):
+    """(section, its evaluated sets, whether it gets an average column) for every split section the run has
+    sets in, in the report's order: what the report and the model card both lay their tables out by."""
+    evaluated = sorted(metrics[S.DATASET].unique())
+    for section in SECTIONS:
+        datasets = [d for d in evaluated if splits.get(d) == section.split]
+        if datasets:
+            yield section, datasets, section.average and len(datasets) > 1
+
+
 def render_report(
     metrics: pd.DataFrame,
     splits: Mapping[str, str],
@@ -245,11 +255,7 @@ def render_report(
         out.append(f"Not evaluated (no checkpoint or not run): {', '.join(missing)}.")
     out += ["", HOW_TO_READ, ""]
     evaluated = sorted(metrics[S.DATASET].unique())
-    for section in SECTIONS:
-        datasets = [d for d in evaluated if splits.get(d) == section.split]
-        if not datasets:
-            continue
-        average = section.average and len(datasets) > 1
+    for section, datasets, average in split_sections(metrics, splits):
         caption = section.caption + (" Avg s_trust: the unweighted mean over the sets." if average else "")
         out += [
             f"## {section.title}",
